@@ -1,0 +1,43 @@
+"""pgbus: a Trio actor message bus on PostgreSQL LISTEN/NOTIFY."""
+
+from ._actor import Actor as Actor
+from ._channel import Channel as Channel
+from ._channel import ChannelStatistics as ChannelStatistics
+from ._errors import ActorFailedError as ActorFailedError
+from ._errors import AskTimeoutError as AskTimeoutError
+from ._errors import CapacityError as CapacityError
+from ._errors import ChannelNameError as ChannelNameError
+from ._errors import CodecError as CodecError
+from ._errors import ConfigError as ConfigError
+from ._errors import DatabaseUnavailableError as DatabaseUnavailableError
+from ._errors import DuplicateNameError as DuplicateNameError
+from ._errors import DuplicateNotificationError as DuplicateNotificationError
+from ._errors import NoDatabaseError as NoDatabaseError
+from ._errors import PayloadTooLargeError as PayloadTooLargeError
+from ._errors import PgbusError as PgbusError
+from ._errors import RestartIntensityError as RestartIntensityError
+from ._errors import UnknownActorError as UnknownActorError
+from ._errors import UnknownChannelError as UnknownChannelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Actor",
+    "ActorFailedError",
+    "AskTimeoutError",
+    "CapacityError",
+    "Channel",
+    "ChannelNameError",
+    "ChannelStatistics",
+    "CodecError",
+    "ConfigError",
+    "DatabaseUnavailableError",
+    "DuplicateNameError",
+    "DuplicateNotificationError",
+    "NoDatabaseError",
+    "PayloadTooLargeError",
+    "PgbusError",
+    "RestartIntensityError",
+    "UnknownActorError",
+    "UnknownChannelError",
+]

@@ -1,0 +1,118 @@
+"""The Actor base class and the loop that feeds it its inbox."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import outcome
+import trio
+
+if TYPE_CHECKING:
+    from ._bus import Bus
+    from ._channel import Channel
+
+# How many queued messages an actor handles before it yields to the scheduler. Draining without a
+# checkpoint per message is what makes a burst cheap; the bound keeps other tasks fair.
+DRAIN_BATCH = 256
+
+
+class Actor:
+    """
+    Subclass this and implement `handle`. One instance handles one message at a time.
+
+    The bus creates a fresh instance for every (re)start, passing the actor's ``options`` as
+    keyword arguments to the constructor, then sets `bus` and `name`. Hooks, in order:
+    `on_start` (before the first message), `run` (by default: `handle` each inbox message),
+    `on_stop` (always, shielded from cancellation and bounded by the bus's ``stop_timeout``).
+
+    An exception from any hook is a failure: it is logged with the actor's name and traceback,
+    and the supervisor restarts the actor according to its restart kind. Messages still queued
+    in the inbox wait for the next instance.
+    """
+
+    bus: Bus
+    """The bus this actor runs on: send to any channel with ``await self.bus.send(name, msg)``."""
+    name: str
+    """The actor's name on the bus; stable across restarts."""
+    inbox: Channel | None
+    """The channel this actor consumes, or None for an actor that only produces."""
+
+    async def on_start(self) -> None:
+        """Called once per (re)start, before any message is handled."""
+
+    async def handle(self, message: Any) -> Any:
+        """
+        Handle one *message* from the inbox. The return value is the reply to `Bus.ask`.
+
+        The default refuses messages: an actor with an inbox must implement this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement handle(message)")
+
+    async def on_stop(self) -> None:
+        """Called once per stop, after a failure too, shielded and bounded in time."""
+
+    async def send(self, channel: str, message: object) -> None:
+        """Send *message* to the bus channel named *channel*, waiting while it is full."""
+        await self.bus.send(channel, message)
+
+    async def run(self) -> None:
+        """
+        The actor's main loop: by default, handle inbox messages until the inbox closes.
+
+        Override it for an actor that produces rather than consumes (see ``actors.heartbeat``).
+        An actor without an inbox and without its own `run` simply waits to be stopped.
+        """
+        if self.inbox is None:
+            await trio.sleep_forever()
+        await consume(self, self.inbox)
+
+
+class Request:
+    """An `ask` in flight: the message and where the reply goes (capacity 1, never blocks)."""
+
+    __slots__ = ("message", "reply")
+
+    def __init__(self, message: object, reply: trio.MemorySendChannel[outcome.Outcome[Any]]) -> None:
+        self.message = message
+        self.reply = reply
+
+    def answer(self, result: outcome.Outcome[Any]) -> None:
+        # A late reply finds the asker gone (its end closed) and is dropped, never blocking.
+        try:
+            self.reply.send_nowait(result)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def consume(actor: Actor, inbox: Channel) -> None:
+    """Feed *actor* its inbox, one message at a time, draining without per-message scheduling."""
+    handle = actor.handle
+    receive_nowait = inbox.receive_nowait
+    budget = DRAIN_BATCH
+    while True:
+        try:
+            message = receive_nowait()
+        except trio.WouldBlock:
+            try:
+                message = await inbox.receive()
+            except trio.EndOfChannel:
+                return
+            budget = DRAIN_BATCH
+        else:
+            budget -= 1
+            if not budget:
+                await trio.lowlevel.checkpoint()
+                budget = DRAIN_BATCH
+        if type(message) is Request:
+            await _answer(handle, message)
+        else:
+            await handle(message)
+
+
+async def _answer(handle: Any, request: Request) -> None:
+    try:
+        result = await handle(request.message)
+    except Exception as exc:
+        request.answer(outcome.Error(exc))
+        raise
+    request.answer(outcome.Value(result))

@@ -1,0 +1,142 @@
+"""The exceptions pgbus raises. Each builds its message from structured attributes."""
+
+from __future__ import annotations
+
+
+class PgbusError(Exception):
+    """Base class of every error pgbus raises on purpose."""
+
+
+class ConfigError(PgbusError):
+    """A configuration value breaks a rule; the message names where, the rule and the value."""
+
+
+class CapacityError(ConfigError, ValueError):
+    """A channel capacity that is not 0, a positive integer or ``math.inf``."""
+
+    def __init__(self, where: str, value: object) -> None:
+        self.where = where
+        self.value = value
+        super().__init__(
+            f"{where} must be 0, a positive integer or math.inf (got {value!r})."
+        )
+
+
+class UnknownChannelError(PgbusError, LookupError):
+    """No channel of that name is registered on the bus."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no channel named {name!r} on this bus; add it with bus.add_channel().")
+
+
+class DuplicateNameError(PgbusError, ValueError):
+    """A channel or actor name that is already taken."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(f"{kind} {name!r} already exists on this bus.")
+
+
+class UnknownActorError(PgbusError, LookupError):
+    """No actor of that name runs on the bus."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no actor named {name!r} on this bus.")
+
+
+class AskTimeoutError(PgbusError, TimeoutError):
+    """``bus.ask()`` gave up waiting for the actor's reply."""
+
+    def __init__(self, actor: str, timeout: float) -> None:
+        self.actor = actor
+        self.timeout = timeout
+        super().__init__(f"actor {actor!r} did not reply within {timeout:g}s")
+
+
+class ActorFailedError(PgbusError):
+    """The actor raised while handling a request made with ``bus.ask()``."""
+
+    def __init__(self, actor: str, error: BaseException) -> None:
+        self.actor = actor
+        self.error = error
+        super().__init__(f"actor {actor!r} failed while handling the request: {error!r}")
+
+
+class RestartIntensityError(PgbusError):
+    """An actor failed more often than the supervisor's restart intensity allows."""
+
+    def __init__(
+        self, actor: str, restarts: int, within_seconds: float, last_failure: BaseException | None
+    ) -> None:
+        self.actor = actor
+        self.restarts = restarts
+        self.within_seconds = within_seconds
+        self.last_failure = last_failure
+        super().__init__(
+            f"actor {actor!r} needed more than {restarts} restarts within {within_seconds:g}s; "
+            f"the supervisor stopped its actors. Last failure: {last_failure!r}"
+        )
+
+
+class ChannelNameError(PgbusError, ValueError):
+    """A PostgreSQL channel name that PostgreSQL would refuse or silently truncate."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"PostgreSQL channel name {name!r} {reason}")
+
+
+class PayloadTooLargeError(PgbusError, ValueError):
+    """An encoded payload at or over PostgreSQL's 8000-byte NOTIFY limit."""
+
+    def __init__(self, channel: str, size: int, limit: int) -> None:
+        self.channel = channel
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"payload for channel {channel!r} is {size} bytes once encoded; PostgreSQL accepts "
+            f"at most {limit}. Send a reference (a row id) instead of the data."
+        )
+
+
+class CodecError(PgbusError, ValueError):
+    """A payload that the channel's codec cannot encode or decode."""
+
+    def __init__(self, channel: str, codec: str, detail: str) -> None:
+        self.channel = channel
+        self.codec = codec
+        self.detail = detail
+        super().__init__(f"channel {channel!r} ({codec} codec): {detail}")
+
+
+class DuplicateNotificationError(PgbusError, ValueError):
+    """The same (channel, payload) published twice in one transaction: PostgreSQL would merge them."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        super().__init__(
+            f"this transaction already publishes the same payload to channel {channel!r}; "
+            "PostgreSQL would deliver it only once. Make the payloads distinct (add an id)."
+        )
+
+
+class NoDatabaseError(PgbusError):
+    """A bridge or transaction was asked of a bus opened without PostgreSQL."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this bus has no PostgreSQL: pass dsn=... or embedded=True to pgbus.open_bus()."
+        )
+
+
+class DatabaseUnavailableError(PgbusError, ConnectionError):
+    """PostgreSQL could not be reached; the message carries the redacted DSN and the cause."""
+
+    def __init__(self, where: str, cause: str) -> None:
+        self.where = where
+        self.cause = cause
+        super().__init__(f"cannot reach PostgreSQL at {where}: {cause}")
