@@ -1,6 +1,13 @@
 """pgbus: a Trio actor message bus on PostgreSQL LISTEN/NOTIFY."""
 
 from ._actor import Actor as Actor
+from ._bridge import BridgeStatistics as BridgeStatistics
+from ._bridge import Gap as Gap
+from ._bridge import Notification as Notification
+from ._bus import Bus as Bus
+from ._bus import BusStatistics as BusStatistics
+from ._bus import Transaction as Transaction
+from ._bus import open_bus as open_bus
 from ._channel import Channel as Channel
 from ._channel import ChannelStatistics as ChannelStatistics
 from ._errors import ActorFailedError as ActorFailedError
@@ -18,11 +25,22 @@ from ._errors import PgbusError as PgbusError
 from ._errors import RestartIntensityError as RestartIntensityError
 from ._errors import UnknownActorError as UnknownActorError
 from ._errors import UnknownChannelError as UnknownChannelError
+from ._supervisor import ActorStatistics as ActorStatistics
+from ._supervisor import Supervision as Supervision
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Actor",
+    "ActorStatistics",
+    "BridgeStatistics",
+    "Bus",
+    "BusStatistics",
+    "Gap",
+    "Notification",
+    "Supervision",
+    "Transaction",
+    "open_bus",
     "ActorFailedError",
     "AskTimeoutError",
     "CapacityError",

@@ -53,10 +53,18 @@ def payload_size(payload: str) -> int:
 
 
 def check_payload(channel: str, payload: str) -> str:
-    """Return *payload*, or raise `PayloadTooLargeError` if PostgreSQL would refuse it."""
+    """
+    Return *payload*, or raise if PostgreSQL would refuse it.
+
+    Raises:
+        PayloadTooLargeError: 8000 bytes or more in UTF-8.
+        CodecError: a NUL character, which PostgreSQL text cannot hold.
+    """
     size = payload_size(payload)
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadTooLargeError(channel, size, MAX_PAYLOAD_BYTES)
+    if "\x00" in payload:
+        raise CodecError(channel, "text", "payload contains a NUL character, which PostgreSQL refuses")
     return payload
 
 

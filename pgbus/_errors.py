@@ -136,7 +136,9 @@ class NoDatabaseError(PgbusError):
 class DatabaseUnavailableError(PgbusError, ConnectionError):
     """PostgreSQL could not be reached; the message carries the redacted DSN and the cause."""
 
-    def __init__(self, where: str, cause: str) -> None:
+    def __init__(self, where: str, cause: str, *, fatal: bool = False) -> None:
         self.where = where
         self.cause = cause
+        self.fatal = fatal
+        """True when retrying cannot help (bad password, unknown database or role)."""
         super().__init__(f"cannot reach PostgreSQL at {where}: {cause}")

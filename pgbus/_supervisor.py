@@ -2,5 +2,305 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ._actor import Actor
+from ._errors import ConfigError, RestartIntensityError
+
+if TYPE_CHECKING:
+    from ._bus import Bus
+    from ._channel import Channel
+
+log = logging.getLogger("pgbus.supervisor")
+
 STRATEGIES: tuple[str, ...] = ("one_for_one", "one_for_all", "rest_for_one")
 RESTART_KINDS: tuple[str, ...] = ("permanent", "transient", "temporary")
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))} (got {value!r}).")
+
+
+def _positive(name: str, value: object, *, zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or value < 0 or (value == 0 and not zero):  # type: ignore[operator]
+        rule = "a number >= 0" if zero else "a number > 0"
+        raise ConfigError(f"{name} must be {rule} (got {value!r}).")
+
+
+@attrs.frozen
+class Supervision:
+    """How the bus's supervisor restarts failed actors."""
+
+    strategy: str = "one_for_one"
+    """``one_for_one``: restart the failed actor; ``one_for_all``: restart every actor;
+    ``rest_for_one``: restart the failed actor and those started after it."""
+    max_restarts: int = 3
+    """More restarts than this within `within_seconds` and the supervisor gives up (escalates)."""
+    within_seconds: float = 5.0
+    backoff_initial: float = 0.1
+    """Delay before the first restart; it doubles with each restart inside the window."""
+    backoff_max: float = 5.0
+    stop_timeout: float = 5.0
+    """How long an actor's ``on_stop`` may take before it is abandoned."""
+
+    def __attrs_post_init__(self) -> None:
+        _one_of("strategy", self.strategy, STRATEGIES)
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int):
+            raise ConfigError(f"max_restarts must be an integer >= 0 (got {self.max_restarts!r}).")
+        _positive("max_restarts", self.max_restarts, zero=True)
+        for name in ("within_seconds", "backoff_initial", "backoff_max", "stop_timeout"):
+            _positive(name, getattr(self, name))
+        if self.backoff_initial > self.backoff_max:
+            raise ConfigError(
+                f"backoff_initial ({self.backoff_initial:g}) must not exceed "
+                f"backoff_max ({self.backoff_max:g})."
+            )
+
+
+@attrs.frozen
+class ActorStatistics:
+    """A snapshot of one supervised actor."""
+
+    name: str
+    state: str
+    """``starting``, ``running``, ``restarting``, ``stopping``, ``stopped`` or ``failed``."""
+    restarts: int
+    inbox: str | None
+    last_failure: str | None
+
+
+@attrs.define(eq=False)
+class ActorSpec:
+    """Everything needed to (re)create one actor."""
+
+    name: str
+    factory: Callable[[], Actor]
+    inbox: Channel | None
+    restart: str
+
+
+@attrs.define(eq=False)
+class _Child:
+    spec: ActorSpec
+    state: str = "starting"
+    restarts: int = 0
+    last_failure: BaseException | None = None
+    stop_requested: bool = False
+    scope: trio.CancelScope | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def alive(self) -> bool:
+        return not self.done.is_set()
+
+
+class Supervisor:
+    """
+    Runs the bus's actors and restarts them when they fail.
+
+    Each actor runs in a shielded cancel scope of its own, so that however the bus is left, actors
+    are stopped one by one, in reverse start order, by `stop_all` — never all at once by a stray
+    cancellation. A stop asked for by the supervisor is never a failure and never restarts anyone.
+    """
+
+    def __init__(self, bus: Bus, policy: Supervision) -> None:
+        self._bus = bus
+        self.policy = policy
+        self._children: list[_Child] = []  # start order
+        self._restart_times: deque[float] = deque()
+        self._events_send, self._events = trio.open_memory_channel[
+            tuple[_Child, BaseException | None]
+        ](math.inf)
+        self._nursery: trio.Nursery | None = None
+        self._loop_scope = trio.CancelScope()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise until cancelled or until restart intensity is exceeded (then raise)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                with self._loop_scope:
+                    await self._supervise()
+            except RestartIntensityError:
+                with trio.CancelScope(shield=True):
+                    await self.stop_all()
+                raise
+
+    async def start(self, spec: ActorSpec) -> None:
+        """Start a new actor after the others; returns once its ``on_start`` has run."""
+        if self._nursery is None:
+            raise RuntimeError("the supervisor is not running")
+        child = _Child(spec)
+        self._children.append(child)
+        await self._nursery.start(self._incarnate, child)
+
+    async def stop_all(self) -> None:
+        """Stop restarting, then stop every actor in reverse start order."""
+        self._loop_scope.cancel()
+        for child in reversed(self._children):
+            await self._stop(child)
+
+    def statistics(self) -> list[ActorStatistics]:
+        return [
+            ActorStatistics(
+                name=c.name,
+                state=c.state,
+                restarts=c.restarts,
+                inbox=c.spec.inbox.name if c.spec.inbox is not None else None,
+                last_failure=repr(c.last_failure) if c.last_failure is not None else None,
+            )
+            for c in self._children
+        ]
+
+    def find(self, name: str) -> ActorSpec | None:
+        for child in self._children:
+            if child.name == name:
+                return child.spec
+        return None
+
+    # -- one incarnation of an actor ---------------------------------------------------------
+
+    async def _incarnate(
+        self, child: _Child, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        child.done = trio.Event()
+        child.stop_requested = False
+        child.state = "starting"
+        failure: BaseException | None = None
+        started = False
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                child.scope = scope
+                actor: Actor | None = None
+                try:
+                    actor = child.spec.factory()
+                    actor.bus = self._bus
+                    actor.name = child.name
+                    actor.inbox = child.spec.inbox
+                    await actor.on_start()
+                    child.state = "running"
+                    task_status.started()
+                    started = True
+                    await actor.run()
+                except Exception as exc:
+                    failure = exc
+                    log.error("actor %r failed: %r", child.name, exc, exc_info=exc)
+                finally:
+                    if actor is not None:
+                        await self._call_on_stop(child, actor)
+        finally:
+            child.scope = None
+            if not started:
+                task_status.started()
+            child.last_failure = failure if failure is not None else child.last_failure
+            child.done.set()
+            self._events_send.send_nowait((child, failure))
+
+    async def _call_on_stop(self, child: _Child, actor: Actor) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.relative_deadline = self.policy.stop_timeout
+            try:
+                await actor.on_stop()
+            except Exception as exc:
+                log.error("actor %r failed in on_stop: %r", child.name, exc, exc_info=exc)
+        if scope.cancelled_caught:
+            log.warning(
+                "actor %r: on_stop did not finish within %gs; abandoned",
+                child.name,
+                self.policy.stop_timeout,
+            )
+
+    async def _stop(self, child: _Child) -> None:
+        child.stop_requested = True
+        if child.alive:
+            child.state = "stopping"
+            if child.scope is not None:
+                child.scope.cancel()
+            await child.done.wait()
+        if child.state != "failed":
+            child.state = "stopped"
+
+    # -- the decisions -----------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        async for child, failure in self._events:
+            if child.stop_requested or child.alive:
+                continue  # we stopped it ourselves (or it is already back)
+            if not _should_restart(child.spec.restart, failure):
+                child.state = "failed" if failure is not None else "stopped"
+                continue
+            self._count_restart(child, failure)
+            group = self._restart_group(child)
+            for other in reversed(group):
+                if other is not child:
+                    await self._stop(other)
+            for member in group:
+                member.state = "restarting"
+            await trio.sleep(self._backoff())
+            for member in group:
+                member.restarts += 1
+                await self._nursery_start(member)
+
+    async def _nursery_start(self, child: _Child) -> None:
+        assert self._nursery is not None
+        await self._nursery.start(self._incarnate, child)
+
+    def _restart_group(self, failed: _Child) -> list[_Child]:
+        """The actors to restart, in start order (temporary ones that stopped stay stopped)."""
+        strategy = self.policy.strategy
+        if strategy == "one_for_one":
+            return [failed]
+        if strategy == "one_for_all":
+            candidates = self._children
+        else:  # rest_for_one
+            candidates = self._children[self._children.index(failed) :]
+        return [c for c in candidates if c is failed or c.alive or c.spec.restart != "temporary"]
+
+    def _count_restart(self, child: _Child, failure: BaseException | None) -> None:
+        now = trio.current_time()
+        window = self.policy.within_seconds
+        times = self._restart_times
+        while times and times[0] <= now - window:
+            times.popleft()
+        if len(times) >= self.policy.max_restarts:
+            child.state = "failed"
+            log.error(
+                "actor %r: more than %d restarts within %gs; supervisor gives up",
+                child.name,
+                self.policy.max_restarts,
+                window,
+            )
+            raise RestartIntensityError(child.name, self.policy.max_restarts, window, failure)
+        times.append(now)
+
+    def _backoff(self) -> float:
+        """Exponential in the restarts inside the window, with jitter so restarts don't align."""
+        recent = len(self._restart_times)
+        delay = min(self.policy.backoff_max, self.policy.backoff_initial * 2 ** (recent - 1))
+        return random.uniform(delay / 2, delay)
+
+
+def _should_restart(kind: str, failure: BaseException | None) -> bool:
+    if kind == "permanent":
+        return True
+    if kind == "transient":
+        return failure is not None
+    return False
+

@@ -1,0 +1,490 @@
+"""The Bus: one nursery owning the registry of channels, actors and bridges."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import attrs
+import outcome
+import trio
+
+from ._actor import Actor, Request
+from ._bridge import BridgeStatistics, Listener, OutboundBridge, Route
+from ._channel import Channel, ChannelStatistics
+from ._codec import encode, validate_channel_name
+from ._errors import (
+    ActorFailedError,
+    AskTimeoutError,
+    ConfigError,
+    DuplicateNameError,
+    DuplicateNotificationError,
+    NoDatabaseError,
+    UnknownActorError,
+    UnknownChannelError,
+)
+from ._pg import Connection, Database, open_database
+from ._supervisor import RESTART_KINDS, ActorSpec, ActorStatistics, Supervision, Supervisor
+
+log = logging.getLogger("pgbus")
+
+# Bus.send skips the scheduler while there is room in the channel, and yields once per this many
+# sends so a producer in a tight loop still lets others run and still sees cancellation.
+SEND_CHECKPOINT_EVERY = 64
+POOL_IDLE_MAX = 4
+
+
+@attrs.frozen
+class BusStatistics:
+    """A snapshot of the whole bus: see `Bus.statistics`."""
+
+    channels: tuple[ChannelStatistics, ...]
+    actors: tuple[ActorStatistics, ...]
+    bridges: tuple[BridgeStatistics, ...]
+
+
+class _Service:
+    """
+    A long-running task of the bus that stops only when asked, so the bus decides the order.
+
+    Until it has started it can be cancelled like any task; after that its scope is shielded.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    async def run(self, serve: Any, *, task_status: trio.TaskStatus[None]) -> None:
+        scope = self.scope
+
+        class _ShieldOnStart:
+            def started(self, value: None = None) -> None:
+                scope.shield = True
+                task_status.started(value)
+
+        try:
+            with scope:
+                await serve(task_status=_ShieldOnStart())
+        finally:
+            self.done.set()
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.done.wait()
+
+
+class Bus:
+    """
+    A registry of named channels, supervised actors and bridges, living in one nursery.
+
+    Get one from `open_bus`. Leaving that block stops the inbound bridge, then the actors in
+    reverse start order (each ``on_stop`` runs), then publishes what outbound channels still
+    hold, closes every connection, and stops an embedded PostgreSQL the bus started.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        supervision: Supervision,
+        database: Database | None,
+        *,
+        keepalive: float,
+    ) -> None:
+        self._nursery = nursery
+        self.supervision = supervision
+        self._db = database
+        self._keepalive = keepalive
+        self._channels: dict[str, Channel] = {}
+        self._supervisor = Supervisor(self, supervision)
+        self._listener: Listener | None = None
+        self._listener_service: _Service | None = None
+        self._outbound: dict[str, tuple[OutboundBridge, _Service]] = {}
+        self._idle_connections: list[Connection] = []
+        self._sends = 0
+
+    # -- channels ----------------------------------------------------------------------------
+
+    def add_channel(self, name: str, capacity: int | float) -> Channel:
+        """
+        Register a channel. *capacity* is explicit: ``0``, a positive ``int`` or ``math.inf``.
+
+        Raises:
+            CapacityError: for any other capacity.
+            DuplicateNameError: if the name is taken.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a channel name must be a non-empty string (got {name!r}).")
+        if name in self._channels:
+            raise DuplicateNameError("channel", name)
+        channel = self._channels[name] = Channel(name, capacity)
+        return channel
+
+    def channel(self, name: str) -> Channel:
+        """The channel registered as *name*, or `UnknownChannelError`."""
+        try:
+            return self._channels[name]
+        except KeyError:
+            raise UnknownChannelError(name) from None
+
+    @property
+    def channels(self) -> Mapping[str, Channel]:
+        return dict(self._channels)
+
+    async def send(self, channel: str, message: object) -> None:
+        """
+        Send *message* to the channel named *channel*, waiting while it is full.
+
+        While there is room this does not go through the scheduler (it checkpoints once every
+        64 sends); cancellation is atomic: the message is either queued or not at all.
+        """
+        target = self.channel(channel)
+        try:
+            target.send_nowait(message)
+        except trio.WouldBlock:
+            await target.send(message)
+            return
+        self._sends += 1
+        if self._sends % SEND_CHECKPOINT_EVERY == 0:
+            await trio.lowlevel.checkpoint()
+
+    def send_nowait(self, channel: str, message: object) -> None:
+        """Send without waiting; raises `trio.WouldBlock` if the channel is full."""
+        self.channel(channel).send_nowait(message)
+
+    # -- actors ------------------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        actor_class: type[Actor],
+        *,
+        name: str,
+        inbox: str | None = None,
+        inbox_capacity: int | float | None = None,
+        restart: str = "permanent",
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """
+        Start a supervised actor, after those already running; returns once ``on_start`` ran.
+
+        The actor consumes the channel *inbox*; or, with *inbox_capacity*, a new channel named
+        after the actor; or nothing (an actor that only produces). *options* are passed to the
+        class as keyword arguments, and checked against its signature now.
+        """
+        if self._supervisor.find(name) is not None:
+            raise DuplicateNameError("actor", name)
+        if not (isinstance(actor_class, type) and issubclass(actor_class, Actor)):
+            raise ConfigError(f"actor {name!r}: {actor_class!r} is not a pgbus.Actor subclass.")
+        if restart not in RESTART_KINDS:
+            allowed = ", ".join(map(repr, RESTART_KINDS))
+            raise ConfigError(f"actor {name!r}: restart must be one of {allowed} (got {restart!r}).")
+        kwargs = dict(options or {})
+        try:
+            inspect.signature(actor_class).bind(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"actor {name!r}: options do not fit {actor_class.__name__}: {exc}.") from None
+        if inbox is not None and inbox_capacity is not None:
+            raise ConfigError(f"actor {name!r}: give inbox or inbox_capacity, not both.")
+        channel = None
+        if inbox is not None:
+            channel = self.channel(inbox)
+        elif inbox_capacity is not None:
+            channel = self.add_channel(name, inbox_capacity)
+
+        def factory() -> Actor:
+            return actor_class(**kwargs)
+
+        await self._supervisor.start(ActorSpec(name, factory, channel, restart))
+
+    async def ask(self, actor: str, message: object, *, timeout: float) -> Any:
+        """
+        Send *message* to *actor*'s inbox and return what its ``handle`` returns.
+
+        A reply that comes after *timeout* is dropped; it never blocks the actor.
+
+        Raises:
+            AskTimeoutError: no reply within *timeout* seconds (queueing included).
+            ActorFailedError: ``handle`` raised (the actor is restarted per its policy).
+        """
+        spec = self._supervisor.find(actor)
+        if spec is None:
+            raise UnknownActorError(actor)
+        if spec.inbox is None:
+            raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be asked.")
+        reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        with reply_receive, reply_send:
+            with trio.move_on_after(timeout) as scope:
+                await spec.inbox.send(Request(message, reply_send))
+                result = await reply_receive.receive()
+            if scope.cancelled_caught:
+                raise AskTimeoutError(actor, timeout)
+        if isinstance(result, outcome.Error):
+            raise ActorFailedError(actor, result.error) from result.error
+        return result.unwrap()
+
+    # -- PostgreSQL --------------------------------------------------------------------------
+
+    @property
+    def own_pids(self) -> frozenset[int]:
+        """Backend pids of the connections this bus has open (what self-echo filtering skips)."""
+        return frozenset(self._database().own_pids)
+
+    @property
+    def dsn(self) -> str | None:
+        """The DSN the bus connects to (an embedded server's, if it started one)."""
+        return self._db.dsn if self._db is not None else None
+
+    def _database(self) -> Database:
+        if self._db is None:
+            raise NoDatabaseError()
+        return self._db
+
+    async def bridge_in(
+        self,
+        postgres: str,
+        channel: str,
+        *,
+        codec: str = "text",
+        overflow: str = "block",
+        ignore_own: bool = False,
+    ) -> None:
+        """
+        Deliver notifications sent to the Postgres channel *postgres* into *channel*.
+
+        Each arrives as a `Notification` with its payload decoded by *codec*. When *channel* is
+        full, *overflow* decides: ``block`` (stop reading; PostgreSQL holds the backlog),
+        ``drop_newest`` or ``drop_oldest``; every drop and every reconnect leaves a `Gap`.
+        With *ignore_own*, notifications sent by this bus's own connections are skipped.
+        Returns once the bus is listening (waiting for the server if need be).
+        """
+        database = self._database()
+        route = Route(postgres, self.channel(channel), codec, overflow, ignore_own)
+        if self._listener is None:
+            self._listener = Listener(database, keepalive=self._keepalive)
+            self._listener_service = _Service("listener")
+            await self._nursery.start(self._listener_service.run, self._listener.serve)
+        await self._listener.add_route(route)
+
+    async def bridge_out(self, channel: str, postgres: str, *, codec: str = "text") -> None:
+        """
+        Publish every message sent to *channel* to the Postgres channel *postgres*.
+
+        The bridge becomes *channel*'s consumer. Messages are encoded by *codec*; one that is
+        too large or cannot be encoded is refused with a logged error and counted in
+        `statistics`, and the rest flow on. Returns once connected.
+        """
+        database = self._database()
+        source = self.channel(channel)
+        if channel in self._outbound:
+            raise ConfigError(f"channel {channel!r} already has an outbound bridge.")
+        bridge = OutboundBridge(database, source, postgres, codec)
+        service = _Service(f"publish {postgres}")
+        self._outbound[channel] = (bridge, service)
+        await self._nursery.start(service.run, bridge.serve)
+
+    async def notify(self, postgres: str, message: object, *, codec: str = "text") -> None:
+        """
+        Send one notification now, outside any transaction.
+
+        Raises:
+            PayloadTooLargeError, CodecError, ChannelNameError: before anything is sent.
+        """
+        payload = encode(validate_channel_name(postgres), message, codec)
+        async with self._borrow() as connection:
+            await self._database().publish(connection, postgres, [payload])
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """
+        A database transaction whose `Transaction.publish` calls are delivered at COMMIT.
+
+        The block commits when it ends normally and rolls back on an exception or a
+        cancellation: then nothing it published is ever delivered.
+        """
+        database = self._database()
+        async with self._borrow() as connection:
+            xact = connection.transaction()
+            await connection.run(xact.start)
+            tx = Transaction(database, connection)
+            try:
+                yield tx
+                await tx._flush()
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    if not connection.closed:
+                        await connection.run(xact.rollback)
+                raise
+            await connection.run(xact.commit)
+
+    @asynccontextmanager
+    async def _borrow(self) -> AsyncIterator[Connection]:
+        """A connection from the bus's small pool; one left in doubt is closed, not reused."""
+        database = self._database()
+        idle = self._idle_connections
+        connection = idle.pop() if idle else await database.connect("pool")
+        reusable = False
+        try:
+            yield connection
+            reusable = not connection.closed
+        finally:
+            if reusable and len(idle) < POOL_IDLE_MAX:
+                idle.append(connection)
+            else:
+                database.own_pids.discard(connection.pid)
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
+
+    # -- introspection and shutdown ----------------------------------------------------------
+
+    def statistics(self) -> BusStatistics:
+        """Per channel: buffered and capacity; per actor: state and restarts; per bridge: counts."""
+        bridges: list[BridgeStatistics] = []
+        if self._listener is not None:
+            bridges += [r.statistics(self._listener.reconnects) for r in self._listener.routes()]
+        bridges += [bridge.statistics() for bridge, _ in self._outbound.values()]
+        return BusStatistics(
+            channels=tuple(c.statistics() for c in self._channels.values()),
+            actors=tuple(self._supervisor.statistics()),
+            bridges=tuple(bridges),
+        )
+
+    async def _shutdown(self) -> None:
+        """Stop in order: inbound, actors (reverse start order), outbound (flushed), connections."""
+        if self._listener_service is not None:
+            await self._listener_service.stop()
+        await self._supervisor.stop_all()
+        for bridge, service in self._outbound.values():
+            bridge.finish()
+            with trio.move_on_after(self.supervision.stop_timeout) as flush:
+                await service.done.wait()
+            if flush.cancelled_caught:
+                left = bridge.channel.statistics().buffered
+                log.warning(
+                    "outbound bridge %r -> %r: gave up flushing after %gs; %d message(s) unsent",
+                    bridge.channel.name,
+                    bridge.pg_channel,
+                    self.supervision.stop_timeout,
+                    left,
+                )
+            await service.stop()
+        while self._idle_connections:
+            connection = self._idle_connections.pop()
+            if self._db is not None:
+                self._db.own_pids.discard(connection.pid)
+            await connection.aclose()
+
+
+class Transaction:
+    """A database transaction opened by `Bus.transaction`."""
+
+    def __init__(self, database: Database, connection: Connection) -> None:
+        self._db = database
+        self._connection = connection
+        self._pending: dict[str, dict[str, None]] = {}  # channel -> payloads, in order
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self._connection.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return await self._connection.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        return await self._connection.fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._connection.fetchval(sql, *args)
+
+    async def publish(self, postgres: str, message: object, *, codec: str = "text") -> None:
+        """
+        Publish *message* to the Postgres channel *postgres* when (and only if) this commits.
+
+        Raises:
+            PayloadTooLargeError, CodecError, ChannelNameError: at once.
+            DuplicateNotificationError: the same payload was already published to that channel
+                in this transaction; PostgreSQL would deliver it once.
+        """
+        payload = encode(validate_channel_name(postgres), message, codec)
+        payloads = self._pending.setdefault(postgres, {})
+        if payload in payloads:
+            raise DuplicateNotificationError(postgres)
+        payloads[payload] = None
+
+    async def _flush(self) -> None:
+        for channel, payloads in self._pending.items():
+            await self._db.publish(self._connection, channel, list(payloads))
+        self._pending.clear()
+
+
+@asynccontextmanager
+async def open_bus(
+    dsn: str | None = None,
+    *,
+    embedded: bool = False,
+    application_name: str = "pgbus",
+    strategy: str = "one_for_one",
+    max_restarts: int = 3,
+    within_seconds: float = 5.0,
+    backoff_initial: float = 0.1,
+    backoff_max: float = 5.0,
+    stop_timeout: float = 5.0,
+    keepalive: float = 10.0,
+) -> AsyncIterator[Bus]:
+    """
+    Open a bus; leaving the block stops everything it started, in order.
+
+    With *dsn* the bus connects to that PostgreSQL; with ``embedded=True`` and no *dsn* it starts
+    a private PostgreSQL for the block; with neither it runs actors and channels only.
+    The supervisor's policy comes from *strategy*, *max_restarts*, *within_seconds* and the
+    backoff values. *keepalive* is how often an idle listening connection is checked (seconds).
+
+    If the supervisor gives up, the block raises `RestartIntensityError`.
+    """
+    supervision = Supervision(
+        strategy, max_restarts, within_seconds, backoff_initial, backoff_max, stop_timeout
+    )
+    if not (isinstance(application_name, str) and application_name.startswith("pgbus")):
+        raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
+    if not (isinstance(keepalive, int | float) and 0 < keepalive < math.inf):
+        raise ConfigError(f"keepalive must be a positive number of seconds (got {keepalive!r}).")
+    async with AsyncExitStack() as stack:
+        if dsn is None and embedded:
+            from ._embedded import open_embedded_postgres
+
+            server = await stack.enter_async_context(open_embedded_postgres())
+            dsn = server.dsn
+        database = None
+        if dsn is not None:
+            database = await stack.enter_async_context(open_database(dsn, application_name))
+        try:
+            async with trio.open_nursery() as nursery:
+                bus = Bus(nursery, supervision, database, keepalive=keepalive)
+                await nursery.start(bus._supervisor.run)
+                try:
+                    yield bus
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await bus._shutdown()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            error = _collapse(group)
+            if error is group:
+                raise
+            # Re-raise the one real error as itself, keeping the chain it already had.
+            cause, context, suppress = error.__cause__, error.__context__, error.__suppress_context__
+            try:
+                raise error  # noqa: B904
+            finally:
+                error.__cause__, error.__context__ = cause, context
+                error.__suppress_context__ = suppress
+
+
+def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The single error inside nested one-member groups, else the group itself."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error

@@ -1,0 +1,549 @@
+"""
+The TOML configuration file: read with `tomllib` into frozen attrs classes.
+
+Every rule is checked here, before anything starts, and a broken rule raises `ConfigFileError`
+whose one-line message names the file, the table and key, the rule and the bad value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import difflib
+import importlib
+import inspect
+import math
+import os
+import re
+import sys
+import tomllib
+import types
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import attrs
+
+from ._actor import Actor
+from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
+from ._channel import Capacity, validate_capacity
+from ._codec import CODECS, validate_channel_name
+from ._dsn import redact_dsn
+from ._errors import CapacityError, ChannelNameError, ConfigError
+from ._supervisor import RESTART_KINDS, STRATEGIES
+
+MAX_APPLICATION_NAME_BYTES = 63
+"""NAMEDATALEN - 1: PostgreSQL truncates a longer ``application_name``."""
+
+APPLICATION_NAME_PREFIX = "pgbus"
+"""Every connection pgbus opens carries an ``application_name`` starting with this."""
+
+
+class ConfigFileError(ConfigError):
+    """
+    A configuration file that breaks a rule.
+
+    *where* is the table (``[channels.orders]``, ``[[bridge]] #2``) or ``""`` for the whole file,
+    *key* the key inside it (or None), and *rule* the rest of the sentence, bad value included.
+    """
+
+    def __init__(self, file: str, where: str, key: str | None, rule: str) -> None:
+        self.file = file
+        self.where = where
+        self.key = key
+        self.rule = rule
+        label = f"{where}:" if where.startswith("[[") else where
+        super().__init__(" ".join(part for part in (f"{file}:", label, key, rule) if part))
+
+
+def _freeze_options(options: Mapping[str, Any]) -> Mapping[str, Any]:
+    return types.MappingProxyType(copy.deepcopy(dict(options)))
+
+
+@attrs.frozen
+class PostgresConfig:
+    """The ``[postgres]`` table. Without *dsn* an embedded PostgreSQL is started for the run."""
+
+    dsn: str | None = None
+    application_name: str = APPLICATION_NAME_PREFIX
+
+
+@attrs.frozen
+class SupervisorConfig:
+    """The ``[supervisor]`` table: restart strategy, intensity, backoff and stop timeout."""
+
+    strategy: str = "one_for_one"
+    max_restarts: int = 3
+    within_seconds: float = 5.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    stop_timeout: float = 5.0
+
+
+@attrs.frozen
+class ChannelConfig:
+    """One ``[channels.NAME]`` table: a named Trio channel."""
+
+    name: str
+    capacity: Capacity
+    """``0``, a positive ``int`` or ``math.inf`` (written ``"inf"`` in the file)."""
+
+
+@attrs.frozen
+class BridgeConfig:
+    """One ``[[bridge]]`` entry between a PostgreSQL channel and a Trio channel."""
+
+    index: int
+    """1-based position in the file, for messages."""
+    postgres: str
+    channel: str
+    direction: str
+    codec: str = "text"
+    overflow: str = "block"
+    ignore_own: bool = False
+
+
+@attrs.frozen
+class ActorConfig:
+    """One ``[actors.NAME]`` table; *actor_class* is already imported and checked."""
+
+    name: str
+    class_path: str
+    actor_class: type[Actor]
+    inbox: str | None
+    restart: str = "permanent"
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_options)
+    """Keyword arguments for the constructor; a read-only copy."""
+
+
+@attrs.frozen
+class BusConfig:
+    """A whole configuration file, every rule already checked."""
+
+    source: str
+    postgres: PostgresConfig = attrs.field(factory=PostgresConfig)
+    supervisor: SupervisorConfig = attrs.field(factory=SupervisorConfig)
+    channels: tuple[ChannelConfig, ...] = ()
+    bridges: tuple[BridgeConfig, ...] = ()
+    actors: tuple[ActorConfig, ...] = ()
+
+    def with_dsn(self, dsn: str | None, *, origin: str = "dsn") -> BusConfig:
+        """
+        Return a copy that connects to *dsn* (None: embedded PostgreSQL), for ``--dsn`` and
+        ``PGBUS_DSN``. *origin* names the DSN's source in the `ConfigError` a bad DSN raises.
+        """
+        if dsn is not None:
+            problem = _dsn_problem(dsn)
+            if problem is not None:
+                raise ConfigError(f"{origin} {problem}")
+        return attrs.evolve(self, postgres=attrs.evolve(self.postgres, dsn=dsn))
+
+    def summary(self) -> str:
+        """A short human summary, several lines, with any password in the DSN redacted."""
+        pg = self.postgres
+        sv = self.supervisor
+        where = "embedded" if pg.dsn is None else redact_dsn(pg.dsn)
+        lines = [
+            f"{self.source}: {_count(self.channels, 'channel')}, {_count(self.bridges, 'bridge')}, "
+            f"{_count(self.actors, 'actor')}",
+            f"postgres: {where} (application_name {pg.application_name!r})",
+            f"supervisor: {sv.strategy}, at most {sv.max_restarts} restarts within "
+            f"{sv.within_seconds:g}s",
+        ]
+        lines += [f"channel {c.name!r}: capacity {_show(c.capacity)}" for c in self.channels]
+        for b in self.bridges:
+            pg_name, trio_name = f"postgres {b.postgres!r}", f"channel {b.channel!r}"
+            if b.direction == "in":
+                extra = f", overflow {b.overflow}" + (", ignore_own" if b.ignore_own else "")
+                lines.append(f"bridge #{b.index}: {pg_name} -> {trio_name} (in, {b.codec}{extra})")
+            else:
+                lines.append(f"bridge #{b.index}: {trio_name} -> {pg_name} (out, {b.codec})")
+        for a in self.actors:
+            inbox = "no inbox" if a.inbox is None else f"inbox {a.inbox!r}"
+            lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}")
+        return "\n".join(lines)
+
+
+def _count(items: tuple[object, ...], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def load_config(path: str | os.PathLike[str]) -> BusConfig:
+    """
+    Read and check the TOML file at *path*.
+
+    Actor classes are imported with the file's own directory and the current directory at the
+    front of ``sys.path`` (only while importing).
+
+    Raises:
+        ConfigFileError: (a `ConfigError`) naming the file, table, key, rule and bad value.
+    """
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigFileError(
+            source, "", None, f"cannot read the file: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(source, "", None, f"the file is not valid UTF-8: {exc}") from None
+    return parse_config(text, source, base_dir=Path(source).absolute().parent)
+
+
+def parse_config(
+    text: str, source: str = "<string>", *, base_dir: str | os.PathLike[str] | None = None
+) -> BusConfig:
+    """
+    Check the TOML *text*; *source* names it in messages. Actor classes are imported with
+    *base_dir* (if given) and the current directory at the front of ``sys.path``.
+
+    Raises:
+        ConfigFileError: (a `ConfigError`) naming the file, table, key, rule and bad value.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(source, "", None, f"invalid TOML: {exc}") from None
+    root = _Table(source, "", data)
+    root.no_unknown_keys(_TOP_LEVEL_KEYS, "top-level key")
+
+    postgres = _parse_postgres(root.table("postgres", "[postgres]"))
+    supervisor = _parse_supervisor(root.table("supervisor", "[supervisor]"))
+    channels = tuple(
+        _parse_channel(name, table) for name, table in root.tables_of("channels", "[channels.NAME]")
+    )
+    declared = {c.name for c in channels}
+    out_sources: dict[str, int] = {}  # channel -> the "out" bridge that consumes it
+    bridges = tuple(
+        _parse_bridge(index, table, declared, out_sources)
+        for index, table in enumerate(root.array_of_tables("bridge"), start=1)
+    )
+
+    paths = [Path(base_dir)] if base_dir is not None else []
+    with _importable(*paths, Path.cwd()):
+        actors = tuple(
+            _parse_actor(name, table, declared, out_sources)
+            for name, table in root.tables_of("actors", "[actors.NAME]")
+        )
+    return BusConfig(source, postgres, supervisor, channels, bridges, actors)
+
+
+_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors")
+_MISSING: Any = object()
+_KINDS: dict[str, tuple[type, ...]] = {
+    "a string": (str,),
+    "an integer": (int,),
+    "a number": (int, float),
+    "true or false": (bool,),
+    "a table": (dict,),
+}
+
+
+@attrs.frozen
+class _Table:
+    """One TOML table being checked, and how messages name it."""
+
+    source: str
+    where: str
+    data: dict[str, Any]
+
+    def fail(self, key: str | None, rule: str) -> NoReturn:
+        raise ConfigFileError(self.source, self.where, key, rule)
+
+    def no_unknown_keys(self, allowed: Iterable[str], noun: str = "key") -> None:
+        allowed = list(allowed)
+        for key in self.data:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else "allowed: " + ", ".join(map(repr, allowed)) + "."
+                )
+                self.fail(None, f"unknown {noun} {key!r}; {hint}")
+
+    def get(self, key: str, kind: str, default: Any = _MISSING, *, hint: str = "") -> Any:
+        """The value at *key*, which must be of *kind* (a key of `_KINDS`); absent: *default*."""
+        if key not in self.data:
+            if default is _MISSING:
+                self.fail(key, f"is required ({hint or kind}).")
+            return default
+        value = self.data[key]
+        if not isinstance(value, _KINDS[kind]) or (
+            isinstance(value, bool) and kind != "true or false"
+        ):
+            self.fail(key, f"must be {hint or kind} (got {_show(value)}).")
+        return value
+
+    def one_of(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
+        allowed = "one of " + ", ".join(map(repr, choices))
+        value: str = self.get(key, "a string", default, hint=allowed)
+        if value not in choices:
+            self.fail(key, f"must be {allowed} (got {_show(value)}).")
+        return value
+
+    def seconds(self, key: str, default: float) -> float:
+        hint = "a number of seconds > 0"
+        value = float(self.get(key, "a number", default, hint=hint))
+        if not (0 < value < math.inf):
+            self.fail(key, f"must be {hint} (got {_show(value)}).")
+        return value
+
+    def table(self, key: str, example: str) -> _Table:
+        value = self.get(key, "a table", {}, hint=f"a table, written {example}")
+        return _Table(self.source, f"[{_toml_key(key)}]", value)
+
+    def tables_of(self, key: str, example: str) -> Iterator[tuple[str, _Table]]:
+        """The sub-tables of table *key*, e.g. each ``[channels.NAME]``."""
+        parent = self.table(key, example)
+        for name, value in parent.data.items():
+            if not isinstance(value, dict):
+                example = example.replace("NAME", _toml_key(name))
+                parent.fail(name, f"must be a table, written {example} (got {_show(value)}).")
+            table = _Table(self.source, f"[{_toml_key(key)}.{_toml_key(name)}]", value)
+            if not name:
+                table.fail(None, "the name must not be empty.")
+            yield name, table
+
+    def array_of_tables(self, key: str) -> Iterator[_Table]:
+        hint = f"an array of tables, each written [[{key}]]"
+        value = self.data.get(key, [])
+        if not isinstance(value, list):
+            self.fail(key, f"must be {hint} (got {_show(value)}).")
+        for index, item in enumerate(value, start=1):
+            where = f"[[{key}]] #{index}"
+            if not isinstance(item, dict):
+                self.fail(None, f"{where} must be a table (got {_show(item)}).")
+            yield _Table(self.source, where, item)
+
+
+def _parse_postgres(t: _Table) -> PostgresConfig:
+    t.no_unknown_keys(("dsn", "application_name"))
+    dsn: str | None = t.get("dsn", "a string", None)
+    if dsn is not None:
+        problem = _dsn_problem(dsn)
+        if problem is not None:
+            t.fail("dsn", problem)
+    name: str = t.get("application_name", "a string", APPLICATION_NAME_PREFIX)
+    if not name.startswith(APPLICATION_NAME_PREFIX):
+        t.fail(
+            "application_name",
+            f'must start with "{APPLICATION_NAME_PREFIX}", so every connection pgbus opens can '
+            f"be told apart in pg_stat_activity (got {_show(name)}).",
+        )
+    size = len(name.encode())
+    if size > MAX_APPLICATION_NAME_BYTES:
+        t.fail(
+            "application_name",
+            f"is {size} bytes; PostgreSQL keeps at most {MAX_APPLICATION_NAME_BYTES} "
+            f"(got {_show(name)}).",
+        )
+    return PostgresConfig(dsn, name)
+
+
+def _parse_supervisor(t: _Table) -> SupervisorConfig:
+    d = SupervisorConfig()
+    t.no_unknown_keys(attrs.fields_dict(SupervisorConfig))
+    max_restarts: int = t.get("max_restarts", "an integer", d.max_restarts, hint="an integer >= 0")
+    if max_restarts < 0:
+        t.fail("max_restarts", f"must be an integer >= 0 (got {max_restarts}).")
+    config = SupervisorConfig(
+        strategy=t.one_of("strategy", STRATEGIES, d.strategy),
+        max_restarts=max_restarts,
+        within_seconds=t.seconds("within_seconds", d.within_seconds),
+        backoff_initial=t.seconds("backoff_initial", d.backoff_initial),
+        backoff_max=t.seconds("backoff_max", d.backoff_max),
+        stop_timeout=t.seconds("stop_timeout", d.stop_timeout),
+    )
+    if config.backoff_initial > config.backoff_max:
+        t.fail(
+            "backoff_initial",
+            f"must not exceed backoff_max (got {config.backoff_initial:g} > "
+            f"{config.backoff_max:g}).",
+        )
+    return config
+
+
+_CAPACITY_RULE = '0, a positive integer or "inf"'
+
+
+def _parse_channel(name: str, t: _Table) -> ChannelConfig:
+    t.no_unknown_keys(("capacity",))
+    if "capacity" not in t.data:
+        t.fail("capacity", f"is required ({_CAPACITY_RULE}).")
+    value = t.data["capacity"]
+    if value == "inf":
+        return ChannelConfig(name, math.inf)
+    try:
+        return ChannelConfig(name, validate_capacity(value, f"{t.where} capacity"))
+    except CapacityError:
+        t.fail("capacity", f"must be {_CAPACITY_RULE} (got {_show(value)}).")
+
+
+def _parse_bridge(
+    index: int, t: _Table, declared: set[str], out_sources: dict[str, int]
+) -> BridgeConfig:
+    t.no_unknown_keys(("postgres", "channel", "direction", "codec", "overflow", "ignore_own"))
+    postgres: str = t.get("postgres", "a string", hint="a PostgreSQL channel name")
+    try:
+        validate_channel_name(postgres)
+    except ChannelNameError as exc:
+        t.fail("postgres", f"{postgres!r} {exc.reason}.")
+    channel = _declared_channel(t, "channel", declared, required=True)
+    assert channel is not None
+    direction = t.one_of("direction", DIRECTIONS)
+    codec = t.one_of("codec", CODECS, "text")
+    if direction == "out":
+        if channel in out_sources:
+            t.fail(
+                "channel",
+                f'{channel!r} is already the source of "out" bridge #{out_sources[channel]}; '
+                "two consumers would split its messages between them, not each get every one.",
+            )
+        out_sources[channel] = index
+        for key in ("overflow", "ignore_own"):
+            if key in t.data:
+                t.fail(
+                    key,
+                    'applies only to "in" bridges (Postgres -> Trio); '
+                    'remove it from this "out" bridge.',
+                )
+    overflow = t.one_of("overflow", OVERFLOW_POLICIES, "block")
+    ignore_own: bool = t.get("ignore_own", "true or false", False)
+    return BridgeConfig(index, postgres, channel, direction, codec, overflow, ignore_own)
+
+
+def _declared_channel(t: _Table, key: str, declared: set[str], *, required: bool) -> str | None:
+    hint = "the name of a channel declared under [channels]"
+    name: str | None = t.get(key, "a string", _MISSING if required else None, hint=hint)
+    if name is not None and name not in declared:
+        close = difflib.get_close_matches(name, sorted(declared), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        t.fail(key, f"{name!r} is not declared under [channels]{hint}")
+    return name
+
+
+_CLASS_PATH = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*:[^\W\d]\w*(\.[^\W\d]\w*)*$")
+
+
+def _parse_actor(
+    name: str, t: _Table, declared: set[str], out_sources: dict[str, int]
+) -> ActorConfig:
+    t.no_unknown_keys(("class", "inbox", "restart", "options"))
+    class_path: str = t.get("class", "a string", hint='"package.module:ClassName"')
+    if not _CLASS_PATH.match(class_path):
+        t.fail("class", f'must look like "package.module:ClassName" (got {_show(class_path)}).')
+    inbox = _declared_channel(t, "inbox", declared, required=False)
+    if inbox in out_sources:
+        t.fail(
+            "inbox",
+            f'{inbox!r} is the source of "out" bridge #{out_sources[inbox]}, its only consumer; '
+            "the bridge and the actor would split its messages, not each get every one. "
+            "Give the actor its own channel.",
+        )
+    restart = t.one_of("restart", RESTART_KINDS, "permanent")
+    options: dict[str, Any] = t.get("options", "a table", {}, hint="a table of keyword options")
+    actor_class = _import_actor_class(t, class_path)
+    try:
+        signature = inspect.signature(actor_class)
+    except (TypeError, ValueError):  # no introspectable signature: the constructor will tell
+        pass
+    else:
+        try:
+            signature.bind(**options)
+        except TypeError as exc:
+            shown = signature.replace(
+                parameters=[
+                    p.replace(annotation=inspect.Parameter.empty)
+                    for p in signature.parameters.values()
+                ],
+                return_annotation=inspect.Signature.empty,
+            )
+            t.fail("options", f"do not fit {actor_class.__name__}{shown}: {exc}.")
+    return ActorConfig(name, class_path, actor_class, inbox, restart, options)
+
+
+def _import_actor_class(t: _Table, class_path: str) -> type[Actor]:
+    module_name, _, qualname = class_path.partition(":")
+    what = f"{class_path!r}:"
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        t.fail("class", f"{what} cannot import module {module_name!r}: {exc}.")
+    except Exception as exc:
+        t.fail("class", f"{what} importing module {module_name!r} raised {_one_line(exc)}.")
+    owner = module_name
+    for attr in qualname.split("."):
+        if not hasattr(obj, attr):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(attr, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            t.fail("class", f"{what} {owner!r} has no attribute {attr!r}{hint}")
+        obj = getattr(obj, attr)
+        owner = f"{owner}.{attr}"
+    if obj is Actor:
+        t.fail(
+            "class",
+            f"{class_path!r} is pgbus.Actor itself; name a subclass that implements handle().",
+        )
+    if not isinstance(obj, type):
+        t.fail(
+            "class",
+            f"{class_path!r} is not a subclass of pgbus.Actor (got a {type(obj).__name__}).",
+        )
+    if not issubclass(obj, Actor):
+        got = f"class {obj.__module__}.{obj.__qualname__}"
+        t.fail("class", f"{class_path!r} is not a subclass of pgbus.Actor (got {got}).")
+    return obj
+
+
+@contextlib.contextmanager
+def _importable(*directories: Path) -> Iterator[None]:
+    """Put *directories* at the front of ``sys.path`` while the block runs."""
+    added = [str(d) for d in directories]
+    sys.path[:0] = added
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        for entry in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(entry)
+
+
+def _dsn_problem(dsn: str) -> str | None:
+    """Why *dsn* is not a PostgreSQL DSN (the rest of a sentence starting "dsn"), or None."""
+    if dsn.startswith(("postgresql://", "postgres://")) or ("=" in dsn and "://" not in dsn):
+        return None
+    return (
+        "must be a URL starting with postgresql:// or postgres://, or a libpq "
+        f"key=value string (got {_show(redact_dsn(dsn))})."
+    )
+
+
+def _toml_key(key: str) -> str:
+    """*key* as written in a TOML table header: bare when it can be, else quoted."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return key
+    return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _show(value: object) -> str:
+    """*value* for a message, close to how it is written in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return repr(value)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

