@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import outcome
@@ -72,16 +73,16 @@ class Request:
 
     __slots__ = ("message", "reply")
 
-    def __init__(self, message: object, reply: trio.MemorySendChannel[outcome.Outcome[Any]]) -> None:
+    def __init__(
+        self, message: object, reply: trio.MemorySendChannel[outcome.Outcome[Any]]
+    ) -> None:
         self.message = message
         self.reply = reply
 
     def answer(self, result: outcome.Outcome[Any]) -> None:
         # A late reply finds the asker gone (its end closed) and is dropped, never blocking.
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             self.reply.send_nowait(result)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 async def consume(actor: Actor, inbox: Channel) -> None:

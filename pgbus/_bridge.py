@@ -194,7 +194,11 @@ async def connect_with_retry(
             if exc.fatal:
                 raise
             delay = backoff.next_delay()
-            level = logging.WARNING if backoff.failures in (1, 2) or backoff.failures % 20 == 0 else logging.DEBUG
+            level = (
+                logging.WARNING
+                if backoff.failures in (1, 2) or backoff.failures % 20 == 0
+                else logging.DEBUG
+            )
             log.log(level, "%s: %s; retrying in %.1fs", purpose, exc, delay)
             await trio.sleep(delay)
             continue
@@ -215,7 +219,9 @@ class Listener:
     listener task then delivers with waiting sends. So memory stays bounded by one socket read.
     """
 
-    def __init__(self, db: Database, *, keepalive: float = 10.0, queue_warning: float = 0.5) -> None:
+    def __init__(
+        self, db: Database, *, keepalive: float = 10.0, queue_warning: float = 0.5
+    ) -> None:
         self._db = db
         self._own_pids = db.own_pids
         self.keepalive = keepalive
@@ -505,7 +511,9 @@ class OutboundBridge:
                     try:
                         await self._publish(batch)
                     except DatabaseUnavailableError as exc:
-                        log.warning("%s: %s; %d message(s) will be sent again", purpose, exc, len(batch))
+                        log.warning(
+                            "%s: %s; %d message(s) will be sent again", purpose, exc, len(batch)
+                        )
                         await self._reconnect(purpose, backoff)
         finally:
             connection, self._connection = self._connection, None
@@ -552,7 +560,12 @@ class OutboundBridge:
             batch.append(check_payload(self.pg_channel, self._encode(self.pg_channel, message)))
         except PgbusError as exc:
             self.rejected += 1
-            log.error("outbound bridge %r -> %r refused a message: %s", self.channel.name, self.pg_channel, exc)
+            log.error(
+                "outbound bridge %r -> %r refused a message: %s",
+                self.channel.name,
+                self.pg_channel,
+                exc,
+            )
 
     async def _publish(self, batch: list[str]) -> None:
         """Publish *batch*, removing each part from it once the server confirmed it."""
@@ -587,4 +600,3 @@ def _without_repeats(payloads: list[str]) -> Iterator[list[str]]:
         seen.add(payload)
     if start < len(payloads):
         yield payloads[start:]
-

@@ -181,12 +181,16 @@ class Bus:
             raise ConfigError(f"actor {name!r}: {actor_class!r} is not a pgbus.Actor subclass.")
         if restart not in RESTART_KINDS:
             allowed = ", ".join(map(repr, RESTART_KINDS))
-            raise ConfigError(f"actor {name!r}: restart must be one of {allowed} (got {restart!r}).")
+            raise ConfigError(
+                f"actor {name!r}: restart must be one of {allowed} (got {restart!r})."
+            )
         kwargs = dict(options or {})
         try:
             inspect.signature(actor_class).bind(**kwargs)
         except TypeError as exc:
-            raise ConfigError(f"actor {name!r}: options do not fit {actor_class.__name__}: {exc}.") from None
+            raise ConfigError(
+                f"actor {name!r}: options do not fit {actor_class.__name__}: {exc}."
+            ) from None
         if inbox is not None and inbox_capacity is not None:
             raise ConfigError(f"actor {name!r}: give inbox or inbox_capacity, not both.")
         channel = None
@@ -474,9 +478,13 @@ async def open_bus(
             if error is group:
                 raise
             # Re-raise the one real error as itself, keeping the chain it already had.
-            cause, context, suppress = error.__cause__, error.__context__, error.__suppress_context__
+            cause, context, suppress = (
+                error.__cause__,
+                error.__context__,
+                error.__suppress_context__,
+            )
             try:
-                raise error  # noqa: B904
+                raise error
             finally:
                 error.__cause__, error.__context__ = cause, context
                 error.__suppress_context__ = suppress

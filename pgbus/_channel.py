@@ -17,8 +17,8 @@ def validate_capacity(value: object, where: str = "capacity") -> Capacity:
     """
     Return *value* if it is a valid channel capacity, else raise `CapacityError`.
 
-    Valid: ``0``, a positive ``int`` or ``math.inf``. ``True``, ``2.5``, ``-1``, ``"10"`` are refused:
-    a capacity is a decision about memory and back-pressure, so nothing is guessed.
+    Valid: ``0``, a positive ``int`` or ``math.inf``. ``True``, ``2.5``, ``-1``, ``"10"`` are
+    refused: a capacity is a decision about memory and back-pressure, so nothing is guessed.
     """
     if isinstance(value, bool):
         raise CapacityError(where, value)

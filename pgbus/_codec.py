@@ -64,7 +64,9 @@ def check_payload(channel: str, payload: str) -> str:
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadTooLargeError(channel, size, MAX_PAYLOAD_BYTES)
     if "\x00" in payload:
-        raise CodecError(channel, "text", "payload contains a NUL character, which PostgreSQL refuses")
+        raise CodecError(
+            channel, "text", "payload contains a NUL character, which PostgreSQL refuses"
+        )
     return payload
 
 
@@ -103,7 +105,7 @@ Decoder = Callable[[str, str], Any]
 
 
 def encoder(codec: str) -> Encoder:
-    """The encoder for *codec*: ``encoder(codec)(channel, message) -> str``, raising `CodecError`."""
+    """The encoder for *codec*: ``encoder(codec)(channel, message) -> str``; raises CodecError."""
     return _encode_json if _checked(codec) == "json" else _encode_text
 
 

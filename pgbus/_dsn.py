@@ -6,12 +6,16 @@ import re
 from urllib.parse import parse_qs, urlsplit
 
 _URI_PASSWORD = re.compile(r"^(?P<head>[a-z]+://[^:/@]*:)(?P<password>[^@]*)(?P<tail>@)", re.I)
-_PARAM_PASSWORD = re.compile(r"(?P<head>(?:^|[?&\s])password=)(?P<password>'(?:[^'\\]|\\.)*'|[^&\s]*)", re.I)
+_PARAM_PASSWORD = re.compile(
+    r"(?P<head>(?:^|[?&\s])password=)(?P<password>'(?:[^'\\]|\\.)*'|[^&\s]*)", re.I
+)
 
 
 def redact_dsn(dsn: str) -> str:
     """*dsn* with any password replaced by ``***``."""
-    redacted = _URI_PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}" if m["password"] else m[0], dsn)
+    redacted = _URI_PASSWORD.sub(
+        lambda m: f"{m['head']}***{m['tail']}" if m["password"] else m[0], dsn
+    )
     return _PARAM_PASSWORD.sub(lambda m: f"{m['head']}***", redacted)
 
 

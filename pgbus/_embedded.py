@@ -338,8 +338,8 @@ def describe_dsn(dsn: str) -> str:
     """
     A short, password-free name for the server *dsn* points at, for error messages.
 
-    ``"db.example.com:5432/orders"``, ``"[::1]:5433/postgres"``, ``"socket /tmp/x"``; several
-    hosts are joined with commas. Never raises.
+    ``"db.example.com:5432/orders"``, ``"[::1]:5433/postgres"``,
+    ``"socket /tmp/x (database postgres)"``; several hosts are joined with commas. Never raises.
     """
     try:
         scheme = _URI_SCHEME.match(dsn)
@@ -356,17 +356,19 @@ def describe_dsn(dsn: str) -> str:
     places = []
     for index, host in enumerate(hosts):
         port = ports[index] if index < len(ports) and ports[index] else str(_DEFAULT_PORT)
-        if host.startswith(("/", "@")):
-            places.append(
-                f"socket {host}" + ("" if port == str(_DEFAULT_PORT) else f" port {port}")
-            )
+        if host.startswith(("/", "@")):  # a socket directory, or a Linux abstract socket
+            place = f"socket {host}"
+            if port != str(_DEFAULT_PORT):
+                place += f" port {port}"
         else:
-            shown = f"[{host}]" if ":" in host else host or "localhost"
-            places.append(f"{shown}:{port}")
+            place = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        places.append(place)
     description = ",".join(places)
-    if database and not all(place.startswith("socket ") for place in places):
-        description += f"/{database}"
-    return description
+    if not database:
+        return description
+    if all(place.startswith("socket ") for place in places):
+        return f"{description} (database {database})"
+    return f"{description}/{database}"
 
 
 def _uri_parts(rest: str) -> tuple[list[str], list[str], str]:

@@ -17,9 +17,7 @@ class CapacityError(ConfigError, ValueError):
     def __init__(self, where: str, value: object) -> None:
         self.where = where
         self.value = value
-        super().__init__(
-            f"{where} must be 0, a positive integer or math.inf (got {value!r})."
-        )
+        super().__init__(f"{where} must be 0, a positive integer or math.inf (got {value!r}).")
 
 
 class UnknownChannelError(PgbusError, LookupError):
@@ -114,7 +112,7 @@ class CodecError(PgbusError, ValueError):
 
 
 class DuplicateNotificationError(PgbusError, ValueError):
-    """The same (channel, payload) published twice in one transaction: PostgreSQL would merge them."""
+    """The same (channel, payload) twice in one transaction: PostgreSQL would merge them."""
 
     def __init__(self, channel: str) -> None:
         self.channel = channel

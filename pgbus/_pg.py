@@ -44,11 +44,16 @@ _FATAL_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InvalidCatalogNameError,
 )
 
+_RETRYABLE_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    *_CONNECTION_ERRORS,
+    asyncpg.PostgresError,
+)
+
 DatabaseError = asyncpg.PostgresError
 """An error reported by the server for one statement (the connection itself is fine)."""
 
 
-class _ListenerProtocolConnection(asyncpg.Connection):  # type: ignore[misc]
+class _ListenerProtocolConnection(asyncpg.Connection):
     """
     An asyncpg connection that hands notifications straight to a sink.
 
@@ -66,7 +71,7 @@ class _ListenerProtocolConnection(asyncpg.Connection):  # type: ignore[misc]
             sink(pid, channel, payload)
 
     def _cleanup(self) -> None:
-        super()._cleanup()
+        super()._cleanup()  # type: ignore[misc]
         on_lost = self._pgbus_on_lost
         if on_lost is not None:
             self._pgbus_on_lost = None
@@ -175,7 +180,7 @@ class Database:
             )
         except _FATAL_CONNECT_ERRORS as exc:
             raise DatabaseUnavailableError(self.where, _describe(exc), fatal=True) from None
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except _RETRYABLE_CONNECT_ERRORS as exc:
             raise DatabaseUnavailableError(self.where, _describe(exc)) from None
         raw._pgbus_sink = sink
         raw._pgbus_on_lost = on_lost

@@ -303,4 +303,3 @@ def _should_restart(kind: str, failure: BaseException | None) -> bool:
     if kind == "transient":
         return failure is not None
     return False
-
