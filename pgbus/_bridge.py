@@ -118,6 +118,9 @@ class Route:
         self.dropped = 0
         self.rejected = 0
 
+    def settings(self) -> str:
+        return f"codec={self.codec!r}, overflow={self.overflow!r}, ignore_own={self.ignore_own}"
+
     def deliver_dropping(self, item: object) -> bool:
         """
         Deliver without ever waiting: make room or drop, and leave a `Gap` where data went.
@@ -248,8 +251,21 @@ class Listener:
         return [route for routes in self._routes.values() for route in routes]
 
     async def add_route(self, route: Route) -> None:
-        """Deliver *route*'s Postgres channel to its Trio channel from now on (LISTEN if new)."""
+        """
+        Deliver *route*'s Postgres channel to its Trio channel from now on (LISTEN if new).
+
+        Adding a route identical to an existing one does nothing (an actor may set up its bridge
+        again on every restart); one that differs only in its options is refused.
+        """
         routes = self._routes.setdefault(route.pg_channel, [])
+        for existing in routes:
+            if existing.channel is route.channel:
+                if existing.settings() == route.settings():
+                    return
+                raise ConfigError(
+                    f"Postgres channel {route.pg_channel!r} is already bridged into "
+                    f"{route.channel.name!r} with other options ({existing.settings()})."
+                )
         routes.append(route)
         if len(routes) == 1:
             # Shielded: the routing table and pg_listening_channels() must never disagree.
@@ -285,6 +301,15 @@ class Listener:
                     await connection.execute(sql)
         except (DatabaseUnavailableError, trio.TooSlowError):
             self._mark_lost()  # reconnecting re-LISTENs from the table
+
+    async def server_channels(self) -> set[str]:
+        """What the server says this connection listens on (``pg_listening_channels()``)."""
+        connection = self._connection
+        if connection is None:
+            return set()
+        async with self._lock:
+            rows = await connection.fetch("SELECT pg_listening_channels()")
+        return {row[0] for row in rows}
 
     # -- the hot path -----------------------------------------------------------------------
 
@@ -367,11 +392,12 @@ class Listener:
                 connection = await connect_with_retry(
                     self._db, "listen", backoff, sink=self._sink, on_lost=self._mark_lost
                 )
+                # Set before LISTENing, so a route added meanwhile sends its own LISTEN.
+                self._connection = connection
                 try:
                     if not await self._listen_all(connection):
                         await trio.sleep(backoff.next_delay())
                         continue
-                    self._connection = connection
                     if not first:
                         self._announce_gaps(mark)
                     first = False
@@ -396,7 +422,8 @@ class Listener:
         sql = "; ".join(f"LISTEN {quote_ident(name)}" for name in self._routes)
         try:
             with trio.CancelScope(shield=True), trio.fail_after(self.keepalive):
-                await connection.execute(sql)
+                async with self._lock:
+                    await connection.execute(sql)
         except (DatabaseUnavailableError, trio.TooSlowError):
             return False
         return True

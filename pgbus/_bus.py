@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -76,6 +76,23 @@ class _Service:
     async def stop(self) -> None:
         self.scope.cancel()
         await self.done.wait()
+
+
+class Bridge:
+    """A running bridge, as `Bus.bridge_in` and `Bus.bridge_out` return it."""
+
+    def __init__(self, description: str, close: Callable[[], Awaitable[None]]) -> None:
+        self.description = description
+        self._close: Callable[[], Awaitable[None]] | None = close
+
+    def __repr__(self) -> str:
+        return f"<Bridge {self.description}>"
+
+    async def aclose(self) -> None:
+        """Remove the bridge (an inbound one UNLISTENs if it was the channel's last)."""
+        close, self._close = self._close, None
+        if close is not None:
+            await close()
 
 
 class Bus:
@@ -255,7 +272,7 @@ class Bus:
         codec: str = "text",
         overflow: str = "block",
         ignore_own: bool = False,
-    ) -> None:
+    ) -> Bridge:
         """
         Deliver notifications sent to the Postgres channel *postgres* into *channel*.
 
@@ -263,17 +280,26 @@ class Bus:
         full, *overflow* decides: ``block`` (stop reading; PostgreSQL holds the backlog),
         ``drop_newest`` or ``drop_oldest``; every drop and every reconnect leaves a `Gap`.
         With *ignore_own*, notifications sent by this bus's own connections are skipped.
-        Returns once the bus is listening (waiting for the server if need be).
+        Returns once the bus is listening (waiting for the server if need be). Bridging the
+        same pair again with the same options does nothing.
         """
         database = self._database()
         route = Route(postgres, self.channel(channel), codec, overflow, ignore_own)
         if self._listener is None:
-            self._listener = Listener(database, keepalive=self._keepalive)
+            self._listener = listener = Listener(database, keepalive=self._keepalive)
             self._listener_service = _Service("listener")
-            await self._nursery.start(self._listener_service.run, self._listener.serve)
-        await self._listener.add_route(route)
+            await self._nursery.start(self._listener_service.run, listener.serve)
+        listener = self._listener
+        await listener.add_route(route)
+        return Bridge(f"{postgres!r} -> {channel!r}", lambda: listener.remove_route(route))
 
-    async def bridge_out(self, channel: str, postgres: str, *, codec: str = "text") -> None:
+    async def listening_channels(self) -> set[str]:
+        """The Postgres channels the listening connection is subscribed to, as the server says."""
+        if self._listener is None:
+            return set()
+        return await self._listener.server_channels()
+
+    async def bridge_out(self, channel: str, postgres: str, *, codec: str = "text") -> Bridge:
         """
         Publish every message sent to *channel* to the Postgres channel *postgres*.
 
@@ -289,6 +315,12 @@ class Bus:
         service = _Service(f"publish {postgres}")
         self._outbound[channel] = (bridge, service)
         await self._nursery.start(service.run, bridge.serve)
+
+        async def close() -> None:
+            await self._stop_outbound(bridge, service)
+            del self._outbound[channel]
+
+        return Bridge(f"{channel!r} -> {postgres!r}", close)
 
     async def notify(self, postgres: str, message: object, *, codec: str = "text") -> None:
         """
@@ -356,25 +388,28 @@ class Bus:
             bridges=tuple(bridges),
         )
 
+    async def _stop_outbound(self, bridge: OutboundBridge, service: _Service) -> None:
+        """Publish what the channel still holds (for at most stop_timeout), then stop."""
+        bridge.finish()
+        with trio.move_on_after(self.supervision.stop_timeout) as flush:
+            await service.done.wait()
+        if flush.cancelled_caught:
+            log.warning(
+                "outbound bridge %r -> %r: gave up flushing after %gs; %d message(s) unsent",
+                bridge.channel.name,
+                bridge.pg_channel,
+                self.supervision.stop_timeout,
+                bridge.channel.statistics().buffered,
+            )
+        await service.stop()
+
     async def _shutdown(self) -> None:
         """Stop in order: inbound, actors (reverse start order), outbound (flushed), connections."""
         if self._listener_service is not None:
             await self._listener_service.stop()
         await self._supervisor.stop_all()
         for bridge, service in self._outbound.values():
-            bridge.finish()
-            with trio.move_on_after(self.supervision.stop_timeout) as flush:
-                await service.done.wait()
-            if flush.cancelled_caught:
-                left = bridge.channel.statistics().buffered
-                log.warning(
-                    "outbound bridge %r -> %r: gave up flushing after %gs; %d message(s) unsent",
-                    bridge.channel.name,
-                    bridge.pg_channel,
-                    self.supervision.stop_timeout,
-                    left,
-                )
-            await service.stop()
+            await self._stop_outbound(bridge, service)
         while self._idle_connections:
             connection = self._idle_connections.pop()
             if self._db is not None:

@@ -1,0 +1,1 @@
+"""Importable actor classes that the configuration tests name in ``class = "..."``."""

@@ -1,0 +1,33 @@
+"""Small actor classes for the configuration tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pgbus
+
+
+class Echo(pgbus.Actor):
+    """Sends each message on to the channel *to*, with *prefix* in front."""
+
+    def __init__(self, to: str, prefix: str = "") -> None:
+        self.to = to
+        self.prefix = prefix
+
+    async def handle(self, message: Any) -> None:
+        await self.send(self.to, f"{self.prefix}{message}")
+
+
+class Sink(pgbus.Actor):
+    """Takes no options and drops every message."""
+
+    async def handle(self, message: Any) -> None:
+        pass
+
+
+class NotAnActor:
+    """A class that does not derive from pgbus.Actor."""
+
+
+def not_a_class() -> None:
+    """A function, where a class is expected."""
