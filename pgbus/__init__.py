@@ -4,6 +4,7 @@ from ._actor import Actor as Actor
 from ._bridge import BridgeStatistics as BridgeStatistics
 from ._bridge import Gap as Gap
 from ._bridge import Notification as Notification
+from ._bus import Bridge as Bridge
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
 from ._bus import Transaction as Transaction
@@ -35,6 +36,7 @@ __all__ = [
     "ActorFailedError",
     "ActorStatistics",
     "AskTimeoutError",
+    "Bridge",
     "BridgeStatistics",
     "Bus",
     "BusStatistics",

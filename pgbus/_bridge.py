@@ -332,6 +332,9 @@ class Listener:
                     log.error("dropped a notification from backend %d: %s", pid, exc)
                     continue
             if self._direct:
+                if route.pending_gap:  # a Gap must go first
+                    route.delivered += route.deliver_dropping(item)
+                    continue
                 try:
                     route.send_nowait(item)
                     route.delivered += 1

@@ -120,6 +120,7 @@ class Bus:
         self._supervisor = Supervisor(self, supervision)
         self._listener: Listener | None = None
         self._listener_service: _Service | None = None
+        self._listener_lock = trio.Lock()
         self._outbound: dict[str, tuple[OutboundBridge, _Service]] = {}
         self._idle_connections: list[Connection] = []
         self._sends = 0
@@ -285,10 +286,13 @@ class Bus:
         """
         database = self._database()
         route = Route(postgres, self.channel(channel), codec, overflow, ignore_own)
-        if self._listener is None:
-            self._listener = listener = Listener(database, keepalive=self._keepalive)
-            self._listener_service = _Service("listener")
-            await self._nursery.start(self._listener_service.run, listener.serve)
+        async with self._listener_lock:
+            if self._listener is None:
+                # Registered only once started: a cancelled start leaves no half-made listener.
+                listener = Listener(database, keepalive=self._keepalive)
+                service = _Service("listener")
+                await self._nursery.start(service.run, listener.serve)
+                self._listener, self._listener_service = listener, service
         listener = self._listener
         await listener.add_route(route)
         return Bridge(f"{postgres!r} -> {channel!r}", lambda: listener.remove_route(route))
@@ -489,16 +493,16 @@ async def open_bus(
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
     if not (isinstance(keepalive, int | float) and 0 < keepalive < math.inf):
         raise ConfigError(f"keepalive must be a positive number of seconds (got {keepalive!r}).")
-    async with AsyncExitStack() as stack:
-        if dsn is None and embedded:
-            from ._embedded import open_embedded_postgres
+    try:
+        async with AsyncExitStack() as stack:
+            if dsn is None and embedded:
+                from ._embedded import open_embedded_postgres
 
-            server = await stack.enter_async_context(open_embedded_postgres())
-            dsn = server.dsn
-        database = None
-        if dsn is not None:
-            database = await stack.enter_async_context(open_database(dsn, application_name))
-        try:
+                server = await stack.enter_async_context(open_embedded_postgres())
+                dsn = server.dsn
+            database = None
+            if dsn is not None:
+                database = await stack.enter_async_context(open_database(dsn, application_name))
             async with trio.open_nursery() as nursery:
                 bus = Bus(nursery, supervision, database, keepalive=keepalive)
                 await nursery.start(bus._supervisor.run)
@@ -508,21 +512,18 @@ async def open_bus(
                     with trio.CancelScope(shield=True):
                         await bus._shutdown()
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            error = _collapse(group)
-            if error is group:
-                raise
-            # Re-raise the one real error as itself, keeping the chain it already had.
-            cause, context, suppress = (
-                error.__cause__,
-                error.__context__,
-                error.__suppress_context__,
-            )
-            try:
-                raise error
-            finally:
-                error.__cause__, error.__context__ = cause, context
-                error.__suppress_context__ = suppress
+    except BaseExceptionGroup as group:
+        # The nurseries inside (ours, trio-asyncio's) wrap errors in groups; a user of the bus
+        # should see the one error that happened, as itself, with the chain it already had.
+        error = _collapse(group)
+        if error is group:
+            raise
+        cause, context, suppress = error.__cause__, error.__context__, error.__suppress_context__
+        try:
+            raise error
+        finally:
+            error.__cause__, error.__context__ = cause, context
+            error.__suppress_context__ = suppress
 
 
 def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -217,4 +217,16 @@ def _describe(exc: BaseException) -> str:
 async def open_database(dsn: str, application_name: str) -> AsyncIterator[Database]:
     """Run a trio-asyncio loop for asyncpg for the duration of the block."""
     async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_asyncio_error)
         yield Database(dsn, application_name, loop)
+
+
+def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
+    """
+    Log what asyncio reports about stray futures, instead of failing the bus.
+
+    trio-asyncio's default handler re-raises these into its nursery, which would take the whole
+    bus down because, say, a connection attempt was cancelled while the server was answering.
+    Every error that matters reaches pgbus through the call that awaited it.
+    """
+    log.debug("asyncio: %s: %r", context.get("message"), context.get("exception"))
