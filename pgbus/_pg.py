@@ -30,6 +30,7 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a query sent just as the server ended the session
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
@@ -95,8 +96,9 @@ class Connection:
         try:
             return await trio_asyncio.aio_as_trio(method, loop=self._loop)(*args, **kwargs)
         except _CONNECTION_ERRORS as exc:
-            if isinstance(exc, asyncpg.PostgresError) and not self.closed:
-                raise
+            # Any other asyncpg.PostgresError is about the statement; the connection is fine.
+            # In doubt, drop the socket: a connection in an unknown state is never reused.
+            self._raw.terminate()
             raise DatabaseUnavailableError(self.purpose, _describe(exc)) from exc
 
     async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> str:

@@ -1,0 +1,197 @@
+"""
+Running a whole bus from a checked `BusConfig`, until SIGINT or SIGTERM: what ``pgbus run`` does.
+
+Kept apart from the command line so that it can be called from Python (and tested) directly;
+`pgbus._cli` only parses arguments, prints and chooses exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import trio
+
+from ._bus import Bus, BusStatistics, open_bus
+from ._config import BusConfig
+from ._dsn import describe_dsn, redact_dsn
+
+log = logging.getLogger("pgbus")
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
+
+def _print_to_stderr(line: str) -> None:
+    print(f"pgbus: {line}", file=sys.stderr, flush=True)
+
+
+async def run_config(
+    config: BusConfig,
+    *,
+    stats_every: float | None = None,
+    report: Callable[[str], None] = _print_to_stderr,
+    stop_signals: Iterable[signal.Signals] = STOP_SIGNALS,
+) -> None:
+    """
+    Start everything *config* declares and run until one of *stop_signals* arrives.
+
+    A signal at any moment — while an embedded PostgreSQL starts, while the bridges wait for an
+    unreachable server, or while running — leaves the bus cleanly: inbound bridges stop, actors
+    stop in reverse start order (each ``on_stop`` runs), outbound channels are flushed, every
+    connection is closed and an embedded server is stopped. Then this returns normally. Further
+    signals during that shutdown are only reported (it is bounded by ``stop_timeout``).
+
+    Without a DSN in *config* an embedded PostgreSQL is started for the run, and *report* is
+    given one line saying so with a DSN ``psql`` can use. *report* also gets the line saying the
+    bus is running. With *stats_every*, one status line is logged every that many seconds.
+
+    Must be called from the main thread (it installs signal handlers).
+
+    Raises:
+        RestartIntensityError: the supervisor gave up on an actor.
+        DatabaseUnavailableError: a failure retrying cannot fix (bad password, unknown database).
+        PgbusError: an embedded PostgreSQL could not start, or another failure of the bus.
+    """
+    with trio.open_signal_receiver(*stop_signals) as signals:
+        async with trio.open_nursery() as nursery:
+            stop = trio.CancelScope()
+            nursery.start_soon(_stop_on_signal, signals, stop, config.supervisor.stop_timeout)
+            with stop:
+                await _run_bus(config, stats_every=stats_every, report=report)
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(
+    signals: AsyncIterator[int], stop: trio.CancelScope, stop_timeout: float
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not stop.cancel_called:
+            log.info("%s received: stopping (actors get up to %gs for on_stop)", name, stop_timeout)
+            stop.cancel()
+        else:
+            log.warning("%s received: already stopping, please wait", name)
+
+
+async def _run_bus(
+    config: BusConfig, *, stats_every: float | None, report: Callable[[str], None]
+) -> None:
+    pg = config.postgres
+    sv = config.supervisor
+    embedded = pg.dsn is None
+    if embedded:
+        log.info("starting an embedded PostgreSQL for this run")
+    async with open_bus(
+        pg.dsn,
+        embedded=embedded,
+        application_name=pg.application_name,
+        strategy=sv.strategy,
+        max_restarts=sv.max_restarts,
+        within_seconds=sv.within_seconds,
+        backoff_initial=sv.backoff_initial,
+        backoff_max=sv.backoff_max,
+        stop_timeout=sv.stop_timeout,
+    ) as bus:
+        if embedded and bus.dsn is not None:
+            version = await _server_version(bus)
+            report(
+                f"embedded PostgreSQL {version} for this run; "
+                f"connect with: psql '{redact_dsn(bus.dsn)}'"
+            )
+        elif bus.dsn is not None and config.bridges:
+            log.info("connecting to PostgreSQL at %s", describe_dsn(bus.dsn))
+        await start_config(bus, config)
+        report("running; stop with Ctrl-C (SIGINT) or SIGTERM")
+        if stats_every is None:
+            await trio.sleep_forever()
+        while True:
+            await trio.sleep(stats_every)
+            log.info("%s", format_statistics(bus.statistics()))
+
+
+async def start_config(bus: Bus, config: BusConfig) -> None:
+    """
+    Add *config*'s channels, bridges and actors to *bus*, in an order that cannot lose or block.
+
+    Returns once every bridge is connected (waiting for the server if need be) and every actor's
+    ``on_start`` has run.
+    """
+    for channel in config.channels:
+        bus.add_channel(channel.name, channel.capacity)
+    # Inbound bridges before any actor runs: LISTEN is active before an actor can publish
+    # anything, so a reply to what an actor sends from on_start is never missed. Meanwhile
+    # notifications wait in the bounded channels (or in PostgreSQL, with overflow "block").
+    for bridge in config.bridges:
+        if bridge.direction == "in":
+            await bus.bridge_in(
+                bridge.postgres,
+                bridge.channel,
+                codec=bridge.codec,
+                overflow=bridge.overflow,
+                ignore_own=bridge.ignore_own,
+            )
+    # Outbound bridges next: each is its channel's only consumer. spawn() waits for on_start,
+    # so an actor whose on_start sends to a full (or capacity-0) outbound channel would wait
+    # forever if the bridge came after it.
+    for bridge in config.bridges:
+        if bridge.direction == "out":
+            await bus.bridge_out(bridge.channel, bridge.postgres, codec=bridge.codec)
+    # Actors last, in file order: that order is what rest_for_one restarts and what shutdown
+    # reverses.
+    for actor in config.actors:
+        await bus.spawn(
+            actor.actor_class,
+            name=actor.name,
+            inbox=actor.inbox,
+            restart=actor.restart,
+            options=actor.options,
+        )
+
+
+async def _server_version(bus: Bus) -> str:
+    """The server's version, e.g. ``"18.6"`` (one short query on a pooled connection)."""
+    async with bus.transaction() as tx:
+        return str(await tx.fetchval("SELECT current_setting('server_version')"))
+
+
+def format_statistics(stats: BusStatistics) -> str:
+    """One status line: messages per bridge, restarts per actor, what channels hold."""
+    parts: list[str] = []
+    for b in stats.bridges:
+        if b.direction == "in":
+            part = f"in {b.postgres!r} -> {b.channel!r}: {b.messages}"
+        else:
+            part = f"out {b.channel!r} -> {b.postgres!r}: {b.messages}"
+        extras = [
+            f"{count} {what}"
+            for count, what in (
+                (b.dropped, "dropped"),
+                (b.rejected, "rejected"),
+                (b.reconnects, "reconnects"),
+            )
+            if count
+        ]
+        parts.append(part + (f" ({', '.join(extras)})" if extras else ""))
+    for a in stats.actors:
+        restarts = f"{a.restarts} restart{'' if a.restarts == 1 else 's'}"
+        parts.append(f"actor {a.name!r} {a.state}, {restarts}")
+    for c in stats.channels:
+        if c.buffered:
+            capacity = "inf" if c.capacity == float("inf") else f"{c.capacity:g}"
+            parts.append(f"channel {c.name!r} holds {c.buffered}/{capacity}")
+    return "stats: " + ("; ".join(parts) if parts else "nothing running")
+
+
+def sole_error(error: BaseException) -> BaseException:
+    """
+    The one real error inside *error*: nested exception groups of one member unwrapped, with
+    `trio.Cancelled` left out. A group holding several real errors is returned as it is.
+    """
+    while isinstance(error, BaseExceptionGroup):
+        _, rest = error.split(trio.Cancelled)
+        if rest is None or len(rest.exceptions) != 1:
+            return error
+        error = rest.exceptions[0]
+    return error
