@@ -238,7 +238,6 @@ class Listener:
         self._lock = trio.Lock()  # one statement at a time on the connection
         self._blocked_since: float | None = None
         self.reconnects = 0
-        self.received = 0
 
     # -- the routing table ------------------------------------------------------------------
 
@@ -317,7 +316,6 @@ class Listener:
         routes = self._routes.get(pg_channel)
         if routes is None:
             return  # UNLISTENed while this notification was in flight
-        self.received += 1
         for route in routes:
             if route.ignore_own and pid in self._own_pids:
                 continue

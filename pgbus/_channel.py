@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -51,12 +52,24 @@ class Channel:
     which is why an actor's inbox (and what is queued in it) survives the actor's restarts.
     """
 
-    __slots__ = ("_receive", "_send", "capacity", "name")
+    __slots__ = ("_receive", "_send", "capacity", "name", "receive_nowait", "send_nowait")
+
+    send_nowait: Callable[[object], None]
+    """
+    Put a message in this channel without waiting.
+
+    Raises `trio.WouldBlock` if the channel is full (or, at capacity 0, no receiver is waiting).
+    """
+    receive_nowait: Callable[[], object]
+    """Take the oldest message without waiting; raises `trio.WouldBlock` if the channel is empty."""
 
     def __init__(self, name: str, capacity: object) -> None:
         self.name = name
         self.capacity: Capacity = validate_capacity(capacity, f"channel {name!r}: capacity")
         self._send, self._receive = trio.open_memory_channel[object](self.capacity)
+        # The Trio methods themselves, not wrappers: these two are on every message's path.
+        self.send_nowait = self._send.send_nowait
+        self.receive_nowait = self._receive.receive_nowait
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r} capacity={self.capacity}>"
@@ -70,27 +83,9 @@ class Channel:
         """
         await self._send.send(message)
 
-    def send_nowait(self, message: object) -> None:
-        """
-        Put *message* in this channel without waiting.
-
-        Raises:
-            trio.WouldBlock: if the channel is full (or, at capacity 0, no receiver is waiting).
-        """
-        self._send.send_nowait(message)
-
     async def receive(self) -> object:
         """Take the oldest message, waiting while the channel is empty."""
         return await self._receive.receive()
-
-    def receive_nowait(self) -> object:
-        """
-        Take the oldest message without waiting.
-
-        Raises:
-            trio.WouldBlock: if the channel is empty.
-        """
-        return self._receive.receive_nowait()
 
     def sender(self) -> trio.MemorySendChannel[object]:
         """A new Trio send handle on this channel; close it when done (``async with``)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import os
 import re
@@ -237,16 +238,25 @@ def _docker_postgres() -> Iterator[str]:
             f"(or unset {ENV_BACKEND} to use embedded PostgreSQL)."
         ) from None
     with contextlib.ExitStack() as stack:
-        try:
-            # Entering the container removes it again if it fails to become ready.
-            container = stack.enter_context(PostgresContainer(DOCKER_IMAGE, driver=None))
-            url = container.get_connection_url()
-        except Exception as exc:
-            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        cause = ""
+        with warnings.catch_warnings():
+            # docker-py does not close the socket of a failed connection to the engine; it is
+            # garbage once the error is handled, so let it go without a ResourceWarning.
+            warnings.simplefilter("ignore", ResourceWarning)
+            try:
+                # Entering the container removes it again if it fails to become ready.
+                container = stack.enter_context(PostgresContainer(DOCKER_IMAGE, driver=None))
+                url = container.get_connection_url()
+            except Exception as exc:
+                cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if cause:
+                gc.collect()
+        if cause:
+            # Raised outside the except block: chaining would keep the leaked socket alive.
             raise PgbusError(
                 f"{ENV_BACKEND}=docker: cannot start a {DOCKER_IMAGE} container: {cause}. "
                 f"Is Docker running? Unset {ENV_BACKEND} to use embedded PostgreSQL instead."
-            ) from exc
+            )
         # asyncpg wants a plain postgresql:// URI, not SQLAlchemy's postgresql+driver://.
         yield re.sub(r"^postgresql\+\w+://", "postgresql://", url)
 

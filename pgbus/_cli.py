@@ -1,0 +1,442 @@
+"""
+The command line: ``python -m pgbus run|check|notify|listen`` (also the ``pgbus`` script).
+
+Thin on purpose: it parses arguments, prints, and turns outcomes into exit codes — 0 success,
+2 usage or configuration error, 1 runtime failure — each failure said in one line on stderr,
+``pgbus: error: <message>``, without a traceback (``--log-level debug`` adds one for runtime
+failures). Running a configuration is `pgbus._run`'s job. DSNs are printed through `redact_dsn`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, NoReturn
+
+import trio
+
+from . import __version__
+from ._bridge import Gap
+from ._bus import open_bus
+from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
+from ._config import BusConfig, _dsn_problem, load_config
+from ._dsn import describe_dsn, redact_dsn
+from ._errors import ConfigError, PgbusError
+from ._run import STOP_SIGNALS, run_config, sole_error
+
+ENV_DSN = "PGBUS_DSN"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (exit status 2, one line)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with *argv* (default: ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser(_program_name())
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error argparse already printed
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    command: Callable[[argparse.Namespace], int] = args.command_function
+    try:
+        return command(args)
+    except (ConfigError, UsageError) as exc:
+        _say_error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
+        return 130
+    except BrokenPipeError:  # stdout closed early: pgbus check bus.toml | head -1
+        _silence_stdout()
+        return EXIT_FAILURE
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+pgbus: a Trio actor message bus on PostgreSQL LISTEN/NOTIFY.
+
+Run a whole bus (channels, bridges to Postgres channels, supervised actors) from a
+TOML file, check such a file, or send and watch notifications by hand."""
+
+EPILOG = """\
+examples:
+  {prog} run examples/quickstart.toml    # starts an embedded PostgreSQL: no setup
+  {prog} run bus.toml --dsn postgresql://app@db.example.com:5432/app --stats-every 60
+  {prog} check bus.toml
+  {prog} listen orders 'Order Events' --count 10
+  {prog} notify orders '{{"id": 42}}' --codec json
+
+The DSN comes from --dsn, else the {env} environment variable, else [postgres] dsn
+in the config file; with none of these, run starts an embedded PostgreSQL for the run.
+Channel names are exact: case-sensitive, spaces allowed, at most 63 bytes.
+
+exit status: 0 success, 2 usage or configuration error, 1 runtime failure."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Lists the commands without argparse's extra ``COMMAND`` line above them."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        text = super()._format_action(action)
+        if action.nargs == argparse.PARSER:
+            text = text.split("\n", 1)[1]
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        _say_error(f"{message} (see {self.prog} --help)")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
+    """The argument parser of the whole command line."""
+    formatter = _Formatter
+    parser = _Parser(
+        prog=prog,
+        description=DESCRIPTION,
+        epilog=EPILOG.format(prog=prog, env=ENV_DSN),
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pgbus {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run the bus a config file declares, until Ctrl-C or SIGTERM",
+        description="Run the channels, bridges and actors CONFIG declares, until SIGINT\n"
+        "(Ctrl-C) or SIGTERM, then shut down cleanly and exit 0. Logs go to stderr.\n"
+        "Without a DSN, an embedded PostgreSQL is started for the run and a psql\n"
+        "command line to reach it is printed.",
+        epilog=f"example:\n  {prog} run examples/quickstart.toml --stats-every 10",
+        formatter_class=formatter,
+    )
+    run.add_argument("config", metavar="CONFIG", help="the TOML configuration file")
+    _add_dsn(run, f"overrides {ENV_DSN} and [postgres] dsn")
+    run.add_argument(
+        "--stats-every",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        help="log a status line (messages per bridge, restarts per actor) every SECONDS",
+    )
+    run.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default="info",
+        help="debug, info, warning or error (default: info); debug shows tracebacks",
+    )
+    run.set_defaults(command_function=_run)
+
+    check = commands.add_parser(
+        "check",
+        help="validate a config file without connecting",
+        description="Check CONFIG (and the DSN run would use) without connecting to\n"
+        "anything: print a short summary and exit 0, or what is wrong and exit 2.",
+        formatter_class=formatter,
+    )
+    check.add_argument("config", metavar="CONFIG", help="the TOML configuration file")
+    _add_dsn(check, f"check this DSN instead of {ENV_DSN} or [postgres] dsn")
+    check.set_defaults(command_function=_check)
+
+    notify = commands.add_parser(
+        "notify",
+        help="send one notification (pg_notify)",
+        description="Send PAYLOAD to the Postgres channel CHANNEL with pg_notify (the name\n"
+        "is used exactly as given). PostgreSQL accepts payloads of at most\n"
+        f"{MAX_PAYLOAD_BYTES} bytes; a larger one is refused before connecting.",
+        epilog=f"examples:\n  {prog} notify pgbus_quickstart hello\n"
+        f"  {prog} notify orders '{{\"id\": 42}}' --codec json",
+        formatter_class=formatter,
+    )
+    notify.add_argument("channel", metavar="CHANNEL", help="the Postgres channel, exactly")
+    notify.add_argument("payload", metavar="PAYLOAD", help="the payload")
+    _add_dsn(notify, f"default: {ENV_DSN}")
+    _add_codec(notify, "json: PAYLOAD must be JSON and is sent compacted")
+    notify.set_defaults(command_function=_notify)
+
+    listen = commands.add_parser(
+        "listen",
+        help="print notifications as JSON lines",
+        description="LISTEN on each CHANNEL (exact names) and print one JSON object per\n"
+        'notification, one per line: {"channel", "payload", "pid"}. Where notifications\n'
+        'may be missing (the connection was lost), a line {"channel", "gap", "dropped"}\n'
+        "says so. Stops after --count notifications, or on Ctrl-C or SIGTERM.",
+        epilog=f"example:\n  {prog} listen orders 'Order Events' --count 10",
+        formatter_class=formatter,
+    )
+    listen.add_argument(
+        "channels", metavar="CHANNEL", nargs="+", help="a Postgres channel, exactly"
+    )
+    _add_dsn(listen, f"default: {ENV_DSN}")
+    listen.add_argument(
+        "--count",
+        metavar="N",
+        type=_positive_int,
+        help="exit after N notifications",
+    )
+    _add_codec(listen, "json: print payloads decoded")
+    listen.set_defaults(command_function=_listen)
+    return parser
+
+
+def _add_dsn(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--dsn",
+        metavar="DSN",
+        help=f"PostgreSQL to connect to, e.g. postgresql://user@host/db; {default}",
+    )
+
+
+def _add_codec(parser: argparse.ArgumentParser, json_help: str) -> None:
+    parser.add_argument(
+        "--codec",
+        choices=CODECS,
+        default="text",
+        help=f"text (default): the payload as it is; {json_help}",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (got {text!r})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return value
+
+
+def _program_name() -> str:
+    return "python -m pgbus" if os.path.basename(sys.argv[0]) == "__main__.py" else "pgbus"
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load_config(args.config, args.dsn)
+    print(config.summary(), flush=True)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load_config(args.config, args.dsn)
+    with _logging_to_stderr(args.log_level):
+        first, *rest = config.summary().splitlines()
+        print("\n".join([f"pgbus: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
+        return _trio_run(
+            partial(run_config, config, stats_every=args.stats_every),
+            debug=args.log_level == "debug",
+        )
+
+
+def _notify(args: argparse.Namespace) -> int:
+    channel: str = _checked_channel(args.channel)
+    text = _checked_utf8(args.payload, "PAYLOAD")
+    message: Any = text
+    if args.codec == "json":
+        try:
+            message = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(
+                f"PAYLOAD is not valid JSON ({exc}); pass --codec text to send it as it is."
+            ) from None
+    try:
+        size = len(encode(channel, message, args.codec).encode())
+    except PgbusError as exc:  # too large, or a NUL character
+        raise UsageError(str(exc)) from None
+    dsn = _dsn_for_client(args.dsn)
+    with _logging_to_stderr("warning"):
+        status = _trio_run(partial(_send_one, dsn, channel, message, args.codec))
+    if status == EXIT_OK:
+        _say(f"sent {size} bytes to {channel!r} at {describe_dsn(dsn)}")
+    return status
+
+
+async def _send_one(dsn: str, channel: str, message: object, codec: str) -> None:
+    async with open_bus(dsn) as bus:
+        await bus.notify(channel, message, codec=codec)
+
+
+def _listen(args: argparse.Namespace) -> int:
+    channels = [_checked_channel(name) for name in args.channels]
+    dsn = _dsn_for_client(args.dsn)
+    with _logging_to_stderr("warning"):
+        return _trio_run(partial(_print_notifications, dsn, channels, args.codec, args.count))
+
+
+async def _print_notifications(
+    dsn: str, channels: list[str], codec: str, count: int | None
+) -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            async with open_bus(dsn) as bus:
+                inbox = bus.add_channel("listen", math.inf)
+                for name in dict.fromkeys(channels):
+                    await bus.bridge_in(name, "listen", codec=codec)
+                names = ", ".join(map(repr, dict.fromkeys(channels)))
+                _say(f"listening on {names} at {describe_dsn(dsn)}; stop with Ctrl-C")
+                received = 0
+                while count is None or received < count:
+                    item = await inbox.receive()
+                    if not _print_line(_notification_json(item)):
+                        break  # stdout was closed (listen ... | head -1)
+                    received += not isinstance(item, Gap)
+            nursery.cancel_scope.cancel()
+
+
+def _notification_json(item: Any) -> str:
+    record: dict[str, object]
+    if isinstance(item, Gap):
+        record = {"channel": item.channel, "gap": item.reason, "dropped": item.dropped}
+    else:
+        record = {"channel": item.channel, "payload": item.payload, "pid": item.pid}
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def _print_line(line: str) -> bool:
+    """Print *line* to stdout, flushed; False once stdout is a closed pipe."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+        return False
+    return True
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's own flush at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _load_config(path: str, dsn_option: str | None) -> BusConfig:
+    """The checked config at *path*, with the DSN ``--dsn`` or ``PGBUS_DSN`` gives, if any."""
+    config = load_config(path)
+    if dsn_option is not None:
+        return config.with_dsn(dsn_option, origin="--dsn")
+    env_dsn = os.environ.get(ENV_DSN)
+    if env_dsn:
+        return config.with_dsn(env_dsn, origin=ENV_DSN)
+    return config
+
+
+def _dsn_for_client(dsn_option: str | None) -> str:
+    """The DSN for notify and listen: ``--dsn``, else ``PGBUS_DSN``; checked, never guessed."""
+    origin, dsn = "--dsn", dsn_option
+    if dsn is None:
+        origin, dsn = ENV_DSN, os.environ.get(ENV_DSN) or None
+    if dsn is None:
+        raise UsageError(
+            f"no PostgreSQL to connect to: pass --dsn postgresql://user@host/db or set {ENV_DSN}."
+        )
+    problem = _dsn_problem(dsn)
+    if problem is not None:
+        raise UsageError(f"{origin} {problem}")
+    return dsn
+
+
+def _checked_channel(name: str) -> str:
+    try:
+        return validate_channel_name(_checked_utf8(name, "CHANNEL"))
+    except PgbusError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _checked_utf8(text: str, what: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 (got {text!r}).") from None
+    return text
+
+
+def _trio_run(function: Callable[[], Awaitable[None]], *, debug: bool = False) -> int:
+    """Run *function* under Trio; a failure becomes one line on stderr and exit status 1."""
+    try:
+        trio.run(function)
+    except KeyboardInterrupt:  # SIGINT outside the part that handles it
+        return 130
+    except BaseException as exc:
+        error = sole_error(exc)
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        if not isinstance(error, Exception):
+            raise
+        if debug:
+            traceback.print_exception(exc)
+        if isinstance(error, ConfigError):
+            _say_error(str(error))
+            return EXIT_USAGE
+        if isinstance(error, PgbusError):
+            _say_error(str(error))
+        else:
+            name = type(error).__name__
+            detail = f"{name}: {error}" if str(error) else name
+            hint = "" if debug else " (run with --log-level debug for the traceback)"
+            _say_error(f"unexpected failure: {detail}{hint}")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(level: str) -> Iterator[None]:
+    """Log to stderr as ``2026-11-22 15:00:00 pgbus.bridge WARNING message`` while inside."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+def _say(line: str) -> None:
+    print(f"pgbus: {line}", file=sys.stderr, flush=True)
+
+
+def _say_error(message: str) -> None:
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"pgbus: error: {redact_dsn(one_line)}", file=sys.stderr, flush=True)
