@@ -1,0 +1,109 @@
+"""
+The five workloads: what each measures, its default size, and how ``--scale`` shrinks it.
+
+Shared by the harness (which sizes every run) and the peers (whose CLI defaults come from here),
+so this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Workload:
+    """One workload: its name (``W1``), a one-line title, what it reports, and its full size."""
+
+    name: str
+    title: str
+    metric: str
+    """``"throughput"`` (msg/s, higher is better), ``"latency"`` (µs, lower is better) or
+    ``"memory"`` (RSS growth in MB, lower is better)."""
+    messages: int
+    """Messages at scale 1 (round trips for W3)."""
+    warmup: int = 0
+    """W3: round trips before measuring, not counted."""
+    publishers: int = 1
+    """W4: concurrent publishing tasks; each sends ``messages // publishers``."""
+    capacity: int = 0
+    """W5: capacity of the bounded channel the messages pass through."""
+    samples: int = 0
+    """W5: how many RSS samples to take along the way (every ``messages // samples``)."""
+    default_peers: tuple[str, ...] | None = None
+    """Peers run when ``--peers`` is not given; None means all."""
+
+    def sizes(self, scale: float) -> Sizes:
+        """The sizes of one run at *scale* (``1.0`` is full size), never below a useful minimum."""
+        if self.publishers > 1:
+            per_publisher = max(1, round(self.messages / self.publishers * scale))
+            messages = per_publisher * self.publishers
+        elif self.capacity:
+            # Whole channel-fulls, so the peers' batches divide the total evenly.
+            messages = max(1, round(self.messages * scale / self.capacity)) * self.capacity
+        else:
+            messages = max(10, round(self.messages * scale))
+        return Sizes(
+            messages=messages,
+            warmup=max(1, round(self.warmup * scale)) if self.warmup else 0,
+            publishers=self.publishers,
+            capacity=self.capacity,
+            sample_every=max(1, messages // self.samples) if self.samples else 0,
+        )
+
+
+@attrs.frozen
+class Sizes:
+    """The concrete sizes one peer process is given on its command line."""
+
+    messages: int
+    warmup: int
+    publishers: int
+    capacity: int
+    sample_every: int
+
+
+REFERENCE = "asyncpg_asyncio"
+"""Every ratio is against this peer, measured in the same run."""
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload(
+            "W1",
+            "inbound burst: notifications from one statement, until a consumer task has them all",
+            "throughput",
+            messages=50_000,
+        ),
+        Workload(
+            "W2",
+            "sequential publish, one message at a time, until a listener has them all",
+            "throughput",
+            messages=10_000,
+        ),
+        Workload(
+            "W3",
+            "ping-pong through PostgreSQL, round trip p50 / p99",
+            "latency",
+            messages=2_000,
+            warmup=100,
+        ),
+        Workload(
+            "W4",
+            "50 concurrent publishers, until a listener has them all",
+            "throughput",
+            messages=10_000,
+            publishers=50,
+        ),
+        Workload(
+            "W5",
+            "RSS growth while messages pass through a channel of capacity 1000",
+            "memory",
+            messages=1_000_000,
+            capacity=1_000,
+            samples=10,
+            # Memory is pgbus's claim to check; the reference is the yardstick. The other peers
+            # implement W5 too (pass --peers to include them) but would double the run time.
+            default_peers=(REFERENCE, "pgbus"),
+        ),
+    )
+}
