@@ -8,6 +8,7 @@ cannot be made) — the rest of pgbus never sees an asyncpg exception type.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -94,7 +95,7 @@ class Connection:
 
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await trio_asyncio.aio_as_trio(method, loop=self._loop)(*args, **kwargs)
+            return await _run_inline(method(*args, **kwargs))
         except _CONNECTION_ERRORS as exc:
             # Any other asyncpg.PostgresError is about the statement; the connection is fine.
             # In doubt, drop the socket: a connection in an unknown state is never reused.
@@ -141,6 +142,44 @@ class Connection:
                 await trio_asyncio.aio_as_trio(self._raw.close, loop=self._loop)(timeout=timeout)
             except Exception:
                 self._raw.terminate()
+
+
+async def _run_inline(coroutine: Any) -> Any:
+    """
+    Drive an asyncpg coroutine from the calling Trio task, without an asyncio Task.
+
+    ``aio_as_trio`` wraps each call in an asyncio Task: three trips through trio-asyncio's
+    callback queue per statement (start, wake-up, completion). Here the coroutine runs in this
+    task until it waits on a future, and the future's completion reschedules this task directly:
+    one trip. asyncpg's statement methods (without their own *timeout*) need no current Task;
+    connect and close do, and keep using ``aio_as_trio``.
+
+    Cancellation is handled as asyncio would: the awaited future is cancelled, asyncpg sees
+    CancelledError where it waits (and cancels the query on the server), then Trio's Cancelled
+    is raised here.
+    """
+    task = trio.lowlevel.current_task()
+    error: BaseException | None = None
+    while True:
+        try:
+            future = coroutine.send(None) if error is None else coroutine.throw(error)
+        except StopIteration as done:
+            return done.value
+        except asyncio.CancelledError:
+            await trio.lowlevel.checkpoint()  # raises Cancelled: only a Trio cancel gets here
+            raise
+        error = None
+        if not isinstance(future, asyncio.Future):
+            coroutine.close()
+            raise RuntimeError(f"asyncpg awaited {future!r}, which pgbus cannot drive")
+        future._asyncio_future_blocking = False
+        future.add_done_callback(lambda _: trio.lowlevel.reschedule(task))
+
+        def abort(_: Any, future: asyncio.Future[Any] = future) -> trio.lowlevel.Abort:
+            future.cancel()
+            return trio.lowlevel.Abort.FAILED  # resumed by the done callback, as always
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class Database:
