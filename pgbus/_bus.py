@@ -64,6 +64,8 @@ class _Service:
 
         class _ShieldOnStart:
             def started(self, value: None = None) -> None:
+                if trio.current_effective_deadline() == -math.inf:
+                    return  # whoever started it gave up: stay cancellable, exit at next await
                 scope.shield = True
                 task_status.started(value)
 

@@ -100,8 +100,8 @@ async def _run_bus(
                 f"embedded PostgreSQL {version} for this run; "
                 f"connect with: psql '{redact_dsn(bus.dsn)}'"
             )
-        elif bus.dsn is not None and config.bridges:
-            log.info("connecting to PostgreSQL at %s", describe_dsn(bus.dsn))
+        elif bus.dsn is not None:
+            log.info("using PostgreSQL at %s", describe_dsn(bus.dsn))
         await start_config(bus, config)
         report("running; stop with Ctrl-C (SIGINT) or SIGTERM")
         if stats_every is None:

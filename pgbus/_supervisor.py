@@ -186,7 +186,9 @@ class Supervisor:
         failure: BaseException | None = None
         started = False
         try:
-            with trio.CancelScope(shield=True) as scope:
+            # Cancellable while starting (whoever awaits spawn() may give up); shielded once
+            # running, so that only stop_all() stops it, in order.
+            with trio.CancelScope() as scope:
                 child.scope = scope
                 actor: Actor | None = None
                 try:
@@ -195,6 +197,8 @@ class Supervisor:
                     actor.name = child.name
                     actor.inbox = child.spec.inbox
                     await actor.on_start()
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    scope.shield = True
                     child.state = "running"
                     task_status.started()
                     started = True
@@ -205,10 +209,15 @@ class Supervisor:
                 finally:
                     if actor is not None:
                         await self._call_on_stop(child, actor)
-        finally:
-            child.scope = None
             if not started:
                 task_status.started()
+        except BaseException:
+            # Cancelled before it started: its spawn() was abandoned; never restart it.
+            child.stop_requested = True
+            child.state = "stopped"
+            raise
+        finally:
+            child.scope = None
             child.last_failure = failure if failure is not None else child.last_failure
             child.done.set()
             self._events_send.send_nowait((child, failure))
@@ -251,6 +260,8 @@ class Supervisor:
             for other in reversed(group):
                 if other is not child:
                     await self._stop(other)
+            # A temporary actor is never restarted, even when a sibling's failure stopped it.
+            group = [m for m in group if m is child or m.spec.restart != "temporary"]
             for member in group:
                 member.state = "restarting"
             await trio.sleep(self._backoff())
