@@ -43,6 +43,31 @@ class Notification:
     """The backend pid of the sender (this bus's own connections are in ``bus.own_pids``)."""
 
 
+def _fast_constructor(cls: type) -> Any:
+    """
+    Build a frozen attrs instance by setting its slots directly.
+
+    Equivalent to ``cls(*values)`` (no validators or converters are involved) at about half the
+    cost: frozen attrs classes set each field through ``object.__setattr__``. Used once per
+    notification on the inbound hot path.
+    """
+    new = object.__new__
+    setters = [cls.__dict__[field.name].__set__ for field in attrs.fields(cls)]
+    channel_set, payload_set, pid_set = setters
+
+    def make(channel: str, payload: Any, pid: int) -> Any:
+        instance: Any = new(cls)
+        channel_set(instance, channel)
+        payload_set(instance, payload)
+        pid_set(instance, pid)
+        return instance
+
+    return make
+
+
+_new_notification = _fast_constructor(Notification)
+
+
 @attrs.frozen
 class Gap:
     """
@@ -321,10 +346,10 @@ class Listener:
                 continue
             decode = route.decode
             if decode is None:
-                item: object = Notification(pg_channel, payload, pid)
+                item: object = _new_notification(pg_channel, payload, pid)
             else:
                 try:
-                    item = Notification(pg_channel, decode(pg_channel, payload), pid)
+                    item = _new_notification(pg_channel, decode(pg_channel, payload), pid)
                 except CodecError as exc:
                     route.rejected += 1
                     log.error("dropped a notification from backend %d: %s", pid, exc)

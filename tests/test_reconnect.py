@@ -73,6 +73,9 @@ async def test_actor_downstream_keeps_running_through_a_reconnect(pg, pg_dsn) ->
         await bus.spawn(Recorder, name="recorder", inbox="in")
         await bus.bridge_in(name, "in")
         await pg.execute("SELECT pg_notify($1, 'first')", name)
+        with trio.fail_after(WAIT):
+            while not seen:  # killed earlier, 'first' could be lost before it is read
+                await trio.sleep(0.01)
         await kill_listener(pg)
         with trio.fail_after(WAIT):
             while not any(type(m) is pgbus.Gap for m in seen):
