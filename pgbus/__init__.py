@@ -11,12 +11,16 @@ from ._bus import Transaction as Transaction
 from ._bus import open_bus as open_bus
 from ._channel import Channel as Channel
 from ._channel import ChannelStatistics as ChannelStatistics
+from ._codec import MAX_CHANNEL_NAME_BYTES as MAX_CHANNEL_NAME_BYTES
+from ._codec import MAX_PAYLOAD_BYTES as MAX_PAYLOAD_BYTES
+from ._codec import validate_channel_name as validate_channel_name
 from ._errors import ActorFailedError as ActorFailedError
 from ._errors import AskTimeoutError as AskTimeoutError
 from ._errors import CapacityError as CapacityError
 from ._errors import ChannelNameError as ChannelNameError
 from ._errors import CodecError as CodecError
 from ._errors import ConfigError as ConfigError
+from ._errors import DatabaseError as DatabaseError
 from ._errors import DatabaseUnavailableError as DatabaseUnavailableError
 from ._errors import DuplicateNameError as DuplicateNameError
 from ._errors import DuplicateNotificationError as DuplicateNotificationError
@@ -32,6 +36,8 @@ from ._supervisor import Supervision as Supervision
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_CHANNEL_NAME_BYTES",
+    "MAX_PAYLOAD_BYTES",
     "Actor",
     "ActorFailedError",
     "ActorStatistics",
@@ -46,6 +52,7 @@ __all__ = [
     "ChannelStatistics",
     "CodecError",
     "ConfigError",
+    "DatabaseError",
     "DatabaseUnavailableError",
     "DuplicateNameError",
     "DuplicateNotificationError",
@@ -60,4 +67,5 @@ __all__ = [
     "UnknownActorError",
     "UnknownChannelError",
     "open_bus",
+    "validate_channel_name",
 ]

@@ -19,8 +19,8 @@ import trio
 
 from ._channel import Channel
 from ._codec import check_payload, decoder, encoder, quote_ident, validate_channel_name
-from ._errors import CodecError, ConfigError, DatabaseUnavailableError, PgbusError
-from ._pg import Connection, Database, DatabaseError
+from ._errors import CodecError, ConfigError, DatabaseError, DatabaseUnavailableError, PgbusError
+from ._pg import Connection, Database
 
 log = logging.getLogger("pgbus.bridge")
 

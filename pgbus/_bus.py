@@ -219,8 +219,17 @@ class Bus:
         elif inbox_capacity is not None:
             channel = self.add_channel(name, inbox_capacity)
 
+        # The first instance is built now: options the constructor refuses fail this call,
+        # before any task starts, instead of sending the actor into a restart loop.
+        try:
+            first = [actor_class(**kwargs)]
+        except Exception as exc:
+            raise ConfigError(
+                f"actor {name!r}: {actor_class.__name__} refused its options: {exc}"
+            ) from None
+
         def factory() -> Actor:
-            return actor_class(**kwargs)
+            return first.pop() if first else actor_class(**kwargs)
 
         await self._supervisor.start(ActorSpec(name, factory, channel, restart))
 

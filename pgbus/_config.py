@@ -461,6 +461,12 @@ def _parse_actor(
                 return_annotation=inspect.Signature.empty,
             )
             t.fail("options", f"do not fit {actor_class.__name__}{shown}: {exc}.")
+    # Build one instance now, so an option the constructor refuses (every = 0) is a config
+    # error at `check`, not a restart loop at `run`. Constructors must stay free of side effects.
+    try:
+        actor_class(**options)
+    except Exception as exc:
+        t.fail("options", f"are refused by {actor_class.__name__}: {exc}")
     return ActorConfig(name, class_path, actor_class, inbox, restart, options)
 
 

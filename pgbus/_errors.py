@@ -140,3 +140,12 @@ class DatabaseUnavailableError(PgbusError, ConnectionError):
         self.fatal = fatal
         """True when retrying cannot help (bad password, unknown database or role)."""
         super().__init__(f"cannot reach PostgreSQL at {where}: {cause}")
+
+
+class DatabaseError(PgbusError):
+    """PostgreSQL refused a statement (the connection itself is fine)."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        self.sqlstate = sqlstate
+        self.message = message
+        super().__init__(f"PostgreSQL refused the statement ({sqlstate}): {message}")

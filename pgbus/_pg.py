@@ -19,7 +19,7 @@ import trio
 import trio_asyncio
 
 from ._dsn import describe_dsn
-from ._errors import DatabaseUnavailableError
+from ._errors import DatabaseError, DatabaseUnavailableError
 
 log = logging.getLogger("pgbus.bridge")
 
@@ -50,9 +50,6 @@ _RETRYABLE_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     *_CONNECTION_ERRORS,
     asyncpg.PostgresError,
 )
-
-DatabaseError = asyncpg.PostgresError
-"""An error reported by the server for one statement (the connection itself is fine)."""
 
 
 class _ListenerProtocolConnection(asyncpg.Connection):
@@ -103,6 +100,8 @@ class Connection:
             # In doubt, drop the socket: a connection in an unknown state is never reused.
             self._raw.terminate()
             raise DatabaseUnavailableError(self.purpose, _describe(exc)) from exc
+        except asyncpg.PostgresError as exc:
+            raise DatabaseError(exc.sqlstate or "?????", _first_line(exc)) from exc
 
     async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> str:
         return str(await self._call(self._raw.execute, sql, *args, timeout=timeout))
@@ -173,7 +172,7 @@ async def _run_inline(coroutine: Any) -> Any:
         error = None
         if not isinstance(future, asyncio.Future):
             coroutine.close()
-            raise RuntimeError(f"asyncpg awaited {future!r}, which pgbus cannot drive")
+            raise TypeError(f"asyncpg awaited {future!r}, which pgbus cannot drive")
         future._asyncio_future_blocking = False
         future.add_done_callback(lambda _: trio.lowlevel.reschedule(task))
 
@@ -252,8 +251,13 @@ class Database:
             )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = _first_line(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
