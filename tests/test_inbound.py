@@ -102,7 +102,9 @@ async def test_order_within_a_transaction_and_across_commits(pg, pg_dsn) -> None
         bus.add_channel("in", math.inf)
         await bus.bridge_in(name, "in")
         await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 1000) AS i", name)
-        await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1001, 2000) AS i", name)
+        await pg.execute(
+            "SELECT pg_notify($1, i::text) FROM generate_series(1001, 2000) AS i", name
+        )
         assert await payloads(bus, "in", 2000) == [str(i) for i in range(1, 2001)]
 
 
@@ -130,7 +132,9 @@ async def test_json_codec_decodes_and_survives_malformed_payloads(pg, pg_dsn, ca
         assert await payloads(bus, "in", 2) == [{"n": 1}, {"n": "ü"}]
         [stats] = bus.statistics().bridges
     assert (stats.messages, stats.rejected) == (2, 1)
-    [record] = [r for r in caplog.records if r.name == "pgbus.bridge" and r.levelno == logging.ERROR]
+    [record] = [
+        r for r in caplog.records if r.name == "pgbus.bridge" and r.levelno == logging.ERROR
+    ]
     assert f"channel {name!r} (json codec): payload is not valid JSON" in record.getMessage()
     assert "\n" not in record.getMessage()
 
@@ -191,7 +195,8 @@ async def test_block_overflow_holds_the_backlog_in_postgres_and_loses_nothing(pg
         await bus.bridge_in(name, "in")
         await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 3000) AS i", name)
         with trio.fail_after(WAIT):
-            while bus.channel("in").statistics().buffered < 2:  # the bridge filled it
+            # Polling: nothing signals "the bridge has filled the channel and paused".
+            while bus.channel("in").statistics().buffered < 2:  # noqa: ASYNC110
                 await trio.sleep(0.01)
         assert await payloads(bus, "in", 3000) == [str(i) for i in range(1, 3001)]
         [stats] = bus.statistics().bridges

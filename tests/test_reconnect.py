@@ -60,13 +60,17 @@ async def test_actor_downstream_keeps_running_through_a_reconnect(pg, pg_dsn) ->
     """An actor consuming a bridged channel sees the Gap in-band and goes on handling messages."""
     name = unique()
     seen: list[object] = []
-    done = trio.Event()
+    first, gap, last = trio.Event(), trio.Event(), trio.Event()
 
     class Recorder(pgbus.Actor):
         async def handle(self, message: object) -> None:
             seen.append(message)
-            if getattr(message, "payload", None) == "last":
-                done.set()
+            if type(message) is pgbus.Gap:
+                gap.set()
+            elif getattr(message, "payload", None) == "first":
+                first.set()
+            elif getattr(message, "payload", None) == "last":
+                last.set()
 
     async with pgbus.open_bus(pg_dsn) as bus:
         bus.add_channel("in", 10)
@@ -74,15 +78,13 @@ async def test_actor_downstream_keeps_running_through_a_reconnect(pg, pg_dsn) ->
         await bus.bridge_in(name, "in")
         await pg.execute("SELECT pg_notify($1, 'first')", name)
         with trio.fail_after(WAIT):
-            while not seen:  # killed earlier, 'first' could be lost before it is read
-                await trio.sleep(0.01)
+            await first.wait()  # killed earlier, 'first' could be lost before it is read
         await kill_listener(pg)
         with trio.fail_after(WAIT):
-            while not any(type(m) is pgbus.Gap for m in seen):
-                await trio.sleep(0.01)  # polling: the Gap reaches an actor, not this test
+            await gap.wait()
         await pg.execute("SELECT pg_notify($1, 'last')", name)
         with trio.fail_after(WAIT):
-            await done.wait()
+            await last.wait()
     kinds = [type(m).__name__ for m in seen]
     assert kinds == ["Notification", "Gap", "Notification"]
     assert bus.statistics().actors[0].restarts == 0

@@ -57,7 +57,7 @@ async def test_half_open_listening_connection_is_detected_by_the_keepalive() -> 
     async with open_embedded_postgres() as server, pgbus.open_bus(server.dsn, keepalive=0.5) as bus:
         bus.add_channel("in", math.inf)
         await bus.bridge_in("half open", "in")
-        [old] = [pid for pid in bus.own_pids]
+        [old] = list(bus.own_pids)
         os.kill(old, signal.SIGSTOP)
         try:
             with trio.fail_after(WAIT):
