@@ -236,7 +236,9 @@ def _positive_int(text: str) -> int:
 
 
 def _program_name() -> str:
-    return "python -m pgbus" if os.path.basename(sys.argv[0]) == "__main__.py" else "pgbus"
+    """How the user ran us: ``python -m pgbus`` or the ``pgbus`` script (or main() in-process)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "python -m pgbus" if getattr(spec, "name", None) == "pgbus.__main__" else "pgbus"
 
 
 # -- the commands ------------------------------------------------------------------------------
