@@ -259,7 +259,7 @@ class Listener:
         self._direct = False  # deliver straight from the sink (no backlog, not reconnecting)
         self._connection: Connection | None = None
         self._lost = False
-        self._wakeup: trio.Event | None = None
+        self._waiting: trio.CancelScope | None = None  # the listener task's wait for data
         self._lock = trio.Lock()  # one statement at a time on the connection
         self._blocked_since: float | None = None
         self.reconnects = 0
@@ -322,7 +322,8 @@ class Listener:
         try:
             with trio.fail_after(self.keepalive):
                 async with self._lock:
-                    await connection.execute(sql)
+                    # The listener task reads this socket; the reply reaches us through it.
+                    await connection.execute(sql, pump=False)
         except (DatabaseUnavailableError, trio.TooSlowError):
             self._mark_lost()  # reconnecting re-LISTENs from the table
 
@@ -332,7 +333,7 @@ class Listener:
         if connection is None:
             return set()
         async with self._lock:
-            rows = await connection.fetch("SELECT pg_listening_channels()")
+            rows = await connection.fetch("SELECT pg_listening_channels()", pump=False)
         return {row[0] for row in rows}
 
     # -- the hot path -----------------------------------------------------------------------
@@ -370,20 +371,20 @@ class Listener:
             self._backlog.append((route, item))
 
     def _hold(self) -> None:
-        """Switch from direct delivery to the backlog, and stop reading the socket."""
-        self._direct = False
-        if self._connection is not None:
-            self._connection.pause_reading()
-        self._wake()
+        """
+        Switch from direct delivery to the backlog.
 
-    def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+        The sink runs inside the listener task's socket read, so once this read is parsed the
+        task delivers the backlog with waiting sends, and reads nothing more until it is done:
+        the socket is not read while a ``block`` channel is full.
+        """
+        self._direct = False
 
     def _mark_lost(self) -> None:
         self._lost = True
         self._direct = False
-        self._wake()
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def _drain_backlog(self) -> None:
         backlog = self._backlog
@@ -400,8 +401,6 @@ class Listener:
                 route.delivered += type(item) is Notification
             backlog.popleft()
         self._blocked_since = None
-        if self._connection is not None and not self._lost:
-            self._connection.resume_reading()
 
     # -- the connection's life ---------------------------------------------------------------
 
@@ -464,17 +463,21 @@ class Listener:
         log.info("listening again on %d channel(s); gap markers queued", len(self._routes))
 
     async def _watch(self, connection: Connection) -> None:
-        """Deliver the backlog and keep the connection alive; return once it is lost."""
+        """Read the socket, deliver the backlog, keep the connection alive; return once lost."""
         while not self._lost:
             if self._backlog:
                 await self._drain_backlog()
                 continue
+            if connection.closed:
+                self._mark_lost()
+                break
             self._direct = True
-            self._wakeup = wakeup = trio.Event()
-            with trio.move_on_after(self.keepalive) as idle:
-                await wakeup.wait()
-            self._wakeup = None
-            if idle.cancelled_caught and not self._lost:
+            with trio.move_on_after(self.keepalive) as waiting:
+                self._waiting = waiting
+                await connection.wait_readable()
+                connection.read()  # the sink delivers each notification as it is parsed
+            self._waiting = None
+            if waiting.cancelled_caught and not self._lost:
                 await self._ping(connection)
 
     async def _ping(self, connection: Connection) -> None:

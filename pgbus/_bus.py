@@ -376,7 +376,16 @@ class Bus:
         """A connection from the bus's small pool; one left in doubt is closed, not reused."""
         database = self._database()
         idle = self._idle_connections
-        connection = idle.pop() if idle else await database.connect("pool")
+        connection = None
+        while idle and connection is None:
+            candidate = idle.pop()
+            if candidate.poll():  # the server may have ended it while it sat idle
+                connection = candidate
+            else:
+                database.own_pids.discard(candidate.pid)
+                candidate.abort()
+        if connection is None:
+            connection = await database.connect("pool")
         reusable = False
         try:
             yield connection
