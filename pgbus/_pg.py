@@ -150,10 +150,7 @@ class Connection:
         try:
             future = coroutine.send(None)
             while True:
-                if not isinstance(future, asyncio.Future):
-                    raise TypeError(f"asyncpg awaited {future!r}, which pgbus cannot drive")
-                future._asyncio_future_blocking = False
-                await self._wait(future, pump)
+                await self._wait(_as_future(future), pump)
                 future = coroutine.send(None)
         except StopIteration as done:
             return done.value
@@ -205,6 +202,14 @@ class Connection:
                 await trio_asyncio.aio_as_trio(self._raw.close, loop=self._loop)(timeout=timeout)
             except Exception:
                 self._raw.terminate()
+
+
+def _as_future(awaited: object) -> asyncio.Future[Any]:
+    """What an asyncpg coroutine yielded: always a Future for the statement paths pgbus uses."""
+    if not isinstance(awaited, asyncio.Future):
+        raise TypeError(f"asyncpg awaited {awaited!r}, which pgbus cannot drive")
+    awaited._asyncio_future_blocking = False  # what an asyncio Task does before waiting
+    return awaited
 
 
 async def _wait_for_callback(future: asyncio.Future[Any]) -> None:
