@@ -1,0 +1,30 @@
+"""The benchmark, at tiny sizes, so that it cannot rot: every peer and workload must still run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_bench_runs_every_peer_and_workload_at_tiny_scale(pg_dsn: str, tmp_path) -> None:
+    """`python -m bench --scale 0.01` exits 0 with a result for every cell of the table."""
+    results = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "bench", "--dsn", pg_dsn, "--scale", "0.01", "--repeat", "1"]
+    command += ["--peers", "asyncpg_asyncio,asyncpg_uvloop,psycopg,naive_trio,pgbus"]
+    command += ["--json", str(results), "--timeout", "60"]
+    with trio.fail_after(300):
+        done = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
+    output = done.stdout.decode()
+    assert done.returncode == 0, output
+    assert "| W1 inbound burst" in output
+    cells = json.loads(results.read_text())["medians"]
+    pgbus_cells = {cell["workload"] for cell in cells if cell["peer"] == "pgbus"}
+    assert pgbus_cells == {"W1", "W2", "W3", "W4", "W5"}
+    failed = [(c["workload"], c["peer"], c["errors"]) for c in cells if c["ok_runs"] != c["runs"]]
+    assert failed == []
