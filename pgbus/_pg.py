@@ -24,6 +24,9 @@ from ._errors import DatabaseError, DatabaseUnavailableError
 
 log = logging.getLogger("pgbus.bridge")
 
+LISTEN_READ_SIZE = 8192
+"""Bytes per read on a listening connection: about 250 small notifications."""
+
 NotificationSink = Callable[[int, str, str], None]
 """Called synchronously, in Trio context, for each notification: ``sink(pid, channel, payload)``."""
 
@@ -267,6 +270,10 @@ class Database:
             raise DatabaseUnavailableError(self.where, _describe(exc)) from None
         if sink is not None:
             raw._set_sink(sink)
+            # Read a listening socket in small bites (asyncio's default is 256 KiB, thousands of
+            # notifications): between two reads the consumers get to run, so a burst flows into
+            # bounded channels directly instead of spilling into the listener's backlog.
+            raw._transport.max_size = LISTEN_READ_SIZE
         raw._pgbus_on_lost = on_lost
         connection = Connection(raw, self._loop, purpose)
         self.own_pids.add(connection.pid)
