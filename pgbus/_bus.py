@@ -14,7 +14,7 @@ import outcome
 import trio
 
 from ._actor import Actor, Request
-from ._bridge import BridgeStatistics, Listener, OutboundBridge, Route
+from ._bridge import BridgeStatistics
 from ._channel import Channel, ChannelStatistics
 from ._codec import encode, validate_channel_name
 from ._errors import (
@@ -27,6 +27,8 @@ from ._errors import (
     UnknownActorError,
     UnknownChannelError,
 )
+from ._inbound import Listener, Route
+from ._outbound import OutboundBridge
 from ._pg import Connection, Database, open_database
 from ._supervisor import RESTART_KINDS, ActorSpec, ActorStatistics, Supervision, Supervisor
 
