@@ -261,6 +261,10 @@ class Listener:
         the socket is not read while a ``block`` channel is full.
         """
         self._direct = False
+        connection = self._connection
+        if connection is not None:  # only matters where trio-asyncio reads the socket (SSL)
+            connection.hold_reading()
+            connection.nudge()
 
     def _mark_lost(self) -> None:
         self._lost = True
@@ -283,6 +287,8 @@ class Listener:
                 route.delivered += type(item) is Notification
             backlog.popleft()
         self._blocked_since = None
+        if self._connection is not None:
+            self._connection.release_reading()
 
     # -- the connection's life ---------------------------------------------------------------
 
@@ -356,8 +362,7 @@ class Listener:
             self._direct = True
             with trio.move_on_after(self.keepalive) as waiting:
                 self._waiting = waiting
-                await connection.wait_readable()
-                connection.read()  # the sink delivers each notification as it is parsed
+                await connection.receive()  # the sink delivers each notification as it is parsed
             self._waiting = None
             if waiting.cancelled_caught and not self._lost:
                 await self._ping(connection)

@@ -24,6 +24,9 @@ from ._errors import DatabaseError, DatabaseUnavailableError
 
 log = logging.getLogger("pgbus.bridge")
 
+DRIVE_SOCKETS = True
+"""Read plain sockets from the waiting Trio task (see `Connection`); off: trio-asyncio reads."""
+
 LISTEN_READ_SIZE = 8192
 """Bytes per read on a listening connection: about 250 small notifications."""
 
@@ -101,10 +104,16 @@ class Connection:
         self.purpose = purpose
         self.pid: int = raw.get_server_pid()
         self._transport = raw._transport
-        self._socket = self._transport.get_extra_info("socket")._sock
-        self._read_ready: Callable[[], None] = self._transport._read_ready
-        # From now on nobody else reads this socket (see the class docstring).
-        self._transport.pause_reading()
+        self._nudge: trio.Event | None = None
+        read_ready: Any = getattr(self._transport, "_read_ready", None)
+        socket = self._transport.get_extra_info("socket")
+        # Plain TCP and unix sockets only. An SSL transport decrypts in its own protocol, so
+        # trio-asyncio keeps reading those sockets, and waits go through its callback queue.
+        self.driven = DRIVE_SOCKETS and read_ready is not None and socket is not None
+        if self.driven:
+            self._socket = getattr(socket, "_sock", socket)
+            self._read_ready: Callable[[], None] = read_ready
+            self._transport.pause_reading()  # from now on nobody else reads this socket
 
     @property
     def closed(self) -> bool:
@@ -113,25 +122,46 @@ class Connection:
 
     # -- reading the socket ------------------------------------------------------------------
 
-    async def wait_readable(self) -> None:
-        """Wait until the server has sent something (or closed the connection)."""
-        await trio.lowlevel.wait_readable(self._socket)
+    async def receive(self) -> None:
+        """
+        Wait for the server and hand what it sent to asyncpg's parser (which calls the sink).
 
-    def read(self) -> None:
-        """Hand what the server sent to asyncpg's parser (which may call the sink)."""
-        self._read_ready()
+        On a connection trio-asyncio reads (SSL), the sink has already run by then: this waits
+        until `nudge` says there is work for the caller.
+        """
+        if self.driven:
+            await trio.lowlevel.wait_readable(self._socket)
+            self._read_ready()
+        else:
+            self._nudge = nudge = trio.Event()
+            await nudge.wait()
+
+    def nudge(self) -> None:
+        """Wake a `receive` on a connection that trio-asyncio reads."""
+        if self._nudge is not None:
+            self._nudge.set()
+
+    def hold_reading(self) -> None:
+        """Read nothing more until `release_reading` (a driven socket is only read in receive)."""
+        if not self.driven and not self.closed:
+            self._transport.pause_reading()
+
+    def release_reading(self) -> None:
+        if not self.driven and not self.closed:
+            self._transport.resume_reading()
 
     def poll(self) -> bool:
         """Read whatever is already there without waiting; False if the connection is gone."""
         if self.closed:
             return False
-        readable, _, _ = select.select([self._socket], [], [], 0)
-        if readable:
-            self._read_ready()  # an EOF, or the server's farewell, marks it closed
+        if self.driven:
+            readable, _, _ = select.select([self._socket], [], [], 0)
+            if readable:
+                self._read_ready()  # an EOF, or the server's farewell, marks it closed
         return not self.closed
 
     async def _wait(self, future: asyncio.Future[Any], pump: bool) -> None:
-        if pump and not self.closed:
+        if pump and self.driven and not self.closed:
             while not future.done():
                 if self.closed:  # EOF read: asyncio completes the future from its loop
                     break
@@ -200,7 +230,8 @@ class Connection:
             return
         with trio.CancelScope(shield=True):
             # asyncpg's close waits for the server to hang up: let the loop read the socket.
-            self._transport.resume_reading()
+            if self.driven or not self._transport.is_reading():
+                self._transport.resume_reading()
             try:
                 await trio_asyncio.aio_as_trio(self._raw.close, loop=self._loop)(timeout=timeout)
             except Exception:
