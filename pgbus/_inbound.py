@@ -202,12 +202,15 @@ class Listener:
         if connection is None:
             return  # the next connection LISTENs to the whole table
         try:
+            # Bounded, because callers shield this (see add_route). While a full channel holds
+            # the socket the reply waits behind the backlog; past the bound the connection is
+            # treated as lost, and reconnecting LISTENs from the table (with a Gap per stream).
             with trio.fail_after(self.keepalive):
                 async with self._lock:
                     # The listener task reads this socket; the reply reaches us through it.
                     await connection.execute(sql, pump=False)
         except (DatabaseUnavailableError, trio.TooSlowError):
-            self._mark_lost()  # reconnecting re-LISTENs from the table
+            self._mark_lost()
 
     async def server_channels(self) -> set[str]:
         """What the server says this connection listens on (``pg_listening_channels()``)."""

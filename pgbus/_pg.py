@@ -194,6 +194,12 @@ class Connection:
             raise DatabaseUnavailableError(self.purpose, _describe(exc)) from exc
         except asyncpg.PostgresError as exc:
             raise DatabaseError(exc.sqlstate or "?????", _first_line(exc)) from exc
+        except asyncio.CancelledError:
+            # The wait was cancelled from Trio (the future was cancelled in its abort), and
+            # asyncpg gave up: surface Trio's Cancelled, not asyncio's.
+            self._raw.terminate()
+            await trio.lowlevel.checkpoint()
+            raise DatabaseUnavailableError(self.purpose, "statement cancelled") from None
         except BaseException:
             coroutine.close()
             self._raw.terminate()
