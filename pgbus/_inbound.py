@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 
 import trio
@@ -144,6 +145,7 @@ class Listener:
         self._waiting: trio.CancelScope | None = None  # the listener task's wait for data
         self._lock = trio.Lock()  # one statement at a time on the connection
         self._blocked_since: float | None = None
+        self._commands: set[trio.CancelScope] = set()  # LISTEN/UNLISTEN awaiting their reply
         self.reconnects = 0
 
     # -- the routing table ------------------------------------------------------------------
@@ -174,19 +176,16 @@ class Listener:
                 )
         routes.append(route)
         if len(routes) == 1:
-            # Shielded: the routing table and pg_listening_channels() must never disagree.
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._command(f"LISTEN {quote_ident(route.pg_channel)}")
-                except DatabaseError:
-                    self._drop_route(route)
-                    raise
+            try:
+                await self._command(f"LISTEN {quote_ident(route.pg_channel)}")
+            except DatabaseError:
+                self._drop_route(route)
+                raise
 
     async def remove_route(self, route: Route) -> None:
         """Stop delivering *route* (UNLISTEN when it was the channel's last route)."""
         if self._drop_route(route):
-            with trio.CancelScope(shield=True):
-                await self._command(f"UNLISTEN {quote_ident(route.pg_channel)}")
+            await self._command(f"UNLISTEN {quote_ident(route.pg_channel)}")
 
     def _drop_route(self, route: Route) -> bool:
         routes = self._routes.get(route.pg_channel, [])
@@ -201,16 +200,43 @@ class Listener:
         connection = self._connection
         if connection is None:
             return  # the next connection LISTENs to the whole table
+        """
+        Send LISTEN/UNLISTEN on the listening connection; the table is already updated.
+
+        While the socket is being read, the command is shielded from cancellation, so the
+        table and ``pg_listening_channels()`` never disagree, and bounded by `keepalive`. While
+        a full channel holds the socket, its reply waits behind the backlog for as long as the
+        consumers take; it is not bounded then, but the caller may cancel. A command that times
+        out or is cancelled midway leaves the server in doubt: the connection is dropped and
+        the reconnect LISTENs from the table (with a Gap in every stream).
+        """
+        scope = trio.CancelScope()
+        self._set_command_scope(scope)
+        self._commands.add(scope)
+        answered = False
         try:
-            # Bounded, because callers shield this (see add_route). While a full channel holds
-            # the socket the reply waits behind the backlog; past the bound the connection is
-            # treated as lost, and reconnecting LISTENs from the table (with a Gap per stream).
-            with trio.fail_after(self.keepalive):
+            with scope:
                 async with self._lock:
-                    # The listener task reads this socket; the reply reaches us through it.
-                    await connection.execute(sql, pump=False)
-        except (DatabaseUnavailableError, trio.TooSlowError):
-            self._mark_lost()
+                    try:
+                        # The listener task reads this socket; the reply reaches us through it.
+                        await connection.execute(sql, pump=False)
+                    except DatabaseError:
+                        answered = True  # refused: the server's set is unchanged
+                        raise
+                    answered = True
+        except DatabaseUnavailableError:
+            pass
+        finally:
+            self._commands.discard(scope)
+            if not answered:  # timed out, cancelled or broken: the server's set is in doubt
+                connection.abort()
+                self._mark_lost()
+
+    def _set_command_scope(self, scope: trio.CancelScope) -> None:
+        """Shield and bound a pending command while the socket is read; neither while held."""
+        reading = self._direct or not self._backlog
+        scope.shield = reading
+        scope.deadline = trio.current_time() + self.keepalive if reading else math.inf
 
     async def server_channels(self) -> set[str]:
         """What the server says this connection listens on (``pg_listening_channels()``)."""
@@ -255,6 +281,10 @@ class Listener:
                     self._hold()
             self._backlog.append((route, item))
 
+    def _holding_changed(self) -> None:
+        for scope in self._commands:
+            self._set_command_scope(scope)
+
     def _hold(self) -> None:
         """
         Switch from direct delivery to the backlog.
@@ -264,6 +294,7 @@ class Listener:
         the socket is not read while a ``block`` channel is full.
         """
         self._direct = False
+        self._holding_changed()
         connection = self._connection
         if connection is not None:  # only matters where trio-asyncio reads the socket (SSL)
             connection.hold_reading()
@@ -290,6 +321,7 @@ class Listener:
                 route.delivered += type(item) is Notification
             backlog.popleft()
         self._blocked_since = None
+        self._holding_changed()
         if self._connection is not None:
             self._connection.release_reading()
 

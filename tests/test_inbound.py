@@ -289,3 +289,52 @@ async def test_random_cancellation_leaves_listening_set_equal_to_registry(pg, pg
         assert registry == set(bridges)
         assert await bus.listening_channels() == registry
     await pg.wait_for_no_backends()
+
+
+async def test_bridging_while_a_full_channel_holds_the_socket_waits_without_reconnecting(
+    pg, pg_dsn
+) -> None:
+    """A new bridge_in during back-pressure waits for the backlog: no reconnect, no Gap."""
+    held, other = unique("held"), unique("other")
+    async with pgbus.open_bus(pg_dsn, keepalive=0.5) as bus:
+        bus.add_channel("held", 2)
+        bus.add_channel("other", 10)
+        await bus.bridge_in(held, "held")
+        await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 3000) AS i", held)
+        # Wait until the bridge holds the socket (polling: nothing signals it).
+        with trio.fail_after(WAIT):
+            while bus.channel("held").statistics().buffered < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bus.bridge_in, other, "other")
+            with trio.fail_after(WAIT):
+                # Slower than the keepalive on purpose: the LISTEN must wait, not time out.
+                for i in range(1, 3001):
+                    message = await bus.channel("held").receive()
+                    assert getattr(message, "payload", None) == str(i)
+                    if i % 1000 == 0:
+                        await trio.sleep(0.3)
+        assert await bus.listening_channels() == {held, other}
+        assert {s.reconnects for s in bus.statistics().bridges} == {0}
+
+
+async def test_cancelling_a_bridge_held_behind_back_pressure_reconciles(pg, pg_dsn) -> None:
+    """Giving up on a bridge_in stuck behind a full channel reconnects and stays consistent."""
+    held, other = unique("held"), unique("other")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("held", 2)
+        bus.add_channel("other", 10)
+        await bus.bridge_in(held, "held")
+        await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 3000) AS i", held)
+        with trio.fail_after(WAIT):
+            while bus.channel("held").statistics().buffered < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        with trio.move_on_after(0.5) as gave_up:
+            await bus.bridge_in(other, "other")  # nobody consumes "held": this cannot finish
+        assert gave_up.cancelled_caught
+        with trio.fail_after(WAIT):
+            while True:  # the stream goes on; the reconnect shows as a Gap in it
+                message = await bus.channel("held").receive()
+                if type(message) is pgbus.Gap:
+                    break
+        assert await bus.listening_channels() == {held, other}
