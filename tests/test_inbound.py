@@ -30,6 +30,14 @@ async def receive(bus: pgbus.Bus, channel: str, count: int) -> list[object]:
         return [await bus.channel(channel).receive() for _ in range(count)]
 
 
+async def wait_until_full(bus: pgbus.Bus, channel: str) -> None:
+    """Wait until the bridge has filled *channel* (capacity 2), so it holds the socket."""
+    with trio.fail_after(WAIT):
+        # Polling: nothing signals "the bridge has filled the channel and paused".
+        while bus.channel(channel).statistics().buffered < 2:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
 async def payloads(bus: pgbus.Bus, channel: str, count: int) -> list[object]:
     messages = await receive(bus, channel, count)
     assert all(type(m) is pgbus.Notification for m in messages), messages
@@ -194,10 +202,7 @@ async def test_block_overflow_holds_the_backlog_in_postgres_and_loses_nothing(pg
         bus.add_channel("in", 2)
         await bus.bridge_in(name, "in")
         await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 3000) AS i", name)
-        with trio.fail_after(WAIT):
-            # Polling: nothing signals "the bridge has filled the channel and paused".
-            while bus.channel("in").statistics().buffered < 2:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_until_full(bus, "in")
         assert await payloads(bus, "in", 3000) == [str(i) for i in range(1, 3001)]
         [stats] = bus.statistics().bridges
     assert (stats.messages, stats.dropped) == (3000, 0)
@@ -301,10 +306,7 @@ async def test_bridging_while_a_full_channel_holds_the_socket_waits_without_reco
         bus.add_channel("other", 10)
         await bus.bridge_in(held, "held")
         await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 3000) AS i", held)
-        # Wait until the bridge holds the socket (polling: nothing signals it).
-        with trio.fail_after(WAIT):
-            while bus.channel("held").statistics().buffered < 2:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_until_full(bus, "held")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(bus.bridge_in, other, "other")
             with trio.fail_after(WAIT):
@@ -326,9 +328,7 @@ async def test_cancelling_a_bridge_held_behind_back_pressure_reconciles(pg, pg_d
         bus.add_channel("other", 10)
         await bus.bridge_in(held, "held")
         await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 3000) AS i", held)
-        with trio.fail_after(WAIT):
-            while bus.channel("held").statistics().buffered < 2:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_until_full(bus, "held")
         with trio.move_on_after(0.5) as gave_up:
             await bus.bridge_in(other, "other")  # nobody consumes "held": this cannot finish
         assert gave_up.cancelled_caught

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncpg
 import psutil
 
+from ._asyncio_tools import background
 from ._protocol import (
     PeerArgs,
     Result,
@@ -122,7 +123,7 @@ async def ping_pong(args: PeerArgs) -> Result:
             while True:
                 await b.execute(ASYNCPG_NOTIFY, pong, await pings.get())
 
-        async with _background(respond()), deadline(args, "ping-pong", lambda: len(round_trips)):
+        async with background(respond()), deadline(args, "ping-pong", lambda: len(round_trips)):
             for i in range(args.warmup + args.messages):
                 payload = str(i)
                 start = clock()
@@ -207,18 +208,6 @@ async def bounded_memory(args: PeerArgs) -> Result:
             await consumer
             elapsed = clock() - start
     return memory(rss, args.messages, elapsed)
-
-
-@contextlib.asynccontextmanager
-async def _background(coro: Awaitable[None]) -> AsyncIterator[None]:
-    """Run *coro* as a task for the duration of the block, then cancel it."""
-    task = asyncio.ensure_future(coro)
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 WORKLOADS: dict[str, Callable[[PeerArgs], Coroutine[Any, Any, Result]]] = {

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import psutil
 import psycopg
 from psycopg import sql
 
+from ._asyncio_tools import background
 from ._protocol import (
     PeerArgs,
     Result,
@@ -126,7 +127,7 @@ async def ping_pong(args: PeerArgs) -> Result:
                     await b_send.execute(PSYCOPG_NOTIFY, (pong, notification.payload))
 
         async with (
-            _background(respond()),
+            background(respond()),
             contextlib.aclosing(a_listen.notifies()) as pongs,
             deadline(args, "ping-pong", lambda: len(round_trips)),
         ):
@@ -202,7 +203,7 @@ async def bounded_memory(args: PeerArgs) -> Result:
     async with connected(args) as sender, listening(args, args.channel) as listener:
         rss[0] = process.memory_info().rss
         consumer = asyncio.create_task(consume())
-        async with _background(read(listener)), deadline(args, "consumer", lambda: consumed):
+        async with background(read(listener)), deadline(args, "consumer", lambda: consumed):
             start = clock()
             for k, first in enumerate(range(1, args.messages + 1, batch)):
                 if k >= 2:
@@ -212,18 +213,6 @@ async def bounded_memory(args: PeerArgs) -> Result:
             await consumer
             elapsed = clock() - start
     return memory(rss, args.messages, elapsed)
-
-
-@contextlib.asynccontextmanager
-async def _background(coro: Awaitable[None]) -> AsyncIterator[None]:
-    """Run *coro* as a task for the duration of the block, then cancel it."""
-    task = asyncio.ensure_future(coro)
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 WORKLOADS: dict[str, Callable[[PeerArgs], Coroutine[Any, Any, Result]]] = {

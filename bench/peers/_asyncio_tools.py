@@ -1,0 +1,19 @@
+"""Helpers shared by the asyncio-based peers (asyncpg on asyncio and uvloop, psycopg)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+
+
+@contextlib.asynccontextmanager
+async def background(coro: Awaitable[None]) -> AsyncIterator[None]:
+    """Run *coro* as a task for the duration of the block, then cancel it."""
+    task = asyncio.ensure_future(coro)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
