@@ -488,8 +488,8 @@ class InboundBridge:
         except (DatabaseUnavailableError, trio.TooSlowError):
             return False
         with trio.CancelScope(shield=True):
-            proved = await self._prove(connection)
-        return proved
+            return await self._prove(connection)
+        raise AssertionError("unreachable: a shielded scope is never cancelled")
 
     async def _prove(self, connection: Connection) -> bool:
         """

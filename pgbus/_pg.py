@@ -455,7 +455,8 @@ class Database:
         Open one connection named ``<application_name>:<purpose>`` in pg_stat_activity.
 
         With *sink*, notifications go straight to it; ``on_lost(connection)`` is called once
-        when the connection breaks or is closed (from the loop, soon after). Waits at most *timeout* seconds (default: ``keepalive``).
+        when the connection breaks or is closed (from the loop, soon after). Waits at most
+        *timeout* seconds (default: ``keepalive``).
 
         Raises:
             DatabaseUnavailableError: the server cannot be reached (``fatal`` is set when retrying
