@@ -115,7 +115,7 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         epilog=EPILOG.format(prog=prog, env=ENV_DSN),
         formatter_class=formatter,
     )
-    parser.add_argument("--version", action="version", version=f"pgbus {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"pgbus {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     run = commands.add_parser(

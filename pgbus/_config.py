@@ -12,6 +12,7 @@ import copy
 import datetime
 import difflib
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -473,12 +474,18 @@ def _parse_actor(
 def _import_actor_class(t: _Table, class_path: str) -> type[Actor]:
     module_name, _, qualname = class_path.partition(":")
     what = f"{class_path!r}:"
+    moved = _ready_made_moved(class_path)
     try:
         obj: object = importlib.import_module(module_name)
     except ImportError as exc:
+        if moved is not None:
+            t.fail("class", f"{class_path!r} is now {moved!r} (the ready-made actors moved).")
         t.fail("class", f"{what} cannot import module {module_name!r}: {exc}.")
     except Exception as exc:
         t.fail("class", f"{what} importing module {module_name!r} raised {_one_line(exc)}.")
+    if moved is not None and _same_source(obj, importlib.import_module(f"pgbus.{module_name}")):
+        # A checkout's top-level actors/ directory on sys.path: the same file under an old name.
+        t.fail("class", f"{class_path!r} is now {moved!r} (the ready-made actors moved).")
     owner = module_name
     for attr in qualname.split("."):
         if not hasattr(obj, attr):
@@ -502,6 +509,35 @@ def _import_actor_class(t: _Table, class_path: str) -> type[Actor]:
         got = f"class {obj.__module__}.{obj.__qualname__}"
         t.fail("class", f"{class_path!r} is not a subclass of pgbus.Actor (got {got}).")
     return obj
+
+
+def _ready_made_moved(class_path: str) -> str | None:
+    """``pgbus.actors.x:Y`` when *class_path* is a ready-made actor's old ``actors.x:Y``."""
+    if not class_path.startswith("actors."):
+        return None
+    module_name, _, qualname = class_path.partition(":")
+    new_module = f"pgbus.{module_name}"
+    try:
+        if importlib.util.find_spec(new_module) is None:
+            return None
+        obj: object = importlib.import_module(new_module)
+    except Exception:  # not one of ours (actors.x.y with no pgbus.actors.x): not moved
+        return None
+    for attr in qualname.split("."):
+        if not hasattr(obj, attr):
+            return None
+        obj = getattr(obj, attr)
+    return f"{new_module}:{qualname}"
+
+
+def _same_source(module: object, other: object) -> bool:
+    files = [getattr(m, "__file__", None) for m in (module, other)]
+    if None in files:
+        return False
+    try:
+        return os.path.samefile(*files)  # type: ignore[arg-type]
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
