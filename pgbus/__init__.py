@@ -24,12 +24,14 @@ from ._errors import DatabaseError as DatabaseError
 from ._errors import DatabaseUnavailableError as DatabaseUnavailableError
 from ._errors import DuplicateNameError as DuplicateNameError
 from ._errors import DuplicateNotificationError as DuplicateNotificationError
+from ._errors import MetricsUnavailableError as MetricsUnavailableError
 from ._errors import NoDatabaseError as NoDatabaseError
 from ._errors import PayloadTooLargeError as PayloadTooLargeError
 from ._errors import PgbusError as PgbusError
 from ._errors import RestartIntensityError as RestartIntensityError
 from ._errors import UnknownActorError as UnknownActorError
 from ._errors import UnknownChannelError as UnknownChannelError
+from ._metrics import serve_metrics as serve_metrics
 from ._supervisor import ActorStatistics as ActorStatistics
 from ._supervisor import Supervision as Supervision
 
@@ -57,6 +59,7 @@ __all__ = [
     "DuplicateNameError",
     "DuplicateNotificationError",
     "Gap",
+    "MetricsUnavailableError",
     "NoDatabaseError",
     "Notification",
     "PayloadTooLargeError",
@@ -67,5 +70,6 @@ __all__ = [
     "UnknownActorError",
     "UnknownChannelError",
     "open_bus",
+    "serve_metrics",
     "validate_channel_name",
 ]

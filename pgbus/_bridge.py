@@ -91,6 +91,10 @@ class BridgeStatistics:
     rejected: int
     """Refused by the codec: malformed JSON in, oversized or unencodable payloads out."""
     reconnects: int
+    gaps: int = 0
+    """`Gap` markers queued into the stream (in): one per reconnect, one per run of drops."""
+    connected: bool = True
+    """Whether the bridge has a connection now (False while it reconnects)."""
 
 
 class Backoff:

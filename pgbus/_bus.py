@@ -406,7 +406,9 @@ class Bus:
         """Per channel: buffered and capacity; per actor: state and restarts; per bridge: counts."""
         bridges: list[BridgeStatistics] = []
         if self._listener is not None:
-            bridges += [r.statistics(self._listener.reconnects) for r in self._listener.routes()]
+            listener = self._listener
+            connected = listener.connected
+            bridges += [r.statistics(listener.reconnects, connected) for r in listener.routes()]
         bridges += [bridge.statistics() for bridge, _ in self._outbound.values()]
         return BusStatistics(
             channels=tuple(c.statistics() for c in self._channels.values()),

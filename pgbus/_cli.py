@@ -137,6 +137,12 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         help="log a status line (messages per bridge, restarts per actor) every SECONDS",
     )
     run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on /metrics and health on /healthz at HOST:PORT "
+        "(overrides [metrics] listen; needs pip install 'pgbus[metrics]')",
+    )
+    run.add_argument(
         "--log-level",
         metavar="LEVEL",
         type=str.lower,
@@ -252,6 +258,8 @@ def _check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = _load_config(args.config, args.dsn)
+    if args.metrics is not None:
+        config = config.with_metrics(args.metrics)
     with _logging_to_stderr(args.log_level):
         first, *rest = config.summary().splitlines()
         print("\n".join([f"pgbus: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)

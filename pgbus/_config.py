@@ -32,6 +32,7 @@ from ._channel import Capacity, validate_capacity
 from ._codec import CODECS, validate_channel_name
 from ._dsn import redact_dsn
 from ._errors import CapacityError, ChannelNameError, ConfigError
+from ._metrics import parse_listen
 from ._supervisor import RESTART_KINDS, STRATEGIES
 
 MAX_APPLICATION_NAME_BYTES = 63
@@ -106,6 +107,14 @@ class BridgeConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    """The ``[metrics]`` table: where ``/metrics`` and ``/healthz`` are served."""
+
+    listen: str
+    """``"HOST:PORT"`` (see `pgbus._metrics.parse_listen`)."""
+
+
+@attrs.frozen
 class ActorConfig:
     """One ``[actors.NAME]`` table; *actor_class* is already imported and checked."""
 
@@ -128,6 +137,15 @@ class BusConfig:
     channels: tuple[ChannelConfig, ...] = ()
     bridges: tuple[BridgeConfig, ...] = ()
     actors: tuple[ActorConfig, ...] = ()
+    metrics: MetricsConfig | None = None
+
+    def with_metrics(self, listen: str, *, origin: str = "--metrics") -> BusConfig:
+        """Return a copy serving metrics on *listen* (``run --metrics HOST:PORT``)."""
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(f"{origin} {exc}.") from None
+        return attrs.evolve(self, metrics=MetricsConfig(listen))
 
     def with_dsn(self, dsn: str | None, *, origin: str = "dsn") -> BusConfig:
         """
@@ -163,6 +181,8 @@ class BusConfig:
         for a in self.actors:
             inbox = "no inbox" if a.inbox is None else f"inbox {a.inbox!r}"
             lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}")
+        if self.metrics is not None:
+            lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz")
         return "\n".join(lines)
 
 
@@ -227,10 +247,24 @@ def parse_config(
             _parse_actor(name, table, declared, out_sources)
             for name, table in root.tables_of("actors", "[actors.NAME]")
         )
-    return BusConfig(source, postgres, supervisor, channels, bridges, actors)
+    metrics = _parse_metrics(root)
+    return BusConfig(source, postgres, supervisor, channels, bridges, actors, metrics)
 
 
-_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors")
+def _parse_metrics(root: _Table) -> MetricsConfig | None:
+    if "metrics" not in root.data:
+        return None
+    t = root.table("metrics", "[metrics]")
+    t.no_unknown_keys(("listen",))
+    listen: str = t.get("listen", "a string", hint='"HOST:PORT", e.g. "127.0.0.1:9464"')
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        t.fail("listen", f"{exc}.")
+    return MetricsConfig(listen)
+
+
+_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors", "metrics")
 _MISSING: Any = object()
 _KINDS: dict[str, tuple[type, ...]] = {
     "a string": (str,),

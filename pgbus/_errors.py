@@ -149,3 +149,7 @@ class DatabaseError(PgbusError):
         self.sqlstate = sqlstate
         self.message = message
         super().__init__(f"PostgreSQL refused the statement ({sqlstate}): {message}")
+
+
+class MetricsUnavailableError(ConfigError):
+    """The metrics server cannot start: the metrics extra is missing, or the address is taken."""

@@ -46,6 +46,7 @@ class Route:
         "decode",
         "delivered",
         "dropped",
+        "gaps",
         "ignore_own",
         "overflow",
         "pending_gap",
@@ -68,6 +69,7 @@ class Route:
         self.delivered = 0
         self.dropped = 0
         self.rejected = 0
+        self.gaps = 0
 
     def settings(self) -> str:
         return f"codec={self.codec!r}, overflow={self.overflow!r}, ignore_own={self.ignore_own}"
@@ -93,6 +95,7 @@ class Route:
                 return False
             channel.send_nowait(Gap(self.pg_channel, "overflow", self.pending_gap))
             self.pending_gap = 0
+            self.gaps += 1
         try:
             channel.send_nowait(item)
         except trio.WouldBlock:
@@ -107,7 +110,7 @@ class Route:
         self.pending_gap += 1
         self.dropped += 1
 
-    def statistics(self, reconnects: int) -> BridgeStatistics:
+    def statistics(self, reconnects: int, connected: bool = True) -> BridgeStatistics:
         return BridgeStatistics(
             self.pg_channel,
             self.channel.name,
@@ -116,6 +119,8 @@ class Route:
             self.dropped,
             self.rejected,
             reconnects,
+            self.gaps,
+            connected,
         )
 
 
@@ -383,6 +388,7 @@ class Listener:
         """Put a reconnect `Gap` in every route, after what the old connection delivered."""
         for offset, route in enumerate(self.routes()):
             self._backlog.insert(mark + offset, (route, Gap(route.pg_channel, "reconnect", None)))
+            route.gaps += 1
         log.info("listening again on %d channel(s); gap markers queued", len(self._routes))
 
     async def _watch(self, connection: Connection) -> None:
@@ -435,3 +441,9 @@ class Listener:
                     blocked,
                     usage * 100,
                 )
+
+    @property
+    def connected(self) -> bool:
+        """Whether the listening connection is up now (False while reconnecting)."""
+        connection = self._connection
+        return connection is not None and not self._lost and not connection.closed

@@ -52,6 +52,8 @@ class OutboundBridge:
             0,
             self.rejected,
             self.reconnects,
+            0,
+            self._connection is not None and not self._connection.closed,
         )
 
     def finish(self) -> None:
