@@ -1,5 +1,7 @@
 """pgbus: a Trio actor message bus on PostgreSQL LISTEN/NOTIFY."""
 
+import logging as _logging
+
 from ._actor import Actor as Actor
 from ._bridge import BridgeStatistics as BridgeStatistics
 from ._bridge import Gap as Gap
@@ -36,6 +38,10 @@ from ._supervisor import ActorStatistics as ActorStatistics
 from ._supervisor import Supervision as Supervision
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides where to: nothing is printed unless it configures
+# logging (``pgbus run`` does).
+_logging.getLogger("pgbus").addHandler(_logging.NullHandler())
 
 __all__ = [
     "MAX_CHANNEL_NAME_BYTES",

@@ -30,12 +30,13 @@ from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
 from ._config import BusConfig, _dsn_problem, load_config
 from ._dsn import describe_dsn, redact_dsn
 from ._errors import ConfigError, PgbusError
+from ._logs import LOG_FORMATS, formatter
 from ._run import STOP_SIGNALS, run_config, sole_error
 
 ENV_DSN = "PGBUS_DSN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+log = logging.getLogger("pgbus")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -150,6 +151,15 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         default="info",
         help="debug, info, warning or error (default: info); debug shows tracebacks",
     )
+    run.add_argument(
+        "--log-format",
+        metavar="FORMAT",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per line with time, logger, level, "
+        "message (and exc_info)",
+    )
     run.set_defaults(command_function=_run)
 
     check = commands.add_parser(
@@ -260,8 +270,17 @@ def _run(args: argparse.Namespace) -> int:
     config = _load_config(args.config, args.dsn)
     if args.metrics is not None:
         config = config.with_metrics(args.metrics)
-    with _logging_to_stderr(args.log_level):
+    with _logging_to_stderr(args.log_level, args.log_format):
         first, *rest = config.summary().splitlines()
+        if args.log_format == "json":
+            # Everything on stderr is then one JSON object per line, the summary included.
+            for line in [first, *rest]:
+                log.info("%s", line)
+            return _trio_run(
+                partial(run_config, config, stats_every=args.stats_every, report=_log_info),
+                debug=args.log_level == "debug",
+                say_error=_log_error,
+            )
         print("\n".join([f"pgbus: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
         return _trio_run(
             partial(run_config, config, stats_every=args.stats_every),
@@ -399,8 +418,18 @@ def _checked_utf8(text: str, what: str) -> str:
     return text
 
 
-def _trio_run(function: Callable[[], Awaitable[None]], *, debug: bool = False) -> int:
-    """Run *function* under Trio; a failure becomes one line on stderr and exit status 1."""
+def _trio_run(
+    function: Callable[[], Awaitable[None]],
+    *,
+    debug: bool = False,
+    say_error: Callable[[str, BaseException | None], None] | None = None,
+) -> int:
+    """
+    Run *function* under Trio; a failure becomes one line on stderr and exit status 1.
+
+    *say_error* (for ``--log-format json``) reports the failure instead, given the exception
+    when ``debug`` wants its traceback.
+    """
     try:
         trio.run(function)
     except KeyboardInterrupt:  # SIGINT outside the part that handles it
@@ -411,27 +440,32 @@ def _trio_run(function: Callable[[], Awaitable[None]], *, debug: bool = False) -
             return 130
         if not isinstance(error, Exception):
             raise
-        if debug:
+        if debug and say_error is None:
             traceback.print_exception(exc)
+        traced = exc if debug else None
+        say = say_error or (lambda message, _: _say_error(message))
         if isinstance(error, ConfigError):
-            _say_error(str(error))
+            say(str(error), traced)
             return EXIT_USAGE
         if isinstance(error, PgbusError):
-            _say_error(str(error))
+            say(str(error), traced)
         else:
             name = type(error).__name__
             detail = f"{name}: {error}" if str(error) else name
             hint = "" if debug else " (run with --log-level debug for the traceback)"
-            _say_error(f"unexpected failure: {detail}{hint}")
+            say(f"unexpected failure: {detail}{hint}", traced)
         return EXIT_FAILURE
     return EXIT_OK
 
 
 @contextlib.contextmanager
-def _logging_to_stderr(level: str) -> Iterator[None]:
-    """Log to stderr as ``2026-11-22 15:00:00 pgbus.bridge WARNING message`` while inside."""
+def _logging_to_stderr(level: str, log_format: str = "text") -> Iterator[None]:
+    """
+    Log to stderr while inside: as ``2026-11-22 15:00:00 pgbus.bridge WARNING message``, or
+    one JSON object per line (`pgbus._logs.JsonFormatter`).
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     previous = root.level
     root.addHandler(handler)
@@ -441,6 +475,15 @@ def _logging_to_stderr(level: str) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         root.setLevel(previous)
+
+
+def _log_info(line: str) -> None:
+    log.info("%s", line)
+
+
+def _log_error(message: str, exc: BaseException | None) -> None:
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    log.error("%s", redact_dsn(one_line), exc_info=exc)
 
 
 def _say(line: str) -> None:

@@ -35,6 +35,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgbus.metrics")
 
+
+class _WithoutBanner(logging.Filter):
+    """Drop hypercorn's "Running on ... (CTRL + C to quit)": pgbus says where itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Running on ")
+
+
+_http_log = logging.getLogger("pgbus.metrics.http")
+_http_log.addFilter(_WithoutBanner())
+
 DEFAULT_LISTEN = "127.0.0.1:9464"
 """The address the README suggests (Prometheus's registry of exporter ports lists 9464)."""
 
@@ -325,7 +336,7 @@ class MetricsServer:
         config = Config()
         config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) it from here
         config.accesslog = None
-        config.errorlog = log
+        config.errorlog = _http_log
         config.graceful_timeout = 0.5
         app = _App(self, _prometheus_app(self))
         async with trio.open_nursery() as nursery:
