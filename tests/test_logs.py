@@ -34,12 +34,12 @@ def test_the_library_logger_has_a_null_handler() -> None:
 
 def test_json_formatter_has_the_text_formats_fields() -> None:
     """time, logger, level, message; the traceback as exc_info when there is one."""
+    record = logging.LogRecord(
+        "pgbus.supervisor", logging.ERROR, __file__, 1, "actor %r failed", ("x",), None
+    )
     try:
-        raise ValueError("boom")
+        int("boom")
     except ValueError:
-        record = logging.LogRecord(
-            "pgbus.supervisor", logging.ERROR, __file__, 1, "actor %r failed", ("x",), None
-        )
         record.exc_info = sys.exc_info()
     entry = json.loads(JsonFormatter().format(record))
     assert set(entry) == {"time", "logger", "level", "message", "exc_info"}
@@ -47,7 +47,7 @@ def test_json_formatter_has_the_text_formats_fields() -> None:
     assert entry["level"] == "ERROR"
     assert entry["message"] == "actor 'x' failed"
     assert entry["exc_info"].startswith("Traceback (most recent call last):")
-    assert entry["exc_info"].endswith("ValueError: boom")
+    assert entry["exc_info"].endswith("ValueError: invalid literal for int() with base 10: 'boom'")
     assert "T" in entry["time"]
     assert entry["time"][-6] in "+-"
 
@@ -79,12 +79,9 @@ async def test_run_log_format_json_reports_a_failure_as_json(tmp_path: Path) -> 
     )
     config = tmp_path / "bus.toml"
     config.write_text(
-        "[supervisor]\nmax_restarts = 0\n\n"
-        '[actors.crash]\nclass = "crashing:Crash"\n'
+        '[supervisor]\nmax_restarts = 0\n\n[actors.crash]\nclass = "crashing:Crash"\n'
     )
-    async with running(
-        "run", str(config), "--log-format", "json", "--log-level", "debug"
-    ) as bus:
+    async with running("run", str(config), "--log-format", "json", "--log-level", "debug") as bus:
         status = await bus.wait(timeout=60)
     assert status == 1
     entries = [json.loads(line) for line in bus.lines["stderr"]]
