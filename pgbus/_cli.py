@@ -24,12 +24,12 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from ._bridge import Gap
 from ._bus import open_bus
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
 from ._config import BusConfig, _dsn_problem, load_config
 from ._dsn import describe_dsn, redact_dsn
 from ._errors import ConfigError, PgbusError
+from ._inbound import Gap
 from ._logs import LOG_FORMATS, formatter
 from ._run import STOP_SIGNALS, run_config, sole_error
 
