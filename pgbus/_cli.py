@@ -34,6 +34,7 @@ from ._logs import LOG_FORMATS, formatter
 from ._run import STOP_SIGNALS, run_config, sole_error
 
 ENV_DSN = "PGBUS_DSN"
+_EXAMPLE_DSN = "postgresql://postgres@localhost/postgres"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("pgbus")
@@ -78,13 +79,15 @@ TOML file, check such a file, or send and watch notifications by hand."""
 EPILOG = """\
 examples:
   {prog} run examples/quickstart.toml    # starts an embedded PostgreSQL: no setup
-  {prog} run bus.toml --dsn postgresql://app@db.example.com:5432/app --stats-every 60
-  {prog} check bus.toml
-  {prog} listen orders 'Order Events' --count 10
-  {prog} notify orders '{{"id": 42}}' --codec json
+  {prog} run examples/shout.toml --dsn postgresql://postgres@localhost/postgres --stats-every 60
+  {prog} check examples/quickstart.toml
+  {prog} listen orders 'Order Events' --count 10 --dsn postgresql://postgres@localhost/postgres
+  {prog} notify orders '{{"id": 42}}' --codec json --dsn postgresql://postgres@localhost/postgres
+  echo hello | {prog} notify orders - --dsn postgresql://postgres@localhost/postgres
 
 The DSN comes from --dsn, else the {env} environment variable, else [postgres] dsn
-in the config file; with none of these, run starts an embedded PostgreSQL for the run.
+in the config file (notify and listen: --config CONFIG); with none of these, run
+starts an embedded PostgreSQL for the run.
 Channel names are exact: case-sensitive, spaces allowed, at most 63 bytes.
 
 exit status: 0 success, 2 usage or configuration error, 1 runtime failure."""
@@ -126,7 +129,8 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         "(Ctrl-C) or SIGTERM, then shut down cleanly and exit 0. Logs go to stderr.\n"
         "Without a DSN, an embedded PostgreSQL is started for the run and a psql\n"
         "command line to reach it is printed.",
-        epilog=f"example:\n  {prog} run examples/quickstart.toml --stats-every 10",
+        epilog=f"examples:\n  {prog} run examples/quickstart.toml --stats-every 10\n"
+        f"  {prog} run examples/quickstart.toml --metrics 127.0.0.1:9464 --log-format json",
         formatter_class=formatter,
     )
     run.add_argument("config", metavar="CONFIG", help="the TOML configuration file")
@@ -179,13 +183,19 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         description="Send PAYLOAD to the Postgres channel CHANNEL with pg_notify (the name\n"
         "is used exactly as given). PostgreSQL accepts payloads of at most\n"
         f"{MAX_PAYLOAD_BYTES} bytes; a larger one is refused before connecting.",
-        epilog=f"examples:\n  {prog} notify pgbus_quickstart hello\n"
-        f"  {prog} notify orders '{{\"id\": 42}}' --codec json",
+        epilog=f"examples:\n  {prog} notify pgbus_quickstart hello --dsn {_EXAMPLE_DSN}\n"
+        f"  {prog} notify orders '{{\"id\": 42}}' --codec json --dsn {_EXAMPLE_DSN}\n"
+        f"  echo hello | {prog} notify orders - --dsn {_EXAMPLE_DSN}",
         formatter_class=formatter,
     )
     notify.add_argument("channel", metavar="CHANNEL", help="the Postgres channel, exactly")
-    notify.add_argument("payload", metavar="PAYLOAD", help="the payload")
-    _add_dsn(notify, f"default: {ENV_DSN}")
+    notify.add_argument(
+        "payload",
+        metavar="PAYLOAD",
+        help="the payload; - reads it from stdin (one trailing newline is dropped)",
+    )
+    _add_dsn(notify, f"default: {ENV_DSN}, else --config's [postgres] dsn")
+    _add_config(notify)
     _add_codec(notify, "json: PAYLOAD must be JSON and is sent compacted")
     notify.set_defaults(command_function=_notify)
 
@@ -196,13 +206,14 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         'notification, one per line: {"channel", "payload", "pid"}. Where notifications\n'
         'may be missing (the connection was lost), a line {"channel", "gap", "dropped"}\n'
         "says so. Stops after --count notifications, or on Ctrl-C or SIGTERM.",
-        epilog=f"example:\n  {prog} listen orders 'Order Events' --count 10",
+        epilog=f"example:\n  {prog} listen orders 'Order Events' --count 10 --dsn {_EXAMPLE_DSN}",
         formatter_class=formatter,
     )
     listen.add_argument(
         "channels", metavar="CHANNEL", nargs="+", help="a Postgres channel, exactly"
     )
-    _add_dsn(listen, f"default: {ENV_DSN}")
+    _add_dsn(listen, f"default: {ENV_DSN}, else --config's [postgres] dsn")
+    _add_config(listen)
     listen.add_argument(
         "--count",
         metavar="N",
@@ -219,6 +230,14 @@ def _add_dsn(parser: argparse.ArgumentParser, default: str) -> None:
         "--dsn",
         metavar="DSN",
         help=f"PostgreSQL to connect to, e.g. postgresql://user@host/db; {default}",
+    )
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="take the DSN from this TOML file's [postgres] dsn (checked as run would)",
     )
 
 
@@ -290,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _notify(args: argparse.Namespace) -> int:
     channel: str = _checked_channel(args.channel)
-    text = _checked_utf8(args.payload, "PAYLOAD")
+    text = _payload_from_stdin() if args.payload == "-" else _checked_utf8(args.payload, "PAYLOAD")
     message: Any = text
     if args.codec == "json":
         try:
@@ -303,7 +322,7 @@ def _notify(args: argparse.Namespace) -> int:
         size = len(encode(channel, message, args.codec).encode())
     except PgbusError as exc:  # too large, or a NUL character
         raise UsageError(str(exc)) from None
-    dsn = _dsn_for_client(args.dsn)
+    dsn = _dsn_for_client(args.dsn, args.config)
     with _logging_to_stderr("warning"):
         status = _trio_run(partial(_send_one, dsn, channel, message, args.codec))
     if status == EXIT_OK:
@@ -318,7 +337,7 @@ async def _send_one(dsn: str, channel: str, message: object, codec: str) -> None
 
 def _listen(args: argparse.Namespace) -> int:
     channels = [_checked_channel(name) for name in args.channels]
-    dsn = _dsn_for_client(args.dsn)
+    dsn = _dsn_for_client(args.dsn, args.config)
     with _logging_to_stderr("warning"):
         return _trio_run(partial(_print_notifications, dsn, channels, args.codec, args.count))
 
@@ -388,19 +407,51 @@ def _load_config(path: str, dsn_option: str | None) -> BusConfig:
     return config
 
 
-def _dsn_for_client(dsn_option: str | None) -> str:
-    """The DSN for notify and listen: ``--dsn``, else ``PGBUS_DSN``; checked, never guessed."""
+def _dsn_for_client(dsn_option: str | None, config_path: str | None = None) -> str:
+    """
+    The DSN for notify and listen: ``--dsn``, else ``PGBUS_DSN``, else ``--config``'s
+    ``[postgres] dsn``; checked, never guessed.
+    """
     origin, dsn = "--dsn", dsn_option
     if dsn is None:
         origin, dsn = ENV_DSN, os.environ.get(ENV_DSN) or None
+    if dsn is None and config_path is not None:
+        dsn = load_config(config_path).postgres.dsn  # a broken file: its one-line error
+        if dsn is None:
+            raise UsageError(
+                f"{config_path} has no [postgres] dsn (run would start an embedded PostgreSQL "
+                f"of its own); pass --dsn or set {ENV_DSN}."
+            )
+        return dsn  # checked by load_config
     if dsn is None:
         raise UsageError(
-            f"no PostgreSQL to connect to: pass --dsn postgresql://user@host/db or set {ENV_DSN}."
+            "no PostgreSQL to connect to: pass --dsn postgresql://user@host/db, set "
+            f"{ENV_DSN}, or name a config file with --config."
         )
     problem = _dsn_problem(dsn)
     if problem is not None:
         raise UsageError(f"{origin} {problem}")
     return dsn
+
+
+def _payload_from_stdin() -> str:
+    """PAYLOAD ``-``: all of stdin (at most what a notification can hold), one newline dropped."""
+    data = sys.stdin.buffer.read(MAX_PAYLOAD_BYTES + 3)  # + room for the newline we drop
+    if len(data) > MAX_PAYLOAD_BYTES + 2:
+        raise UsageError(
+            f"the payload read from stdin is more than {MAX_PAYLOAD_BYTES + 2} bytes; "
+            f"PostgreSQL accepts at most {MAX_PAYLOAD_BYTES}. Send a reference (a row id) instead."
+        )
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"the payload read from stdin is not valid UTF-8 ({data[:20]!r}...)."
+        ) from None
 
 
 def _checked_channel(name: str) -> str:
