@@ -202,7 +202,7 @@ async def test_help_examples_of_notify_and_listen_work_as_written(pg: PgHelper) 
             continue
         async with running(*argv) as cli:
             count = int(argv[argv.index("--count") + 1])
-            channels = [a for a in argv[1 : argv.index("--count")]]
+            channels = list(argv[1 : argv.index("--count")])
             await cli.expect("stderr", "listening on")
             for n in range(count):
                 await pg.execute("SELECT pg_notify($1, $2)", channels[n % len(channels)], str(n))
@@ -213,7 +213,7 @@ async def test_help_examples_of_notify_and_listen_work_as_written(pg: PgHelper) 
 def readme_cli_rows() -> dict[str, str]:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `python -m pgbus (\w+) ([^`]*)` \|", readme, flags=re.M)
-    return {command: options for command, options in rows}
+    return dict(rows)
 
 
 def test_readme_cli_table_lists_every_option() -> None:
