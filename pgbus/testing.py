@@ -8,6 +8,8 @@ name ``pgbus``; ``-p no:pgbus`` turns it off). Its fixtures, for a user's tests 
 - ``pgbus_bus`` (function, async: a Trio test, e.g. with ``trio_mode = true``): an open
   `pgbus.Bus` on that PostgreSQL, closed after the test (every connection it opened closed).
 
+For example::
+
     async def test_notify_comes_back(pgbus_bus: pgbus.Bus) -> None:
         pgbus_bus.add_channel("orders", 10)
         await pgbus_bus.bridge_in("orders", "orders")
