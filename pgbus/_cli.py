@@ -79,11 +79,11 @@ TOML file, check such a file, or send and watch notifications by hand."""
 EPILOG = """\
 examples:
   {prog} run examples/quickstart.toml    # starts an embedded PostgreSQL: no setup
-  {prog} run examples/shout.toml --dsn postgresql://postgres@localhost/postgres --stats-every 60
+  {prog} run examples/shout.toml --dsn {dsn} --stats-every 60
   {prog} check examples/quickstart.toml
-  {prog} listen orders 'Order Events' --count 10 --dsn postgresql://postgres@localhost/postgres
-  {prog} notify orders '{{"id": 42}}' --codec json --dsn postgresql://postgres@localhost/postgres
-  echo hello | {prog} notify orders - --dsn postgresql://postgres@localhost/postgres
+  {prog} listen orders 'Order Events' --count 10 --dsn {dsn}
+  {prog} notify orders '{{"id": 42}}' --codec json --dsn {dsn}
+  echo hello | {prog} notify orders - --dsn {dsn}
 
 The DSN comes from --dsn, else the {env} environment variable, else [postgres] dsn
 in the config file (notify and listen: --config CONFIG); with none of these, run
@@ -116,7 +116,7 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
         description=DESCRIPTION,
-        epilog=EPILOG.format(prog=prog, env=ENV_DSN),
+        epilog=EPILOG.format(prog=prog, env=ENV_DSN, dsn=_EXAMPLE_DSN),
         formatter_class=formatter,
     )
     parser.add_argument("-V", "--version", action="version", version=f"pgbus {__version__}")
