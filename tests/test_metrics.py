@@ -126,6 +126,27 @@ async def test_metrics_of_a_running_bus(pg: PgHelper, pg_dsn: str) -> None:
     assert 0 <= usage < 1
 
 
+async def test_overflow_drops_and_their_gap_are_counted(pg: PgHelper, pg_dsn: str) -> None:
+    """drop_newest on a full channel: pgbus_dropped_total counts the drops, gaps_total the Gap."""
+    name = unique()
+    async with pgbus.open_bus(pg_dsn) as bus, serving(bus) as url:
+        bus.add_channel("in", 2)
+        await bus.bridge_in(name, "in", overflow="drop_newest")
+        await pg.execute("SELECT pg_notify($1, n::text) FROM generate_series(1, 5) AS n", name)
+        received: list[object] = []
+        with trio.fail_after(WAIT):
+            while not any(isinstance(m, pgbus.Gap) for m in received):
+                received.append(await bus.channel("in").receive())
+        _, text = await get(f"{url}/metrics")
+    [gap] = [m for m in received if isinstance(m, pgbus.Gap)]
+    scraped = samples(text)
+    labels = {"direction": "in", "channel": name, "bus_channel": "in"}
+    assert gap.dropped is not None
+    assert gap.dropped > 0
+    assert value(scraped, "pgbus_dropped_total", **labels) == gap.dropped
+    assert value(scraped, "pgbus_gaps_total", **labels) == 1
+
+
 async def test_healthz_is_503_naming_a_failed_actor(pg_dsn: str) -> None:
     """A temporary actor that crashed stays failed: /healthz says 503 and why; /metrics too."""
     async with pgbus.open_bus(pg_dsn) as bus, serving(bus) as url:
