@@ -11,10 +11,14 @@ from ._bus import Transaction as Transaction
 from ._bus import open_bus as open_bus
 from ._channel import Channel as Channel
 from ._channel import ChannelStatistics as ChannelStatistics
+from ._cluster import ClusterStatus as ClusterStatus
+from ._cluster import NodeInfo as NodeInfo
+from ._cluster import SingletonStatus as SingletonStatus
 from ._codec import MAX_CHANNEL_NAME_BYTES as MAX_CHANNEL_NAME_BYTES
 from ._codec import MAX_PAYLOAD_BYTES as MAX_PAYLOAD_BYTES
 from ._codec import validate_channel_name as validate_channel_name
 from ._errors import ActorFailedError as ActorFailedError
+from ._errors import ActorUnavailableError as ActorUnavailableError
 from ._errors import AskTimeoutError as AskTimeoutError
 from ._errors import CapacityError as CapacityError
 from ._errors import ChannelNameError as ChannelNameError
@@ -24,9 +28,13 @@ from ._errors import DatabaseError as DatabaseError
 from ._errors import DatabaseUnavailableError as DatabaseUnavailableError
 from ._errors import DuplicateNameError as DuplicateNameError
 from ._errors import DuplicateNotificationError as DuplicateNotificationError
+from ._errors import MessageNotJSONError as MessageNotJSONError
+from ._errors import MessageTooLargeError as MessageTooLargeError
 from ._errors import NoDatabaseError as NoDatabaseError
+from ._errors import NodeNameTakenError as NodeNameTakenError
 from ._errors import PayloadTooLargeError as PayloadTooLargeError
 from ._errors import PgbusError as PgbusError
+from ._errors import RemoteError as RemoteError
 from ._errors import RestartIntensityError as RestartIntensityError
 from ._errors import UnknownActorError as UnknownActorError
 from ._errors import UnknownChannelError as UnknownChannelError
@@ -41,6 +49,7 @@ __all__ = [
     "Actor",
     "ActorFailedError",
     "ActorStatistics",
+    "ActorUnavailableError",
     "AskTimeoutError",
     "Bridge",
     "BridgeStatistics",
@@ -50,6 +59,7 @@ __all__ = [
     "Channel",
     "ChannelNameError",
     "ChannelStatistics",
+    "ClusterStatus",
     "CodecError",
     "ConfigError",
     "DatabaseError",
@@ -57,11 +67,17 @@ __all__ = [
     "DuplicateNameError",
     "DuplicateNotificationError",
     "Gap",
+    "MessageNotJSONError",
+    "MessageTooLargeError",
     "NoDatabaseError",
+    "NodeInfo",
+    "NodeNameTakenError",
     "Notification",
     "PayloadTooLargeError",
     "PgbusError",
+    "RemoteError",
     "RestartIntensityError",
+    "SingletonStatus",
     "Supervision",
     "Transaction",
     "UnknownActorError",

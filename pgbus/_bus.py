@@ -16,6 +16,14 @@ import trio
 from ._actor import Actor, Request
 from ._bridge import BridgeStatistics
 from ._channel import Channel, ChannelStatistics
+from ._cluster import (
+    CLUSTER_CHANNEL,
+    Cluster,
+    ClusterStatus,
+    default_node_name,
+    read_status,
+    validate_node_name,
+)
 from ._codec import encode, validate_channel_name
 from ._errors import (
     ActorFailedError,
@@ -38,6 +46,9 @@ log = logging.getLogger("pgbus")
 # sends so a producer in a tight loop still lets others run and still sees cancellation.
 SEND_CHECKPOINT_EVERY = 64
 POOL_IDLE_MAX = 4
+CLUSTER_INBOX = "pgbus:cluster"
+"""The channel the node's own PostgreSQL channel (and the cluster's) feed; read by `Cluster`."""
+CLUSTER_INBOX_CAPACITY = 1000
 
 
 @attrs.frozen
@@ -115,6 +126,7 @@ class Bus:
         database: Database | None,
         *,
         keepalive: float,
+        node: str | None = None,
     ) -> None:
         self._nursery = nursery
         self.supervision = supervision
@@ -128,6 +140,10 @@ class Bus:
         self._outbound: dict[str, tuple[OutboundBridge, _Service]] = {}
         self._idle_connections: list[Connection] = []
         self._sends = 0
+        self._node_name = node
+        self._cluster: Cluster | None = None
+        self._cluster_service: _Service | None = None
+        self._cluster_lock = trio.Lock()
 
     # -- channels ----------------------------------------------------------------------------
 
@@ -189,6 +205,8 @@ class Bus:
         inbox_capacity: int | float | None = None,
         restart: str = "permanent",
         options: Mapping[str, Any] | None = None,
+        public: bool = False,
+        singleton: bool = False,
     ) -> None:
         """
         Start a supervised actor, after those already running; returns once ``on_start`` ran.
@@ -196,9 +214,20 @@ class Bus:
         The actor consumes the channel *inbox*; or, with *inbox_capacity*, a new channel named
         after the actor; or nothing (an actor that only produces). *options* are passed to the
         class as keyword arguments, and checked against its signature now.
+
+        With *public*, every node of the cluster reaches it by name (`ask`, `tell`); this bus
+        joins the cluster if it has not yet. With *singleton*, it runs on one node of the
+        cluster at a time: this returns at once, and the actor starts here whenever this node
+        takes the singleton's lock (a singleton with an inbox is public).
         """
-        if self._supervisor.find(name) is not None:
+        if self._supervisor.find(name) is not None or (
+            self._cluster is not None and self._cluster.has_singleton(name)
+        ):
             raise DuplicateNameError("actor", name)
+        if public and inbox is None and inbox_capacity is None:
+            raise ConfigError(f"actor {name!r}: a public actor needs an inbox to be asked.")
+        if (public or singleton) and self._db is None:
+            raise NoDatabaseError()
         if not (isinstance(actor_class, type) and issubclass(actor_class, Actor)):
             raise ConfigError(f"actor {name!r}: {actor_class!r} is not a pgbus.Actor subclass.")
         if restart not in RESTART_KINDS:
@@ -233,7 +262,13 @@ class Bus:
         def factory() -> Actor:
             return first.pop() if first else actor_class(**kwargs)
 
-        await self._supervisor.start(ActorSpec(name, factory, channel, restart))
+        spec = ActorSpec(name, factory, channel, restart)
+        if singleton:
+            (await self._join_cluster()).add_singleton(spec)
+            return
+        await self._supervisor.start(spec)
+        if public:
+            await (await self._join_cluster()).offer(name)
 
     async def ask(self, actor: str, message: object, *, timeout: float) -> Any:
         """
@@ -247,7 +282,10 @@ class Bus:
         """
         spec = self._supervisor.find(actor)
         if spec is None:
-            raise UnknownActorError(actor)
+            if self._db is None:
+                raise UnknownActorError(actor)
+            cluster = await self._join_cluster()
+            return await cluster.ask(actor, message, timeout)
         if spec.inbox is None:
             raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be asked.")
         reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
@@ -260,6 +298,53 @@ class Bus:
         if isinstance(result, outcome.Error):
             raise ActorFailedError(actor, result.error) from result.error
         return result.unwrap()
+
+    async def tell(self, actor: str, message: object) -> None:
+        """
+        Send *message* to *actor*'s inbox without waiting for any reply.
+
+        A local actor: waits while its inbox is full. A public actor on another node: the
+        message (JSON) is queued for sending and this returns; a message the actor's node
+        cannot take is counted and logged there.
+
+        Raises:
+            UnknownActorError: no node runs *actor* (at once).
+            MessageNotJSONError, MessageTooLargeError: before anything is sent.
+        """
+        spec = self._supervisor.find(actor)
+        if spec is None:
+            if self._db is None:
+                raise UnknownActorError(actor)
+            await (await self._join_cluster()).tell(actor, message)
+            return
+        if spec.inbox is None:
+            raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be told anything.")
+        await spec.inbox.send(message)
+
+    @property
+    def node(self) -> str | None:
+        """This bus's node name once it has joined the cluster, else None."""
+        return self._cluster.name if self._cluster is not None else None
+
+    async def cluster_status(self) -> ClusterStatus:
+        """The cluster as PostgreSQL sees it now: live nodes, public actors, singletons."""
+        async with self._borrow() as connection:
+            return await read_status(connection)
+
+    async def _join_cluster(self) -> Cluster:
+        """Become a node of the cluster (once): listen on this node's channel, then register."""
+        async with self._cluster_lock:
+            if self._cluster is None:
+                database = self._database()
+                name = self._node_name or default_node_name()
+                inbox = self.add_channel(CLUSTER_INBOX, CLUSTER_INBOX_CAPACITY)
+                cluster = Cluster(self, database, inbox, name=name, keepalive=self._keepalive)
+                await self.bridge_in(cluster.channel, CLUSTER_INBOX)
+                await self.bridge_in(CLUSTER_CHANNEL, CLUSTER_INBOX)
+                service = _Service("cluster")
+                await self._nursery.start(service.run, cluster.serve)
+                self._cluster, self._cluster_service = cluster, service
+        return self._cluster
 
     # -- PostgreSQL --------------------------------------------------------------------------
 
@@ -431,11 +516,16 @@ class Bus:
 
     async def _shutdown(self) -> None:
         """Stop in order: inbound, actors (reverse start order), outbound (flushed), connections."""
+        if self._cluster is not None:
+            await self._cluster.withdraw()  # other nodes send nothing new here
         if self._listener_service is not None:
             await self._listener_service.stop()
         await self._supervisor.stop_all()
         for bridge, service in self._outbound.values():
             await self._stop_outbound(bridge, service)
+        if self._cluster is not None and self._cluster_service is not None:
+            await self._cluster.flush(self.supervision.stop_timeout)  # replies, tells
+            await self._cluster_service.stop()  # the node's session ends: its locks go
         while self._idle_connections:
             connection = self._idle_connections.pop()
             if self._db is not None:
@@ -497,6 +587,7 @@ async def open_bus(
     backoff_max: float = 5.0,
     stop_timeout: float = 5.0,
     keepalive: float = 10.0,
+    node: str | None = None,
 ) -> AsyncIterator[Bus]:
     """
     Open a bus; leaving the block stops everything it started, in order.
@@ -504,7 +595,10 @@ async def open_bus(
     With *dsn* the bus connects to that PostgreSQL; with ``embedded=True`` and no *dsn* it starts
     a private PostgreSQL for the block; with neither it runs actors and channels only.
     The supervisor's policy comes from *strategy*, *max_restarts*, *within_seconds* and the
-    backoff values. *keepalive* is how often an idle listening connection is checked (seconds).
+    backoff values. *keepalive* is how often an idle listening connection is checked (seconds);
+    in the cluster, asks pending on a node that died fail within it, and a singleton moves
+    within it. With *node* (a name), the bus joins the cluster as that node when it opens;
+    without, it joins (as ``"<hostname>:<pid>"``) when it first needs to.
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
@@ -515,6 +609,8 @@ async def open_bus(
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
     if not (isinstance(keepalive, int | float) and 0 < keepalive < math.inf):
         raise ConfigError(f"keepalive must be a positive number of seconds (got {keepalive!r}).")
+    if node is not None:
+        validate_node_name(node)
     try:
         async with AsyncExitStack() as stack:
             if dsn is None and embedded:
@@ -526,9 +622,13 @@ async def open_bus(
             if dsn is not None:
                 database = await stack.enter_async_context(open_database(dsn, application_name))
             async with trio.open_nursery() as nursery:
-                bus = Bus(nursery, supervision, database, keepalive=keepalive)
+                bus = Bus(nursery, supervision, database, keepalive=keepalive, node=node)
                 await nursery.start(bus._supervisor.run)
                 try:
+                    if node is not None:
+                        if database is None:
+                            raise NoDatabaseError()
+                        await bus._join_cluster()
                     yield bus
                 finally:
                     with trio.CancelScope(shield=True):
