@@ -10,11 +10,15 @@ before the ask's own, much longer, timeout.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -247,4 +251,114 @@ async def test_kill_9_fails_pending_asks_fast_and_the_next_ask_goes_to_a_survivo
                 for i in range(5):
                     reply = await bus.ask("echo", i, timeout=WAIT)
                     assert reply == {"node": "survivor", "echo": i}
+    await pg.wait_for_no_backends()
+
+
+# -- singletons ----------------------------------------------------------------------------------
+
+HOLDS = """
+CREATE TABLE IF NOT EXISTS cluster_holds (
+    id serial PRIMARY KEY, node text NOT NULL, started timestamptz NOT NULL, ended timestamptz
+);
+TRUNCATE cluster_holds
+"""
+
+
+async def forward_events(source: Pgbus, needle: str, into: trio.MemorySendChannel[Any]) -> None:
+    """Send every stdout line of *source* containing *needle*, decoded, to *into*."""
+    seen = 0
+    while True:
+        lines = source.lines["stdout"]
+        for line in lines[seen:]:
+            if needle in line:
+                await into.send(event(line))
+        seen = len(lines)
+        if not source._open["stdout"]:
+            return
+        await source._changed.wait()
+
+
+def assert_no_overlap(holds: list[Any], killed_at: dict[int, Any]) -> None:
+    """Each run of the singleton ended (or its process was killed) before the next began."""
+    runs = sorted(holds, key=lambda h: h["started"])
+    for before, after in itertools.pairwise(runs):
+        end = before["ended"] or killed_at[before["id"]]
+        assert end <= after["started"], f"{before} overlaps {after}"
+
+
+async def test_a_singleton_runs_on_one_node_at_a_time_over_many_takeovers(pg: PgHelper) -> None:
+    """Kill the holder again and again (SIGKILL and SIGTERM): never two at once, always one."""
+    await pg.execute(HOLDS)
+    killed_at: dict[int, Any] = {}
+    send, starts = trio.open_memory_channel[Any](math.inf)
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        nodes: dict[str, Pgbus] = {}
+
+        async def start(name: str) -> None:
+            nodes[name] = await stack.enter_async_context(
+                node(pg.dsn, name, "--singleton", "marked")
+            )
+            nursery.start_soon(forward_events, nodes[name], '"event": "singleton"', send)
+
+        for name in ("n0", "n1", "n2"):
+            await start(name)
+        with trio.fail_after(WAIT):
+            holder = await starts.receive()
+        for round in range(8):
+            killed_at[holder["hold"]] = await pg.fetchval("SELECT clock_timestamp()")
+            victim = nodes.pop(holder["node"])
+            began = trio.current_time()
+            if round % 2:
+                victim.process.terminate()
+            else:
+                victim.process.kill()
+            with trio.fail_after(WAIT):
+                holder = await starts.receive()
+            took = trio.current_time() - began
+            print(f"round {round}: taken over by {holder['node']} in {took:.2f}s")
+            assert holder["node"] in nodes
+            with trio.fail_after(WAIT):
+                await victim.process.wait()
+            await start(f"n{3 + round}")
+        nursery.cancel_scope.cancel()
+    holds = [dict(r) for r in await pg.fetch("SELECT id, node, started, ended FROM cluster_holds")]
+    assert len(holds) == 9
+    assert_no_overlap(holds, killed_at)
+    await pg.wait_for_no_backends()
+
+
+async def test_a_holder_whose_connection_goes_half_open_gives_up_before_anyone_takes_over(
+    pg: PgHelper,
+) -> None:
+    """SIGSTOP the holder's node backend: it stops its singleton; another takes it only later."""
+    await pg.execute(HOLDS)
+    async with node(pg.dsn, "first", "--singleton", "marked") as first:
+        with trio.fail_after(WAIT):
+            held = event(await first.expect("stdout", '"event": "singleton"'))
+        backend = event(first.lines["stdout"][0])["backend"]
+        async with node(pg.dsn, "second", "--singleton", "marked") as second:
+            os.kill(backend, signal.SIGSTOP)
+            try:
+                with trio.fail_after(WAIT):
+                    stopped = event(await first.expect("stdout", '"event": "singleton stopped"'))
+                assert stopped["hold"] == held["hold"]
+                # The stopped backend's session still holds the lock: nobody can run it now.
+                assert (
+                    await pg.fetchval("SELECT count(*) FROM cluster_holds WHERE ended IS NULL") == 0
+                )
+            finally:
+                await pg.execute("SELECT pg_terminate_backend($1)", backend)
+                os.kill(backend, signal.SIGCONT)
+            send, starts = trio.open_memory_channel[Any](math.inf)
+            async with trio.open_nursery() as nursery:
+                for source in (first, second):
+                    nursery.start_soon(forward_events, source, '"event": "singleton"', send)
+                with trio.fail_after(WAIT):
+                    taken = await starts.receive()
+                    while taken["hold"] == held["hold"]:
+                        taken = await starts.receive()
+                nursery.cancel_scope.cancel()
+    holds = [dict(r) for r in await pg.fetch("SELECT id, node, started, ended FROM cluster_holds")]
+    assert len(holds) == 2
+    assert_no_overlap(holds, {})
     await pg.wait_for_no_backends()
