@@ -114,14 +114,21 @@ _SINGLETON_LOCKS = (
 )
 
 
+def node_name_problem(name: object) -> str | None:
+    """What is wrong with *name* as a node name (the rest of a sentence), or None."""
+    if not isinstance(name, str) or not name.strip() or not name.isprintable():
+        return f"must be a non-empty string of printable characters (got {name!r})."
+    if len(name) > MAX_NODE_NAME:
+        return f"must be at most {MAX_NODE_NAME} characters (got {len(name)})."
+    return None
+
+
 def validate_node_name(name: object) -> str:
     """The node-name rule, shared by ``open_bus(node=...)`` and ``[node] name``."""
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"node name must be a non-empty string (got {name!r}).")
-    if len(name) > MAX_NODE_NAME or not name.isprintable():
-        raise ConfigError(
-            f"node name must be at most {MAX_NODE_NAME} printable characters (got {name!r})."
-        )
+    problem = node_name_problem(name)
+    if problem is not None:
+        raise ConfigError(f"node name {problem}")
+    assert isinstance(name, str)
     return name
 
 

@@ -93,6 +93,7 @@ async def _run_bus(
         backoff_initial=sv.backoff_initial,
         backoff_max=sv.backoff_max,
         stop_timeout=sv.stop_timeout,
+        node=config.node.name if config.node is not None and config.node.name else None,
     ) as bus:
         if embedded and bus.dsn is not None:
             version = await _server_version(bus)
@@ -102,6 +103,8 @@ async def _run_bus(
             )
         elif bus.dsn is not None:
             log.info("using PostgreSQL at %s", describe_dsn(bus.dsn))
+        if config.node is not None and bus.node is None:
+            await bus._join_cluster()  # [node] without a name: "<hostname>:<pid>"
         await start_config(bus, config)
         report("running; stop with Ctrl-C (SIGINT) or SIGTERM")
         if stats_every is None:
@@ -147,6 +150,8 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
             inbox=actor.inbox,
             restart=actor.restart,
             options=actor.options,
+            public=actor.public and not actor.singleton,
+            singleton=actor.singleton,
         )
 
 

@@ -19,13 +19,15 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from test_cli import ROOT, Pgbus, pgbus_env
+from test_cli import ROOT, Pgbus, one_error_line, pgbus_env, run_to_completion
 
 import pgbus
+from pgbus._cli import main
 
 if TYPE_CHECKING:
     from conftest import PgHelper
@@ -362,3 +364,124 @@ async def test_a_holder_whose_connection_goes_half_open_gives_up_before_anyone_t
     assert len(holds) == 2
     assert_no_overlap(holds, {})
     await pg.wait_for_no_backends()
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+async def status_json(dsn: str) -> dict[str, Any]:
+    result = await run_to_completion("status", "--dsn", dsn, "--json")
+    assert result.returncode == 0, result.stderr
+    record: dict[str, Any] = json.loads(result.stdout)
+    return record
+
+
+async def test_status_shows_what_runs_and_forgets_a_node_that_ended(pg: PgHelper) -> None:
+    """status: nodes with public actors and singletons (holder named); a killed node is gone."""
+    await pg.execute(HOLDS)
+    async with node(pg.dsn, "worker-1", "--public", "echo", "--singleton", "marked") as worker:
+        with trio.fail_after(WAIT):
+            await worker.expect("stdout", '"event": "singleton"')
+        async with node(pg.dsn, "worker-2", "--singleton", "marked") as standby:
+            with trio.fail_after(WAIT):
+                while True:  # the holder writes its registry row just after on_start
+                    status = await status_json(pg.dsn)
+                    if status["singletons"] and status["singletons"][0]["holder"]:
+                        break
+            names = {n["name"]: n for n in status["nodes"]}
+            assert set(names) == {"worker-1", "worker-2"}
+            assert set(names["worker-1"]["public"]) == {"echo", "marked"}
+            assert names["worker-2"]["public"] == []
+            assert names["worker-2"]["singletons"] == ["marked"]
+            assert status["singletons"] == [
+                {
+                    "name": "marked",
+                    "holder": "worker-1",
+                    "holder_pid": names["worker-1"]["pid"],
+                    "candidates": ["worker-1", "worker-2"],
+                }
+            ]
+            text = await run_to_completion("status", "--dsn", pg.dsn)
+            assert text.returncode == 0
+            lines = text.stdout.decode().splitlines()
+            assert lines[0].endswith(": 2 nodes")
+            assert (
+                "singleton 'marked': held by 'worker-1' (candidates: 'worker-1', 'worker-2')"
+                in lines
+            )
+
+            # ask and tell from the command line reach the actors wherever they run.
+            asked = await run_to_completion("ask", "echo", '{"x": 1}', "--dsn", pg.dsn)
+            assert asked.returncode == 0, asked.stderr
+            assert json.loads(asked.stdout) == {"node": "worker-1", "echo": {"x": 1}}
+            told = await run_to_completion("tell", "echo", '{"tell": "cli"}', "--dsn", pg.dsn)
+            assert told.returncode == 0, told.stderr
+            await worker.expect("stdout", '"message": {"tell": "cli"}')
+            missing = await run_to_completion("ask", "nobody", "1", "--dsn", pg.dsn)
+            assert missing.returncode == 1
+            assert one_error_line(missing.stderr.decode()) == (
+                "pgbus: error: no actor named 'nobody' on any node of the cluster."
+            )
+
+            worker.process.kill()
+            with trio.fail_after(WAIT):
+                await worker.process.wait()
+                await standby.expect("stdout", '"event": "singleton"')
+            status = await status_json(pg.dsn)
+            assert [n["name"] for n in status["nodes"]] == ["worker-2"]
+            assert status["singletons"][0]["holder"] in ("worker-2", None)
+    await pg.wait_for_no_backends()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[node]\nname = 3\n", "[node] name must be a node name (got 3)."),
+        (
+            '[node]\nname = ""\n',
+            "[node] name must be a non-empty string of printable characters (got '').",
+        ),
+        ('[node]\nnmae = "x"\n', "[node] unknown key 'nmae'; did you mean 'name'?"),
+        (
+            '[actors.a]\nclass = "fixtures_actors.sample:Sink"\npublic = true\n',
+            "[actors.a] public needs an inbox: a public actor is asked through it (got true).",
+        ),
+        (
+            '[channels.c]\ncapacity = 1\n[actors.a]\nclass = "fixtures_actors.sample:Sink"\n'
+            'inbox = "c"\nsingleton = true\npublic = false\n',
+            "[actors.a] public cannot be false for a singleton with an inbox: the one node "
+            "running it serves every node (got false).",
+        ),
+        (
+            '[actors.a]\nclass = "fixtures_actors.sample:Sink"\nsingleton = "yes"\n',
+            "[actors.a] singleton must be true or false (got 'yes').",
+        ),
+    ],
+)
+async def test_bad_cluster_keys_exit_2_with_one_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """check refuses a bad [node] or public/singleton key: exit 2, one line naming it."""
+    path = tmp_path / "bus.toml"
+    path.write_text(text)
+    result = await run_to_completion("check", str(path))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr.decode()) == f"pgbus: error: {path}: {message}"
+
+
+def test_check_summary_shows_the_node_and_public_actors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check lists the node name and which actors are public or singletons."""
+    monkeypatch.delenv("PGBUS_DSN", raising=False)
+    path = tmp_path / "bus.toml"
+    path.write_text(
+        '[node]\nname = "worker-1"\n[channels.c]\ncapacity = 1\n[channels.d]\ncapacity = 1\n'
+        '[actors.a]\nclass = "fixtures_actors.sample:Sink"\ninbox = "c"\npublic = true\n'
+        '[actors.b]\nclass = "fixtures_actors.sample:Sink"\ninbox = "d"\nsingleton = true\n'
+    )
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "node: 'worker-1'" in out
+    assert "actor 'a': fixtures_actors.sample:Sink, inbox 'c', restart permanent, public" in out
+    assert "actor 'b': fixtures_actors.sample:Sink, inbox 'd', restart permanent, singleton" in out
