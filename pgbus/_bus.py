@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -27,11 +28,13 @@ from ._cluster import (
 from ._codec import encode, validate_channel_name
 from ._errors import (
     ActorFailedError,
+    ActorUnavailableError,
     AskTimeoutError,
     ConfigError,
     DuplicateNameError,
     DuplicateNotificationError,
     NoDatabaseError,
+    PgbusError,
     UnknownActorError,
     UnknownChannelError,
 )
@@ -143,6 +146,7 @@ class Bus:
         self._node_name = node
         self._cluster: Cluster | None = None
         self._cluster_service: _Service | None = None
+        self._cluster_draft: Cluster | None = None
         self._cluster_lock = trio.Lock()
 
     # -- channels ----------------------------------------------------------------------------
@@ -284,8 +288,12 @@ class Bus:
         if spec is None:
             if self._db is None:
                 raise UnknownActorError(actor)
-            cluster = await self._join_cluster()
-            return await cluster.ask(actor, message, timeout)
+            deadline = trio.current_time() + timeout
+            with trio.move_on_at(deadline):
+                cluster = await self._join_cluster()
+            if self._cluster is None:
+                raise AskTimeoutError(actor, timeout)
+            return await cluster.ask(actor, message, timeout=timeout, deadline=deadline)
         if spec.inbox is None:
             raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be asked.")
         reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
@@ -315,7 +323,12 @@ class Bus:
         if spec is None:
             if self._db is None:
                 raise UnknownActorError(actor)
-            await (await self._join_cluster()).tell(actor, message)
+            with trio.move_on_after(self._keepalive):
+                cluster = await self._join_cluster()
+            if self._cluster is None:
+                reason = f"the cluster could not be joined within {self._keepalive:g}s"
+                raise ActorUnavailableError(actor, None, reason, while_handling=False)
+            await cluster.tell(actor, message)
             return
         if spec.inbox is None:
             raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be told anything.")
@@ -335,14 +348,26 @@ class Bus:
         """Become a node of the cluster (once): listen on this node's channel, then register."""
         async with self._cluster_lock:
             if self._cluster is None:
-                database = self._database()
-                name = self._node_name or default_node_name()
-                inbox = self.add_channel(CLUSTER_INBOX, CLUSTER_INBOX_CAPACITY)
-                cluster = Cluster(self, database, inbox, name=name, keepalive=self._keepalive)
+                # Kept across a cancelled attempt (an ask that timed out while joining), so
+                # the next attempt listens on the same channel instead of adding another.
+                cluster = self._cluster_draft
+                if cluster is None:
+                    name = self._node_name or default_node_name()
+                    inbox = self.add_channel(CLUSTER_INBOX, CLUSTER_INBOX_CAPACITY)
+                    cluster = Cluster(
+                        self, self._database(), inbox, name=name, keepalive=self._keepalive
+                    )
+                    self._cluster_draft = cluster
                 await self.bridge_in(cluster.channel, CLUSTER_INBOX)
                 await self.bridge_in(CLUSTER_CHANNEL, CLUSTER_INBOX)
                 service = _Service("cluster")
-                await self._nursery.start(service.run, cluster.serve)
+                try:
+                    await self._nursery.start(service.run, cluster.serve)
+                except BaseExceptionGroup as group:
+                    error = _collapse(group)
+                    if error is group:
+                        raise
+                    raise error from None
                 self._cluster, self._cluster_service = cluster, service
         return self._cluster
 
@@ -517,7 +542,8 @@ class Bus:
     async def _shutdown(self) -> None:
         """Stop in order: inbound, actors (reverse start order), outbound (flushed), connections."""
         if self._cluster is not None:
-            await self._cluster.withdraw()  # other nodes send nothing new here
+            with contextlib.suppress(PgbusError):  # the database is gone: so is the node
+                await self._cluster.withdraw()  # other nodes send nothing new here
         if self._listener_service is not None:
             await self._listener_service.stop()
         await self._supervisor.stop_all()

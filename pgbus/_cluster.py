@@ -438,10 +438,10 @@ class Cluster:
 
     # -- asking other nodes ------------------------------------------------------------------
 
-    async def ask(self, actor: str, message: object, timeout: float) -> Any:
-        """See `Bus.ask`: the remote half."""
+    async def ask(self, actor: str, message: object, *, timeout: float, deadline: float) -> Any:
+        """See `Bus.ask`: the remote half, giving up at *deadline* (*timeout* for messages)."""
         body = _encode(actor, "the message", message)
-        with trio.move_on_after(timeout) as scope:
+        with trio.move_on_at(deadline) as scope:
             node = await self._route(actor)
             id = next(self._ids)
             payload = _checked_size(

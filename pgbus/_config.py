@@ -248,7 +248,7 @@ def parse_config(
     return BusConfig(source, postgres, supervisor, channels, bridges, actors, node)
 
 
-_TOP_LEVEL_KEYS = ("postgres", "supervisor", "node", "channels", "bridge", "actors")
+_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors", "node")
 _MISSING: Any = object()
 _KINDS: dict[str, tuple[type, ...]] = {
     "a string": (str,),
