@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from test_cli import ROOT, Pgbus, one_error_line, pgbus_env, run_to_completion
+from test_cli import ROOT, Pgbus, one_error_line, pgbus_env, run_to_completion, running
 
 import pgbus
 from pgbus._cli import main
@@ -485,3 +485,35 @@ def test_check_summary_shows_the_node_and_public_actors(
     assert "node: 'worker-1'" in out
     assert "actor 'a': fixtures_actors.sample:Sink, inbox 'c', restart permanent, public" in out
     assert "actor 'b': fixtures_actors.sample:Sink, inbox 'd', restart permanent, singleton" in out
+
+
+# -- the example ---------------------------------------------------------------------------------
+
+
+async def test_the_cluster_example_asks_across_processes_and_moves_its_singleton(
+    pg: PgHelper,
+) -> None:
+    """examples/cluster.toml in two processes: one asks the other; the clock moves on kill -9."""
+    config = str(ROOT / "examples" / "cluster.toml")
+    async with running("run", config, "--dsn", pg.dsn) as first:
+        with trio.fail_after(WAIT):
+            tick = json.loads(await first.expect("stdout", '"clock"'))
+        async with running("run", config, "--dsn", pg.dsn) as second:
+            await second.expect("stderr", "running; stop with Ctrl-C")
+            with trio.fail_after(WAIT):
+                result = await trio.run_process(
+                    [sys.executable, str(ROOT / "examples" / "cluster_ask.py"), "Ada"],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    env=pgbus_env(PGBUS_DSN=pg.dsn),
+                )
+            [line] = result.stdout.decode().splitlines()
+            assert line.startswith("hello, Ada, from node ")
+            assert not [x for x in second.lines["stdout"] if '"clock"' in x]  # one clock only
+            first.process.kill()
+            with trio.fail_after(WAIT):
+                await first.process.wait()
+                moved = json.loads(await second.expect("stdout", '"clock"'))
+            assert moved["node"] != tick["node"]
+            assert await second.stop(signal.SIGTERM, timeout=15) == 0
+    await pg.wait_for_no_backends()
