@@ -49,9 +49,6 @@ log = logging.getLogger("pgbus")
 # sends so a producer in a tight loop still lets others run and still sees cancellation.
 SEND_CHECKPOINT_EVERY = 64
 POOL_IDLE_MAX = 4
-CLUSTER_INBOX = "pgbus:cluster"
-"""The channel the node's own PostgreSQL channel (and the cluster's) feed; read by `Cluster`."""
-CLUSTER_INBOX_CAPACITY = 1000
 
 
 @attrs.frozen
@@ -353,13 +350,13 @@ class Bus:
                 cluster = self._cluster_draft
                 if cluster is None:
                     name = self._node_name or default_node_name()
-                    inbox = self.add_channel(CLUSTER_INBOX, CLUSTER_INBOX_CAPACITY)
-                    cluster = Cluster(
-                        self, self._database(), inbox, name=name, keepalive=self._keepalive
-                    )
+                    cluster = Cluster(self, self._database(), name=name, keepalive=self._keepalive)
+                    if cluster.inbox.name in self._channels:
+                        raise DuplicateNameError("channel", cluster.inbox.name)
+                    self._channels[cluster.inbox.name] = cluster.inbox
                     self._cluster_draft = cluster
-                await self.bridge_in(cluster.channel, CLUSTER_INBOX)
-                await self.bridge_in(CLUSTER_CHANNEL, CLUSTER_INBOX)
+                await self.bridge_in(cluster.channel, cluster.inbox.name)
+                await self.bridge_in(CLUSTER_CHANNEL, cluster.inbox.name)
                 service = _Service("cluster")
                 try:
                     await self._nursery.start(service.run, cluster.serve)

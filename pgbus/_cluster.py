@@ -33,7 +33,7 @@ import os
 import secrets
 import socket
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -42,6 +42,7 @@ import trio
 
 from ._actor import Request
 from ._bridge import Backoff, Gap, Notification, connect_with_retry
+from ._channel import Channel
 from ._codec import MAX_PAYLOAD_BYTES, payload_size
 from ._errors import (
     ActorFailedError,
@@ -61,7 +62,6 @@ from ._pg import Connection, Database, publish_each
 
 if TYPE_CHECKING:
     from ._bus import Bus
-    from ._channel import Channel
     from ._supervisor import ActorSpec
 
 log = logging.getLogger("pgbus.cluster")
@@ -72,6 +72,8 @@ NODE_LOCK_CLASS = 0x70676273
 CLUSTER_CHANNEL = "pgbus.cluster"
 """Every node listens here; a node joining or changing what it offers says so here."""
 NODE_CHANNEL_PREFIX = "pgbus.node."
+INBOX_NAME = "pgbus:cluster"
+"""The bus channel this node's PostgreSQL channels (and the cluster's) are bridged into."""
 MAX_NODE_NAME = 128
 MAX_BATCH = 1000
 """The most notifications one send carries."""
@@ -357,6 +359,14 @@ def _error_payload(id: int, error: BaseException) -> str:
     )
 
 
+class _Handoff(Channel):
+    """A channel that is never full: each message goes straight to *handler*, synchronously."""
+
+    def __init__(self, name: str, handler: Callable[[object], None]) -> None:
+        super().__init__(name, 0)
+        self.send_nowait = handler
+
+
 @attrs.define(eq=False)
 class _Singleton:
     spec: ActorSpec
@@ -374,12 +384,11 @@ class Cluster:
     actors' inboxes without waiting) and the forwarder (waits for room in full inboxes).
     """
 
-    def __init__(
-        self, bus: Bus, database: Database, inbox: Channel, *, name: str, keepalive: float
-    ) -> None:
+    def __init__(self, bus: Bus, database: Database, *, name: str, keepalive: float) -> None:
         self._bus = bus
         self._db = database
-        self.inbox = inbox
+        self.inbox: Channel = _Handoff(INBOX_NAME, self._receive)
+        """What the inbound bridges of this node's channels deliver to: `_receive`, directly."""
         self.name = name
         self.keepalive = keepalive
         self.period = keepalive / POLLS_PER_KEEPALIVE
@@ -523,7 +532,6 @@ class Cluster:
         """Run the node until cancelled; started once joined (its lock held, its row written)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self._send_loop)
-            nursery.start_soon(self._dispatch_loop)
             nursery.start_soon(self._forward_loop)
             await nursery.start(self._node_loop)
             task_status.started()
@@ -553,7 +561,8 @@ class Cluster:
         asks: list[_Pending] = []
         try:
             while True:
-                await trio.lowlevel.checkpoint()  # senders that are ready queue first
+                if trio.lowlevel.current_statistics().tasks_runnable:
+                    await trio.lowlevel.checkpoint()  # senders that are ready queue first
                 try:
                     item = self._outbox.receive_nowait()
                 except trio.WouldBlock:
@@ -599,13 +608,13 @@ class Cluster:
 
     # .. receiving ............................................................................
 
-    async def _dispatch_loop(self) -> None:
-        inbox = self.inbox
-        while True:
-            try:
-                item = inbox.receive_nowait()
-            except trio.WouldBlock:
-                item = await inbox.receive()
+    def _receive(self, item: object) -> None:
+        """
+        Called by the listener for each notification on this node's channels, inside its socket
+        read: replies settle their asks and requests go into inboxes right here, without a
+        task switch. Never waits (a full inbox: `_forward_loop` waits) and never raises.
+        """
+        try:
             if type(item) is Notification:
                 if item.channel == CLUSTER_CHANNEL:
                     self._poll_soon()
@@ -613,6 +622,9 @@ class Cluster:
                     self._dispatch(item.payload)
             elif type(item) is Gap:
                 self._on_gap(item)
+        except Exception as exc:  # a bug here must not stop the bus's listener
+            self.dropped += 1
+            log.error("cluster: dropped a message: %r", exc, exc_info=exc)
 
     def _on_gap(self, gap: Gap) -> None:
         if gap.channel == CLUSTER_CHANNEL:
