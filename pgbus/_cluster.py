@@ -23,7 +23,6 @@ PostgreSQL is the engine; nothing here decides liveness on its own:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -294,28 +293,39 @@ async def _durable_status(connection: Connection) -> tuple[Any, ...] | None:
 
 
 class _Pending:
-    """An ask waiting for its reply from another node."""
+    """An ask waiting for its reply from another node: the first `settle` wins."""
 
-    __slots__ = ("actor", "id", "node", "reply")
+    __slots__ = ("actor", "id", "node", "result", "task")
 
-    def __init__(
-        self,
-        id: int,
-        actor: str,
-        node: NodeInfo,
-        reply: trio.MemorySendChannel[outcome.Outcome[Any]],
-    ) -> None:
+    def __init__(self, id: int, actor: str, node: NodeInfo) -> None:
         self.id = id
         self.actor = actor
         self.node = node
-        self.reply = reply
+        self.result: outcome.Outcome[Any] | None = None
+        self.task: trio.lowlevel.Task | None = None
 
     def settle(self, result: outcome.Outcome[Any]) -> None:
-        # Already settled, or the asker gave up: either way nothing more to do.
-        with contextlib.suppress(
-            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-        ):
-            self.reply.send_nowait(result)
+        if self.result is not None:
+            return  # already settled (a reply after a failure, or the reverse)
+        self.result = result
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> outcome.Outcome[Any]:
+        """Wait for `settle`; cancellation leaves the ask unsettled (a reply then is late)."""
+        if self.result is None:
+            self.task = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self.task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        assert self.result is not None
+        return self.result
 
     def fail(self, reason: str, *, while_handling: bool = True) -> None:
         error = ActorUnavailableError(
@@ -413,6 +423,10 @@ class Cluster:
         self._poll_now = False
         self._dirty = True
         self._sender_idle = trio.Event()
+        self._send_connection: Connection | None = None
+        self._sending = False  # a statement is in flight on the sending connection
+        self._send_free = trio.Event()
+        self._queued = 0  # in the outbox, not yet taken by the sender
         self._acquired: list[_Singleton] = []
         self._registered: tuple[list[str], list[str], list[str]] | None = None
         self._stopping = False
@@ -458,11 +472,10 @@ class Cluster:
                 "the request",
                 f'{{"k":"a","i":{id},"a":{_json_encode(actor)},"r":"{self.channel}","m":{body}}}',
             )
-            send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
-            pending = self._pending[id] = _Pending(id, actor, node, send)
+            pending = self._pending[id] = _Pending(id, actor, node)
             try:
-                self._queue_send(node.channel, payload, pending)
-                result = await receive.receive()
+                await self._send(node.channel, payload, pending)
+                result = await pending.wait()
             finally:
                 del self._pending[id]
         if scope.cancelled_caught:
@@ -478,8 +491,7 @@ class Cluster:
             node = await self._route(actor)
         id = next(self._ids)
         payload = f'{{"k":"t","i":{id},"a":{_json_encode(actor)},"m":{body}}}'
-        self._queue_send(node.channel, _checked_size(actor, "the message", payload), None)
-        await trio.lowlevel.checkpoint()
+        await self._send(node.channel, _checked_size(actor, "the message", payload), None)
 
     async def _route(self, actor: str) -> NodeInfo:
         """A live node serving *actor*, in turn; the registry is read again on a miss."""
@@ -524,7 +536,37 @@ class Cluster:
                 pending.fail("its session ended")
 
     def _queue_send(self, channel: str, payload: str, pending: _Pending | None) -> None:
+        self._queued += 1
         self._outbox_send.send_nowait((channel, payload, pending))
+
+    async def _send(self, channel: str, payload: str, pending: _Pending | None) -> None:
+        """
+        Send from the caller's task while the sending connection is free and nothing waits to
+        go before this (one task switch fewer); else queue it for the sender, which batches.
+
+        Shielded (a cancelled send would cut the shared connection), bounded by keepalive.
+        """
+        connection = self._send_connection
+        if self._sending or self._queued or connection is None or connection.closed:
+            self._queue_send(channel, payload, pending)
+            await trio.lowlevel.checkpoint()
+            return
+        self._sending = True
+        asks = [pending] if pending is not None else []
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                scope.relative_deadline = self.keepalive
+                await publish_each(connection, (channel,), (payload,))
+            if scope.cancelled_caught:
+                self._lost_sends(1, asks, "PostgreSQL did not answer within keepalive")
+        except DatabaseError as exc:
+            self._lost_sends(1, asks, f"PostgreSQL refused it: {exc}")
+        except DatabaseUnavailableError as exc:
+            self._lost_sends(1, asks, f"the connection broke while sending: {exc}")
+        finally:
+            self._sending = False
+            self._send_free.set()
+            self._send_free = trio.Event()
 
     # -- the tasks ---------------------------------------------------------------------------
 
@@ -546,8 +588,8 @@ class Cluster:
     async def flush(self, timeout: float) -> None:
         """Wait (at most *timeout*) until everything queued for sending has been sent."""
         with trio.move_on_after(timeout):
-            while self._outbox.statistics().current_buffer_used or not self._sender_idle.is_set():
-                await self._sender_idle.wait()
+            while self._queued or self._sending or not self._sender_idle.is_set():
+                await (self._send_free if self._sending else self._sender_idle).wait()
                 await trio.lowlevel.checkpoint()
 
     # .. sending ..............................................................................
@@ -555,6 +597,7 @@ class Cluster:
     async def _send_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
         backoff = Backoff()
         connection = await connect_with_retry(self._db, "cluster send", backoff)
+        self._send_connection = connection
         task_status.started()
         channels: list[str] = []
         payloads: list[str] = []
@@ -570,6 +613,7 @@ class Cluster:
                     item = await self._outbox.receive()
                     self._sender_idle = trio.Event()
                 while True:
+                    self._queued -= 1
                     channels.append(item[0])
                     payloads.append(item[1])
                     if item[2] is not None:
@@ -580,7 +624,15 @@ class Cluster:
                         item = self._outbox.receive_nowait()
                     except trio.WouldBlock:
                         break
+                while self._sending:  # a caller is sending from its own task
+                    await self._send_free.wait()
+                self._sending = True
                 try:
+                    if connection.closed:  # a caller's send broke it
+                        self._send_connection = None
+                        self._db.own_pids.discard(connection.pid)
+                        connection = await connect_with_retry(self._db, "cluster send", backoff)
+                        self._send_connection = connection
                     await publish_each(connection, channels, payloads)
                 except DatabaseError as exc:
                     self._lost_sends(len(payloads), asks, f"PostgreSQL refused it: {exc}")
@@ -588,9 +640,15 @@ class Cluster:
                     self._lost_sends(
                         len(payloads), asks, f"the connection broke while sending: {exc}"
                     )
+                    self._send_connection = None
                     self._db.own_pids.discard(connection.pid)
                     connection.abort()
                     connection = await connect_with_retry(self._db, "cluster send", backoff)
+                    self._send_connection = connection
+                finally:
+                    self._sending = False
+                    self._send_free.set()
+                    self._send_free = trio.Event()
                 channels.clear()
                 payloads.clear()
                 asks.clear()
