@@ -24,6 +24,7 @@ PostgreSQL is the engine; nothing here decides liveness on its own:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import json
 import logging
@@ -283,10 +284,10 @@ async def _durable_status(connection: Connection) -> tuple[Any, ...] | None:
     returning a sequence of JSON-able records; until it does, there is nothing to show.
     """
     try:
-        from . import _durable  # type: ignore[attr-defined]
+        durable = importlib.import_module("pgbus._durable")
     except ImportError:
         return None
-    group_status = getattr(_durable, "group_status", None)
+    group_status = getattr(durable, "group_status", None)
     if group_status is None:
         return None
     return tuple(await group_status(connection))

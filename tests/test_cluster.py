@@ -216,6 +216,18 @@ async def test_many_asks_in_flight_all_come_back(pg: PgHelper) -> None:
     await pg.wait_for_no_backends()
 
 
+async def test_two_live_nodes_cannot_share_a_name(pg: PgHelper) -> None:
+    """A second bus opened as node 'twin' while the first lives is refused, naming the rule."""
+    async with asker(pg.dsn) as first:
+        assert first.node == "tester"
+        with pytest.raises(pgbus.NodeNameTakenError, match=r"^node name 'tester' is taken"):
+            async with asker(pg.dsn):
+                pass
+    async with asker(pg.dsn) as again:  # once the first has left, the name is free
+        assert again.node == "tester"
+    await pg.wait_for_no_backends()
+
+
 # -- fast failure --------------------------------------------------------------------------------
 
 
@@ -379,7 +391,8 @@ async def status_json(dsn: str) -> dict[str, Any]:
 async def test_status_shows_what_runs_and_forgets_a_node_that_ended(pg: PgHelper) -> None:
     """status: nodes with public actors and singletons (holder named); a killed node is gone."""
     await pg.execute(HOLDS)
-    async with node(pg.dsn, "worker-1", "--public", "echo", "--singleton", "marked") as worker:
+    options = ("--public", "echo", "--singleton", "marked", "--inbound", "Orders In")
+    async with node(pg.dsn, "worker-1", *options) as worker:
         with trio.fail_after(WAIT):
             await worker.expect("stdout", '"event": "singleton"')
         async with node(pg.dsn, "worker-2", "--singleton", "marked") as standby:
@@ -391,6 +404,7 @@ async def test_status_shows_what_runs_and_forgets_a_node_that_ended(pg: PgHelper
             names = {n["name"]: n for n in status["nodes"]}
             assert set(names) == {"worker-1", "worker-2"}
             assert set(names["worker-1"]["public"]) == {"echo", "marked"}
+            assert names["worker-1"]["inbound"] == ["Orders In"]
             assert names["worker-2"]["public"] == []
             assert names["worker-2"]["singletons"] == ["marked"]
             assert status["singletons"] == [
@@ -417,6 +431,9 @@ async def test_status_shows_what_runs_and_forgets_a_node_that_ended(pg: PgHelper
             told = await run_to_completion("tell", "echo", '{"tell": "cli"}', "--dsn", pg.dsn)
             assert told.returncode == 0, told.stderr
             await worker.expect("stdout", '"message": {"tell": "cli"}')
+            # The singleton, asked from its stand-by node's side, answers from its holder.
+            holder = await run_to_completion("ask", "marked", "null", "--dsn", pg.dsn)
+            assert json.loads(holder.stdout) == "worker-1"
             missing = await run_to_completion("ask", "nobody", "1", "--dsn", pg.dsn)
             assert missing.returncode == 1
             assert one_error_line(missing.stderr.decode()) == (

@@ -2,8 +2,8 @@
 Actors and a node program for the cluster tests.
 
 ``python tests/fixtures_actors/cluster.py --dsn DSN --node NAME [--keepalive S] [--public echo]
-[--singleton marked]`` runs one bus as a node until SIGTERM, printing JSON lines on stdout:
-``{"event": "ready", ...}`` once joined, and one line per singleton start and stop.
+[--singleton marked] [--inbound CHANNEL]`` runs one bus as a node until SIGTERM, printing JSON
+lines on stdout: ``{"event": "ready", ...}`` once joined, one line per singleton start and stop.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ async def main(args: argparse.Namespace) -> None:
                 await bus.spawn(Echo, name=name, inbox_capacity=100, public=True)
             for name in args.singleton:
                 await bus.spawn(Marked, name=name, inbox_capacity=10, singleton=True)
+            for name in args.inbound:
+                bus.add_channel(name, 10)
+                await bus.bridge_in(name, name)
             assert bus._cluster is not None
             say("ready", node=bus.node, pid=os.getpid(), backend=bus._cluster.pid)
             async for _ in signals:
@@ -87,5 +90,6 @@ if __name__ == "__main__":
     parser.add_argument("--keepalive", type=float, default=1.0)
     parser.add_argument("--public", action="append", default=[])
     parser.add_argument("--singleton", action="append", default=[])
+    parser.add_argument("--inbound", action="append", default=[])
     trio.run(main, parser.parse_args())
     sys.exit(0)
