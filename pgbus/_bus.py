@@ -269,7 +269,7 @@ class Bus:
             return
         await self._supervisor.start(spec)
         if public:
-            await (await self._join_cluster()).offer(name)
+            await (await self._join_cluster()).offer(spec)
 
     async def ask(self, actor: str, message: object, *, timeout: float) -> Any:
         """

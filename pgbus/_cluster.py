@@ -416,7 +416,7 @@ class Cluster:
         self._outbox_send, self._outbox = trio.open_memory_channel[
             tuple[str, str, _Pending | None]
         ](math.inf)
-        self._public: dict[str, None] = {}
+        self._public: dict[str, ActorSpec] = {}
         self._singletons: dict[str, _Singleton] = {}
         self._overflow: deque[tuple[Channel, object]] = deque()
         self._overflow_ready = trio.Event()
@@ -437,9 +437,9 @@ class Cluster:
 
     # -- what this node offers ---------------------------------------------------------------
 
-    async def offer(self, name: str) -> None:
-        """Make the local actor *name* public; returns once the registry says so."""
-        self._public[name] = None
+    async def offer(self, spec: ActorSpec) -> None:
+        """Make the local actor of *spec* public; returns once the registry says so."""
+        self._public[spec.name] = spec
         await self._update_registry_now()
 
     def add_singleton(self, spec: ActorSpec) -> None:
@@ -488,8 +488,12 @@ class Cluster:
     async def tell(self, actor: str, message: object) -> None:
         """See `Bus.tell`: the remote half. Returns once queued for sending."""
         body = _encode(actor, "the message", message)
-        with trio.fail_after(self.keepalive):
+        node: NodeInfo | None = None
+        with trio.move_on_after(self.keepalive):
             node = await self._route(actor)
+        if node is None:
+            reason = f"the cluster's registry could not be read within {self.keepalive:g}s"
+            raise ActorUnavailableError(actor, None, reason, while_handling=False)
         id = next(self._ids)
         payload = f'{{"k":"t","i":{id},"a":{_json_encode(actor)},"m":{body}}}'
         await self._send(node.channel, _checked_size(actor, "the message", payload), None)
@@ -715,9 +719,17 @@ class Cluster:
                 error = RemoteError(str(message.get("t")), str(message.get("e")), pending.node.name)
                 pending.settle(outcome.Error(error))
             return
+        if kind != "a" and kind != "t":
+            self.dropped += 1
+            log.error("cluster: dropped a message of unknown kind %r on %r", kind, self.channel)
+            return
         actor = message.get("a")
-        spec = self._bus._supervisor.find(actor) if isinstance(actor, str) else None
-        if spec is None or spec.inbox is None or actor not in self._offered():
+        spec = self._public.get(actor) if isinstance(actor, str) else None
+        if spec is None and isinstance(actor, str):
+            singleton = self._singletons.get(actor)
+            if singleton is not None and singleton.held:
+                spec = singleton.spec
+        if spec is None or spec.inbox is None:
             self._refuse(message, f"it is not running on node {self.name!r}")
             return
         if kind == "a":

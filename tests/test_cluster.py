@@ -335,8 +335,11 @@ async def test_a_singleton_runs_on_one_node_at_a_time_over_many_takeovers(pg: Pg
                 await victim.process.wait()
             await start(f"n{3 + round}")
         nursery.cancel_scope.cancel()
-    holds = [dict(r) for r in await pg.fetch("SELECT id, node, started, ended FROM cluster_holds")]
-    assert len(holds) == 9
+    holds = [
+        dict(r)
+        for r in await pg.fetch("SELECT id, node, started, ended FROM cluster_holds ORDER BY id")
+    ]
+    assert len(holds) >= 9  # 1 + 8 takeovers, and maybe more while the nodes were stopped
     assert_no_overlap(holds, killed_at)
     await pg.wait_for_no_backends()
 
@@ -372,8 +375,12 @@ async def test_a_holder_whose_connection_goes_half_open_gives_up_before_anyone_t
                     while taken["hold"] == held["hold"]:
                         taken = await starts.receive()
                 nursery.cancel_scope.cancel()
-    holds = [dict(r) for r in await pg.fetch("SELECT id, node, started, ended FROM cluster_holds")]
-    assert len(holds) == 2
+    holds = [
+        dict(r)
+        for r in await pg.fetch("SELECT id, node, started, ended FROM cluster_holds ORDER BY id")
+    ]
+    # The first hold, the takeover, and maybe one more while the nodes were being stopped.
+    assert [h["id"] for h in holds[:2]] == [held["hold"], taken["hold"]]
     assert_no_overlap(holds, {})
     await pg.wait_for_no_backends()
 
