@@ -24,13 +24,10 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from ._bridge import Gap
-from ._bus import open_bus
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
 from ._config import BusConfig, _dsn_problem, load_config
 from ._dsn import describe_dsn, redact_dsn
-from ._errors import ConfigError, PgbusError
-from ._run import STOP_SIGNALS, run_config, sole_error
+from ._errors import ConfigError, PgbusError, unwrap_group
 
 ENV_DSN = "PGBUS_DSN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -252,12 +249,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ._run import run_config  # the driver is imported only by the commands that connect
+
     config = _load_config(args.config, args.dsn)
     with _logging_to_stderr(args.log_level):
         first, *rest = config.summary().splitlines()
         print("\n".join([f"pgbus: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
         return _trio_run(
-            partial(run_config, config, stats_every=args.stats_every),
+            partial(run_config, config, stats_every=args.stats_every, report=_say),
             debug=args.log_level == "debug",
         )
 
@@ -286,6 +285,8 @@ def _notify(args: argparse.Namespace) -> int:
 
 
 async def _send_one(dsn: str, channel: str, message: object, codec: str) -> None:
+    from ._bus import open_bus
+
     async with open_bus(dsn) as bus:
         await bus.notify(channel, message, codec=codec)
 
@@ -300,6 +301,10 @@ def _listen(args: argparse.Namespace) -> int:
 async def _print_notifications(
     dsn: str, channels: list[str], codec: str, count: int | None
 ) -> None:
+    from ._bus import open_bus
+    from ._inbound import Gap
+    from ._run import STOP_SIGNALS
+
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -324,6 +329,8 @@ async def _print_notifications(
 
 
 def _notification_json(item: Any) -> str:
+    from ._inbound import Gap
+
     record: dict[str, object]
     if isinstance(item, Gap):
         record = {"channel": item.channel, "gap": item.reason, "dropped": item.dropped}
@@ -399,9 +406,11 @@ def _trio_run(function: Callable[[], Awaitable[None]], *, debug: bool = False) -
     except KeyboardInterrupt:  # SIGINT outside the part that handles it
         return 130
     except BaseException as exc:
-        error = sole_error(exc)
+        error = unwrap_group(exc, skip_cancelled=True)
         if isinstance(error, KeyboardInterrupt):
             return 130
+        if isinstance(error, SystemExit):  # a signal before the bus installed its handlers
+            return error.code if isinstance(error.code, int) else EXIT_OK
         if not isinstance(error, Exception):
             raise
         if debug:
@@ -495,6 +504,8 @@ def _status(args: argparse.Namespace) -> int:
     found: list[Any] = []
 
     async def read() -> None:
+        from ._bus import open_bus
+
         async with open_bus(dsn) as bus:
             found.append(await bus.cluster_status())
 
@@ -546,6 +557,8 @@ def _ask(args: argparse.Namespace) -> int:
     replies: list[Any] = []
 
     async def ask() -> None:
+        from ._bus import open_bus
+
         async with open_bus(dsn) as bus:
             replies.append(await bus.ask(args.actor, message, timeout=args.timeout))
 
@@ -561,6 +574,8 @@ def _tell(args: argparse.Namespace) -> int:
     dsn = _dsn_for_client(args.dsn)
 
     async def tell() -> None:
+        from ._bus import open_bus
+
         async with open_bus(dsn) as bus:
             await bus.tell(args.actor, message)
 

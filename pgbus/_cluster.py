@@ -41,14 +41,12 @@ import outcome
 import trio
 
 from ._actor import Request
-from ._bridge import Backoff, Gap, Notification, connect_with_retry
 from ._channel import Channel
 from ._codec import MAX_PAYLOAD_BYTES, payload_size
 from ._errors import (
     ActorFailedError,
     ActorUnavailableError,
     AskTimeoutError,
-    ConfigError,
     DatabaseError,
     DatabaseUnavailableError,
     MessageNotJSONError,
@@ -58,7 +56,8 @@ from ._errors import (
     RemoteError,
     UnknownActorError,
 )
-from ._pg import Connection, Database, publish_each
+from ._inbound import Gap, Notification
+from ._pg import Backoff, Connection, Database, connect_with_retry, publish_each
 
 if TYPE_CHECKING:
     from ._bus import Bus
@@ -74,7 +73,6 @@ CLUSTER_CHANNEL = "pgbus.cluster"
 NODE_CHANNEL_PREFIX = "pgbus.node."
 INBOX_NAME = "pgbus:cluster"
 """The bus channel this node's PostgreSQL channels (and the cluster's) are bridged into."""
-MAX_NODE_NAME = 128
 MAX_BATCH = 1000
 """The most notifications one send carries."""
 MAX_OVERFLOW = 10_000
@@ -114,28 +112,6 @@ _SINGLETON_LOCKS = (
     " WHERE locktype = 'advisory' AND granted AND objsubid = 1"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
-
-
-def node_name_problem(name: object) -> str | None:
-    """What is wrong with *name* as a node name (the rest of a sentence), or None."""
-    if not isinstance(name, str) or not name.strip() or not name.isprintable():
-        return f"must be a non-empty string of printable characters (got {name!r})."
-    if len(name) > MAX_NODE_NAME:
-        return f"must be at most {MAX_NODE_NAME} characters (got {len(name)})."
-    return None
-
-
-def validate_node_name(name: object) -> str:
-    """The node-name rule, shared by ``open_bus(node=...)`` and ``[node] name``."""
-    problem = node_name_problem(name)
-    if problem is not None:
-        raise ConfigError(f"node name {problem}")
-    assert isinstance(name, str)
-    return name
-
-
-def default_node_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def singleton_key(name: str) -> int:
@@ -516,7 +492,7 @@ class Cluster:
         return nodes[next(self._turn) % len(nodes)]
 
     async def _refresh(self) -> None:
-        async with self._bus._borrow() as connection:
+        async with self._db.borrow() as connection:
             rows = await connection.fetch(_LIVE_NODES)
         self._apply(rows)
 
@@ -635,7 +611,6 @@ class Cluster:
                 try:
                     if connection.closed:  # a caller's send broke it
                         self._send_connection = None
-                        self._db.own_pids.discard(connection.pid)
                         connection = await connect_with_retry(self._db, "cluster send", backoff)
                         self._send_connection = connection
                     await publish_each(connection, channels, payloads)
@@ -646,7 +621,6 @@ class Cluster:
                         len(payloads), asks, f"the connection broke while sending: {exc}"
                     )
                     self._send_connection = None
-                    self._db.own_pids.discard(connection.pid)
                     connection.abort()
                     connection = await connect_with_retry(self._db, "cluster send", backoff)
                     self._send_connection = connection
@@ -658,7 +632,6 @@ class Cluster:
                 payloads.clear()
                 asks.clear()
         finally:
-            self._db.own_pids.discard(connection.pid)
             with trio.CancelScope(shield=True):
                 await connection.aclose()
 
@@ -812,7 +785,6 @@ class Cluster:
                 self.pid = None
                 with trio.CancelScope(shield=True):
                     await self._release_singletons()
-                    self._db.own_pids.discard(connection.pid)
                     if self._stopping and not connection.closed:
                         await connection.aclose()
                     else:
@@ -838,9 +810,7 @@ class Cluster:
         await self._poll(connection)
 
     async def _register(self, connection: Connection) -> None:
-        xact = connection.transaction()
-        await connection.run(xact.start)
-        try:
+        async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1, 0)", NODE_LOCK_CLASS)
             await connection.execute(_SCHEMA)
             await connection.execute(f"DELETE FROM pgbus.cluster_nodes n WHERE NOT {_ALIVE}")
@@ -849,7 +819,7 @@ class Cluster:
                 self.name,
             )
             if taken is not None:
-                raise NodeNameTakenError(self.name, taken)  # noqa: TRY301 (rolled back below)
+                raise NodeNameTakenError(self.name, taken)
             await connection.execute(
                 "INSERT INTO pgbus.cluster_nodes"
                 " (pid, name, channel, host, os_pid, public, singletons, inbound)"
@@ -870,12 +840,6 @@ class Cluster:
             await connection.execute(
                 "SELECT pg_notify($1, $2)", CLUSTER_CHANNEL, f"join {self.name}"
             )
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                if not connection.closed:
-                    await connection.run(xact.rollback)
-            raise
-        await connection.run(xact.commit)
         self._dirty = False
         self._registered = (self._offered(), list(self._singletons), self._inbound())
 
@@ -955,7 +919,7 @@ class Cluster:
             return
         public = self._offered() if offer else []
         singletons = list(self._singletons) if offer else []
-        async with self._bus._borrow() as connection:
+        async with self._db.borrow() as connection:
             await connection.execute(
                 "UPDATE pgbus.cluster_nodes SET public = $1, singletons = $2, inbound = $3"
                 " WHERE pid = $4",

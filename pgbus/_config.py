@@ -28,10 +28,10 @@ import attrs
 from ._actor import Actor
 from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
 from ._channel import Capacity, validate_capacity
-from ._cluster import node_name_problem
 from ._codec import CODECS, validate_channel_name
 from ._dsn import redact_dsn
 from ._errors import CapacityError, ChannelNameError, ConfigError
+from ._node import node_name_problem
 from ._supervisor import RESTART_KINDS, STRATEGIES
 
 MAX_APPLICATION_NAME_BYTES = 63

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
@@ -20,18 +19,14 @@ from ._dsn import describe_dsn, redact_dsn
 
 log = logging.getLogger("pgbus")
 
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
-
-
-def _print_to_stderr(line: str) -> None:
-    print(f"pgbus: {line}", file=sys.stderr, flush=True)
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def run_config(
     config: BusConfig,
     *,
     stats_every: float | None = None,
-    report: Callable[[str], None] = _print_to_stderr,
+    report: Callable[[str], None],
     stop_signals: Iterable[signal.Signals] = STOP_SIGNALS,
 ) -> None:
     """
@@ -187,16 +182,3 @@ def format_statistics(stats: BusStatistics) -> str:
             capacity = "inf" if c.capacity == float("inf") else f"{c.capacity:g}"
             parts.append(f"channel {c.name!r} holds {c.buffered}/{capacity}")
     return "stats: " + ("; ".join(parts) if parts else "nothing running")
-
-
-def sole_error(error: BaseException) -> BaseException:
-    """
-    The one real error inside *error*: nested exception groups of one member unwrapped, with
-    `trio.Cancelled` left out. A group holding several real errors is returned as it is.
-    """
-    while isinstance(error, BaseExceptionGroup):
-        _, rest = error.split(trio.Cancelled)
-        if rest is None or len(rest.exceptions) != 1:
-            return error
-        error = rest.exceptions[0]
-    return error
