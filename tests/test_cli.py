@@ -337,12 +337,12 @@ async def test_notify_refuses_a_long_channel_name_before_connecting() -> None:
 def test_notify_without_a_dsn_says_how_to_give_one(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Neither --dsn nor PGBUS_DSN: exit 2, naming both."""
+    """Neither --dsn nor PGBUS_DSN nor --config: exit 2, naming all three."""
     monkeypatch.delenv("PGBUS_DSN", raising=False)
     assert main(["notify", "orders", "hello"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
-        "pgbus: error: no PostgreSQL to connect to: pass --dsn postgresql://user@host/db or set "
-        "PGBUS_DSN."
+        "pgbus: error: no PostgreSQL to connect to: pass --dsn postgresql://user@host/db, set "
+        "PGBUS_DSN, or name a config file with --config."
     )
 
 
