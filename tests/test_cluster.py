@@ -541,3 +541,10 @@ async def test_the_cluster_example_asks_across_processes_and_moves_its_singleton
             assert moved["node"] != tick["node"]
             assert await second.stop(signal.SIGTERM, timeout=15) == 0
     await pg.wait_for_no_backends()
+
+
+def test_ask_refuses_a_message_that_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """ask with invalid JSON: exit 2 and one line, before connecting to anything."""
+    assert main(["ask", "echo", "{nope", "--dsn", "postgresql://nobody@127.0.0.1:1/x"]) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err).startswith("pgbus: error: MESSAGE is not valid JSON (")
