@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from test_cli import ROOT, Pgbus, one_error_line, pgbus_env, run_to_completion, running
+from processes import ROOT, Pgbus, pgbus_env, run_to_completion, running
+from test_cli import one_error_line
 
 import pgbus
 from pgbus._cli import main
