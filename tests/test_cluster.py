@@ -269,6 +269,38 @@ async def test_kill_9_fails_pending_asks_fast_and_the_next_ask_goes_to_a_survivo
     await pg.wait_for_no_backends()
 
 
+async def test_pending_asks_fail_at_once_when_the_askers_listening_connection_reconnects(
+    pg: PgHelper,
+) -> None:
+    """Replies sent while the asker's listener was down are lost: its asks say so, at once."""
+    async with node(pg.dsn, "worker-1", "--public", "echo") as worker, asker(pg.dsn) as bus:
+        failed = trio.Event()
+        outcome: list[BaseException] = []
+
+        async def pending_ask() -> None:
+            try:
+                await bus.ask("echo", {"sleep": 600}, timeout=600)
+            except pgbus.PgbusError as exc:
+                outcome.append(exc)
+            failed.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pending_ask)
+            await worker.expect("stdout", '"event": "sleeping"')
+            [listener] = [
+                row["pid"]
+                for row in await pg.backends()
+                if row["application_name"] == "pgbus:listen" and row["pid"] in bus.own_pids
+            ]
+            await pg.execute("SELECT pg_terminate_backend($1)", listener)
+            with trio.fail_after(WAIT):
+                await failed.wait()
+        [error] = outcome
+        assert isinstance(error, pgbus.ActorUnavailableError)
+        assert "this node's listening connection reconnected; the reply may be lost" in str(error)
+    await pg.wait_for_no_backends()
+
+
 # -- singletons ----------------------------------------------------------------------------------
 
 HOLDS = """
