@@ -525,7 +525,7 @@ class Cluster:
         Send from the caller's task while the sending connection is free and nothing waits to
         go before this (one task switch fewer); else queue it for the sender, which batches.
 
-        Shielded (a cancelled send would cut the shared connection), bounded by keepalive.
+        Shielded from cancellation; bounded by the connection's guard (``keepalive``).
         """
         connection = self._send_connection
         if self._sending or self._queued or connection is None or connection.closed:
@@ -535,11 +535,10 @@ class Cluster:
         self._sending = True
         asks = [pending] if pending is not None else []
         try:
-            with trio.CancelScope(shield=True) as scope:
-                scope.relative_deadline = self.keepalive
+            # Shielded: a send cut off halfway would cost everyone the shared connection. The
+            # connection's guard bounds it (a statement unanswered is checked, then aborted).
+            with trio.CancelScope(shield=True):
                 await publish_each(connection, (channel,), (payload,))
-            if scope.cancelled_caught:
-                self._lost_sends(1, asks, "PostgreSQL did not answer within keepalive")
         except DatabaseError as exc:
             self._lost_sends(1, asks, f"PostgreSQL refused it: {exc}")
         except DatabaseUnavailableError as exc:
