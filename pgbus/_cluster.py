@@ -366,9 +366,10 @@ class Cluster:
     This bus as a node of the cluster. Made by the bus (`Bus._join_cluster`); `serve` runs it.
 
     Tasks (in `serve`'s nursery): the node task (join, poll membership, hold singletons), the
-    sender (batches every request, reply and tell into one ``pg_notify`` statement per round
-    trip), the dispatcher (reads this node's channel: replies settle asks, requests go into
-    actors' inboxes without waiting) and the forwarder (waits for room in full inboxes).
+    sender (batches what queued into one ``pg_notify`` statement per round trip; an ask or a
+    tell is sent from its caller's task when the connection is free) and the forwarder (waits
+    for room in full inboxes). What arrives on this node's channel is handled inside the
+    listener's socket read (`_receive`): replies settle asks, requests go into inboxes.
     """
 
     def __init__(self, bus: Bus, database: Database, *, name: str, keepalive: float) -> None:
