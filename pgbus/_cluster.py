@@ -311,6 +311,10 @@ class _Pending:
         self.settle(outcome.Error(error))
 
 
+_Outgoing = tuple[str, str, "_Pending | None", bool]
+"""What the sender sends: (channel, payload, the ask it carries or None, whether a reply)."""
+
+
 class _RemoteReply:
     """Where a remote request's answer goes: encoded and queued for the asking node."""
 
@@ -337,7 +341,7 @@ class _RemoteReply:
                 payload = _error_payload(self.id, result.error)
         except PgbusError as exc:
             payload = _error_payload(self.id, exc)
-        self.cluster._queue_send(self.channel, payload, None)
+        self.cluster._queue_send(self.channel, payload, None, reply=True)
 
 
 def _error_payload(id: int, error: BaseException) -> str:
@@ -390,9 +394,7 @@ class Cluster:
         self._turn = itertools.count()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._outbox_send, self._outbox = trio.open_memory_channel[
-            tuple[str, str, _Pending | None]
-        ](math.inf)
+        self._outbox_send, self._outbox = trio.open_memory_channel[_Outgoing](math.inf)
         self._public: dict[str, ActorSpec] = {}
         self._singletons: dict[str, _Singleton] = {}
         self._overflow: deque[tuple[Channel, object]] = deque()
@@ -517,9 +519,12 @@ class Cluster:
             if pending.node.pid not in nodes:
                 pending.fail("its session ended")
 
-    def _queue_send(self, channel: str, payload: str, pending: _Pending | None) -> None:
+    def _queue_send(
+        self, channel: str, payload: str, pending: _Pending | None, *, reply: bool = False
+    ) -> None:
+        """Queue for the sender; a *reply* is sent again if the connection breaks."""
         self._queued += 1
-        self._outbox_send.send_nowait((channel, payload, pending))
+        self._outbox_send.send_nowait((channel, payload, pending, reply))
 
     async def _send(self, channel: str, payload: str, pending: _Pending | None) -> None:
         """
@@ -529,21 +534,21 @@ class Cluster:
         Shielded from cancellation; bounded by the connection's guard (``keepalive``).
         """
         connection = self._send_connection
-        if self._sending or self._queued or connection is None or connection.closed:
+        if self._sending or self._queued or connection is None or not connection.poll():
             self._queue_send(channel, payload, pending)
             await trio.lowlevel.checkpoint()
             return
         self._sending = True
-        asks = [pending] if pending is not None else []
+        lost = [(channel, payload, pending, False)]
         try:
             # Shielded: a send cut off halfway would cost everyone the shared connection. The
             # connection's guard bounds it (a statement unanswered is checked, then aborted).
             with trio.CancelScope(shield=True):
                 await publish_each(connection, (channel,), (payload,))
         except DatabaseError as exc:
-            self._lost_sends(1, asks, f"PostgreSQL refused it: {exc}")
+            self._lost_sends(lost, f"PostgreSQL refused it: {exc}")
         except DatabaseUnavailableError as exc:
-            self._lost_sends(1, asks, f"the connection broke while sending: {exc}")
+            self._lost_sends(lost, f"the connection broke while sending: {exc}")
         finally:
             self._sending = False
             self._send_free.set()
@@ -580,46 +585,45 @@ class Cluster:
         connection = await connect_with_retry(self._db, "cluster send", backoff)
         self._send_connection = connection
         task_status.started()
-        channels: list[str] = []
-        payloads: list[str] = []
-        asks: list[_Pending] = []
+        batch: list[_Outgoing] = []
         try:
             while True:
-                if trio.lowlevel.current_statistics().tasks_runnable:
-                    await trio.lowlevel.checkpoint()  # senders that are ready queue first
-                try:
-                    item = self._outbox.receive_nowait()
-                except trio.WouldBlock:
-                    self._sender_idle.set()
-                    item = await self._outbox.receive()
-                    self._sender_idle = trio.Event()
-                while True:
-                    self._queued -= 1
-                    channels.append(item[0])
-                    payloads.append(item[1])
-                    if item[2] is not None:
-                        asks.append(item[2])
-                    if len(payloads) >= MAX_BATCH:
-                        break
+                if not batch:
+                    if trio.lowlevel.current_statistics().tasks_runnable:
+                        await trio.lowlevel.checkpoint()  # senders that are ready queue first
                     try:
                         item = self._outbox.receive_nowait()
                     except trio.WouldBlock:
+                        self._sender_idle.set()
+                        item = await self._outbox.receive()
+                        self._sender_idle = trio.Event()
+                    self._queued -= 1
+                    batch.append(item)
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._outbox.receive_nowait())
+                    except trio.WouldBlock:
                         break
+                    self._queued -= 1
                 while self._sending:  # a caller is sending from its own task
                     await self._send_free.wait()
                 self._sending = True
                 try:
-                    if connection.closed:  # a caller's send broke it
+                    if not connection.poll():  # gone while idle (a restart, a terminate)
                         self._send_connection = None
                         connection = await connect_with_retry(self._db, "cluster send", backoff)
                         self._send_connection = connection
-                    await publish_each(connection, channels, payloads)
+                    await publish_each(connection, [b[0] for b in batch], [b[1] for b in batch])
+                    batch.clear()
                 except DatabaseError as exc:
-                    self._lost_sends(len(payloads), asks, f"PostgreSQL refused it: {exc}")
+                    self._lost_sends(batch, f"PostgreSQL refused it: {exc}")
+                    batch.clear()
                 except DatabaseUnavailableError as exc:
-                    self._lost_sends(
-                        len(payloads), asks, f"the connection broke while sending: {exc}"
-                    )
+                    # Replies go again (the asker keeps the first, drops a repeat as late);
+                    # requests and tells do not: one sent twice could be handled twice.
+                    reason = f"the connection broke while sending: {exc}"
+                    self._lost_sends([b for b in batch if not b[3]], reason)
+                    batch[:] = [b for b in batch if b[3]]
                     self._send_connection = None
                     connection.abort()
                     connection = await connect_with_retry(self._db, "cluster send", backoff)
@@ -628,19 +632,20 @@ class Cluster:
                     self._sending = False
                     self._send_free.set()
                     self._send_free = trio.Event()
-                channels.clear()
-                payloads.clear()
-                asks.clear()
         finally:
             with trio.CancelScope(shield=True):
                 await connection.aclose()
 
-    def _lost_sends(self, count: int, asks: Sequence[_Pending], reason: str) -> None:
-        """Not resent: a request sent twice could be handled twice. Its asks fail now."""
-        self.dropped += count - len(asks)
-        log.warning("cluster: %d message(s) not sent: %s", count, reason)
-        for pending in asks:
-            pending.fail(f"the request may not have been sent: {reason}")
+    def _lost_sends(self, lost: Sequence[_Outgoing], reason: str) -> None:
+        """Messages that may not have gone out, and will not go again: their asks fail now."""
+        if not lost:
+            return
+        log.warning("cluster: %d message(s) not sent: %s", len(lost), reason)
+        for _, _, pending, _ in lost:
+            if pending is None:
+                self.dropped += 1
+            else:
+                pending.fail(f"the request may not have been sent: {reason}")
 
     # .. receiving ............................................................................
 
@@ -732,7 +737,7 @@ class Cluster:
         actor = message.get("a")
         if message.get("k") == "a" and isinstance(message.get("r"), str):
             unavailable = _json_encode({"k": "e", "i": message["i"], "t": None, "e": reason})
-            self._queue_send(message["r"], unavailable, None)
+            self._queue_send(message["r"], unavailable, None, reply=True)
         log.warning("cluster: refused a message for actor %r: %s", actor, reason)
 
     async def _forward_loop(self) -> None:
@@ -887,6 +892,10 @@ class Cluster:
                 if singleton.key in won:
                     singleton.held = True  # started by _start_acquired, outside the bound
                     self._acquired.append(singleton)
+            if won:  # advertised at once: requests wait in its inbox until it has started
+                await self._write_registry(
+                    connection, self._offered(), list(self._singletons), self._inbound()
+                )
         self._apply(await connection.fetch(_LIVE_NODES))
 
     async def _start_acquired(self) -> None:
@@ -894,9 +903,6 @@ class Cluster:
         for singleton in acquired:
             log.info("cluster: node %r runs singleton %r", self.name, singleton.spec.name)
             await self._bus._supervisor.start(singleton.spec)
-        if acquired:
-            self._dirty = True
-            self._wake_node()
 
     async def _write_registry(
         self, connection: Connection, public: list[str], singletons: list[str], inbound: list[str]
