@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {  # public name -> the private module defining it
     "open_bus": "_bus",
     "Channel": "_channel",
     "ChannelStatistics": "_channel",
+    "ClusterStatistics": "_cluster",
     "ClusterStatus": "_cluster",
     "NodeInfo": "_cluster",
     "SingletonStatus": "_cluster",
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from ._bus import open_bus as open_bus
     from ._channel import Channel as Channel
     from ._channel import ChannelStatistics as ChannelStatistics
+    from ._cluster import ClusterStatistics as ClusterStatistics
     from ._cluster import ClusterStatus as ClusterStatus
     from ._cluster import NodeInfo as NodeInfo
     from ._cluster import SingletonStatus as SingletonStatus
@@ -122,6 +124,7 @@ __all__ = [
     "Channel",
     "ChannelNameError",
     "ChannelStatistics",
+    "ClusterStatistics",
     "ClusterStatus",
     "CodecError",
     "ConfigError",

@@ -20,6 +20,7 @@ from ._channel import Channel, ChannelStatistics
 from ._cluster import (
     CLUSTER_CHANNEL,
     Cluster,
+    ClusterStatistics,
     ClusterStatus,
     read_status,
 )
@@ -60,6 +61,8 @@ class BusStatistics:
     channels: tuple[ChannelStatistics, ...]
     actors: tuple[ActorStatistics, ...]
     bridges: tuple[BridgeStatistics, ...]
+    cluster: ClusterStatistics | None = None
+    """This bus as a node of the cluster, once it has joined."""
 
 
 class _Service:
@@ -472,6 +475,7 @@ class Bus:
             channels=tuple(c.statistics() for c in self._channels.values()),
             actors=tuple(self._supervisor.statistics()),
             bridges=tuple(bridges),
+            cluster=self._cluster.statistics() if self._cluster is not None else None,
         )
 
     async def _stop_outbound(

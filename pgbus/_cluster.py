@@ -204,6 +204,24 @@ class NodeInfo:
 
 
 @attrs.frozen
+class ClusterStatistics:
+    """Counters of this bus as a node of the cluster (in `BusStatistics.cluster`)."""
+
+    node: str
+    joined: bool
+    """True while the node connection holds the node's lock."""
+    pending_asks: int
+    """Asks of this node waiting for a reply from another node."""
+    late_replies: int
+    """Replies that came after their ask had given up (dropped)."""
+    refused: int
+    """Requests for actors this node does not run (any more), or beyond its overflow."""
+    dropped: int
+    """Malformed messages, and tells lost with a broken connection."""
+    singletons_held: tuple[str, ...]
+
+
+@attrs.frozen
 class SingletonStatus:
     """A singleton of the cluster: who holds it (None while nobody does) and who stands by."""
 
@@ -413,6 +431,17 @@ class Cluster:
         self.late_replies = 0
         self.refused = 0
         self.dropped = 0
+
+    def statistics(self) -> ClusterStatistics:
+        return ClusterStatistics(
+            node=self.name,
+            joined=self.pid is not None,
+            pending_asks=len(self._pending),
+            late_replies=self.late_replies,
+            refused=self.refused,
+            dropped=self.dropped,
+            singletons_held=tuple(n for n, s in self._singletons.items() if s.held),
+        )
 
     # -- what this node offers ---------------------------------------------------------------
 

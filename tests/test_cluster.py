@@ -176,6 +176,11 @@ async def test_a_late_reply_is_dropped_and_blocks_nobody(pg: PgHelper) -> None:
                 "node": "worker-1",
                 "echo": "next",
             }
+            statistics = bus.statistics().cluster
+            assert statistics is not None
+            assert (statistics.node, statistics.pending_asks) == ("tester", 0)
+            # The late reply came before the next one (NOTIFY keeps order), and was dropped.
+            assert statistics.late_replies == 1
     await pg.wait_for_no_backends()
 
 
