@@ -37,13 +37,13 @@ def instrument() -> None:
     send, queue, dispatch = cluster._send, cluster._queue_send, cluster._dispatch
     publish = _cluster.publish_each
 
-    async def traced_send(self: Any, *args: Any) -> None:
+    async def traced_send(self: Any, *args: Any, **kwargs: Any) -> None:
         mark("queued")
-        await send(self, *args)
+        await send(self, *args, **kwargs)
 
-    def traced_queue(self: Any, *args: Any) -> None:
+    def traced_queue(self: Any, *args: Any, **kwargs: Any) -> None:
         mark("queued")
-        queue(self, *args)
+        queue(self, *args, **kwargs)
 
     async def traced_publish(*args: Any) -> None:
         mark("execute start")
@@ -94,7 +94,7 @@ def report(a: dict[str, list[float]], b: dict[str, list[float]]) -> None:
         ("A: pg_notify committed", a["execute done"]),
         ("B: request parsed (listener)", b["parsed"]),
         ("B: actor's handle runs", b["handle"]),
-        ("B: reply encoded, queued", b["queued"]),
+        ("B: reply encoded, sending", b["queued"]),
         ("B: pg_notify sent", b["execute start"]),
         ("B: pg_notify committed", b["execute done"]),
         ("A: reply parsed (listener)", a["parsed"]),
