@@ -973,10 +973,12 @@ class Cluster:
         self._acquired = []
         for singleton in self._singletons.values():
             if singleton.held:
-                log.warning(
-                    "cluster: node %r stops singleton %r (its lock went with the node connection)",
-                    self.name,
-                    singleton.spec.name,
-                )
+                if not self._stopping:  # leaving: the bus has stopped its actors already
+                    log.warning(
+                        "cluster: node %r stops singleton %r (its lock went with the node "
+                        "connection)",
+                        self.name,
+                        singleton.spec.name,
+                    )
                 await self._bus._supervisor.remove(singleton.spec.name)
                 singleton.held = False
