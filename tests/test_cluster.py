@@ -578,6 +578,8 @@ async def test_the_cluster_example_asks_across_processes_and_moves_its_singleton
                 moved = json.loads(await second.expect("stdout", '"clock"'))
             assert moved["node"] != tick["node"]
             assert await second.stop(signal.SIGTERM, timeout=15) == 0
+            # Leaving cleanly is not losing the lock: no warning says so.
+            assert not [x for x in second.lines["stderr"] if "stops singleton" in x]
     await pg.wait_for_no_backends()
 
 
