@@ -909,8 +909,8 @@ class Cluster:
     async def _poll(self, connection: Connection) -> None:
         """Registry up to date, singletons tried, membership read: one period's work."""
         current = (self._offered(), list(self._singletons), self._inbound())
-        if self._dirty or current != self._registered:
-            await self._write_registry(connection, *current)
+        if (self._dirty or current != self._registered) and not self._stopping:
+            await self._write_registry(connection, *current)  # (leaving: withdrawn for good)
         waiting = [s.key for s in self._singletons.values() if not s.held]
         if waiting and not self._stopping:
             rows = await connection.fetch(
