@@ -85,8 +85,8 @@ def event(line: str) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def asker(dsn: str, **options: Any) -> AsyncIterator[pgbus.Bus]:
-    async with pgbus.open_bus(dsn, node="tester", keepalive=KEEPALIVE, **options) as bus:
+async def asker(dsn: str, node_name: str = "tester") -> AsyncIterator[pgbus.Bus]:
+    async with pgbus.open_bus(dsn, node=node_name, keepalive=KEEPALIVE) as bus:
         yield bus
 
 
@@ -231,6 +231,41 @@ async def test_two_live_nodes_cannot_share_a_name(pg: PgHelper) -> None:
                 pass
     async with asker(pg.dsn) as again:  # once the first has left, the name is free
         assert again.node == "tester"
+    await pg.wait_for_no_backends()
+
+
+class LocalEcho(pgbus.Actor):
+    async def handle(self, message: Any) -> Any:
+        return message
+
+
+async def test_bad_input_on_a_node_channel_is_counted_and_the_node_goes_on(pg: PgHelper) -> None:
+    """Garbage or a request for an actor the node does not run: counted, refused, no harm."""
+    async with asker(pg.dsn) as bus:
+        await bus.spawn(LocalEcho, name="local_echo", inbox_capacity=10, public=True)
+        status = await bus.cluster_status()
+        [me] = [n for n in status.nodes if n.name == "tester"]
+        async with pg.listen("test replies") as replies:
+            for payload in (
+                "not json",
+                '{"k": "zz", "i": 1}',
+                '{"k": "a", "i": 7, "a": "nobody", "r": "test replies", "m": 1}',
+            ):
+                await pg.execute("SELECT pg_notify($1, $2)", me.channel, payload)
+            with trio.fail_after(WAIT):
+                _, refusal, _ = await replies.receive()
+        assert json.loads(refusal) == {
+            "k": "e",
+            "i": 7,
+            "t": None,
+            "e": "it is not running on node 'tester'",
+        }
+        statistics = bus.statistics().cluster
+        assert statistics is not None
+        assert (statistics.dropped, statistics.refused) == (2, 1)
+        with trio.fail_after(WAIT):  # and the node works on
+            async with asker(pg.dsn, node_name="other") as other:
+                assert await other.ask("local_echo", [1], timeout=WAIT) == [1]
     await pg.wait_for_no_backends()
 
 
