@@ -656,3 +656,20 @@ def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
     Every error that matters reaches pgbus through the call that awaited it.
     """
     log.debug("asyncio: %s: %r", context.get("message"), context.get("exception"))
+
+
+async def publish_each(
+    connection: Connection, channels: Sequence[str], payloads: Sequence[str]
+) -> None:
+    """
+    Send ``payloads[i]`` to ``channels[i]`` for every i, in order, in one statement (so one
+    transaction: the caller keeps (channel, payload) pairs distinct, or PostgreSQL merges them).
+    """
+    if len(payloads) == 1:
+        await connection.execute("SELECT pg_notify($1, $2)", channels[0], payloads[0])
+    else:
+        await connection.execute(
+            "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+            channels,
+            payloads,
+        )
