@@ -104,7 +104,6 @@ class _ListenerProtocolConnection(asyncpg.Connection):
     while it is still inside the socket read that produced the notification.
     """
 
-
     def _set_sink(self, sink: NotificationSink) -> None:
         # An instance attribute shadows asyncpg's method: the parser calls the sink itself, one
         # Python call per notification, and no loop callback per notification. Without a sink
