@@ -108,7 +108,7 @@ class _ListenerProtocolConnection(asyncpg.Connection):
         # An instance attribute shadows asyncpg's method: the parser calls the sink itself, one
         # Python call per notification, and no loop callback per notification. Without a sink
         # (the public path), asyncpg's own method hands them to add_listener's callbacks.
-        self._process_notification = sink  # type: ignore[method-assign,assignment]
+        self._process_notification = sink
 
 
 class _Unanswered(Exception):
