@@ -26,10 +26,10 @@ import trio
 from . import __version__
 from ._bridge import Gap
 from ._bus import open_bus
-from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
+from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel_name
 from ._config import BusConfig, _dsn_problem, load_config
 from ._dsn import describe_dsn, redact_dsn
-from ._errors import ConfigError, PgbusError
+from ._errors import CodecError, ConfigError, PgbusError
 from ._run import STOP_SIGNALS, run_config, sole_error
 
 ENV_DSN = "PGBUS_DSN"
@@ -267,10 +267,11 @@ def _notify(args: argparse.Namespace) -> int:
     message: Any = text
     if args.codec == "json":
         try:
-            message = json.loads(text)
-        except ValueError as exc:
+            message = decoder("json")(channel, text)
+        except CodecError as exc:
             raise UsageError(
-                f"PAYLOAD is not valid JSON ({exc}); pass --codec text to send it as it is."
+                f"PAYLOAD {exc.detail.removeprefix('payload ')}; "
+                "pass --codec text to send it as it is."
             ) from None
     try:
         size = len(encode(channel, message, args.codec).encode())

@@ -508,3 +508,19 @@ def servers_using(directory: str) -> list[int]:
         if directory in " ".join(process.info["cmdline"] or ()):
             pids.append(process.pid)
     return pids
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ("[" * 5000 + "]" * 5000, "PAYLOAD is nested too deeply for Python's JSON decoder"),
+        ("NaN", "PAYLOAD holds NaN, which is not JSON and which PostgreSQL's jsonb refuses"),
+        ('"\\ud800"', "PAYLOAD string holds a lone surrogate (U+D800 at index 0)"),
+    ],
+)
+def test_notify_json_codec_refuses_what_jsonb_would(
+    capsys: pytest.CaptureFixture[str], payload: str, problem: str
+) -> None:
+    """--codec json checks PAYLOAD with the strict codec: exit 2, one line, no traceback."""
+    assert main(["notify", "orders", payload, "--codec", "json", "--dsn", "postgresql://x/y"]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"pgbus: error: {problem}")
