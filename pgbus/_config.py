@@ -203,8 +203,12 @@ def parse_config(
     """
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigFileError(source, "", None, f"invalid TOML: {exc}") from None
+    except RecursionError:  # tables or arrays nested some hundreds deep
+        raise ConfigFileError(
+            source, "", None, "invalid TOML: nested too deeply for Python's TOML reader."
+        ) from None
+    except ValueError as exc:  # TOMLDecodeError, or int() refusing over 4300 digits
+        raise ConfigFileError(source, "", None, f"invalid TOML: {_one_line_text(exc)}") from None
     root = _Table(source, "", data)
     root.no_unknown_keys(_TOP_LEVEL_KEYS, "top-level key")
 
@@ -285,9 +289,13 @@ class _Table:
 
     def seconds(self, key: str, default: float) -> float:
         hint = "a number of seconds > 0"
-        value = float(self.get(key, "a number", default, hint=hint))
+        written = self.get(key, "a number", default, hint=hint)
+        try:
+            value = float(written)
+        except OverflowError:  # an integer beyond any double
+            value = math.inf
         if not (0 < value < math.inf):
-            self.fail(key, f"must be {hint} (got {_show(value)}).")
+            self.fail(key, f"must be {hint} (got {_show(written)}).")
         return value
 
     def table(self, key: str, example: str) -> _Table:
@@ -547,9 +555,17 @@ def _show(value: object) -> str:
         return "an array"
     if isinstance(value, datetime.date | datetime.time):
         return value.isoformat()
+    if isinstance(value, int) and not -(10**30) < value < 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    if isinstance(value, str) and len(value) > 200:
+        return repr(value[:60]) + f" ... ({len(value)} characters)"
     return repr(value)
 
 
+def _one_line_text(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = _one_line_text(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
