@@ -88,6 +88,7 @@ def test_files_that_used_to_crash_check_give_one_line(text: str) -> None:
 def test_an_integer_too_large_for_seconds_is_named_without_its_digits() -> None:
     """The message names the key and the size of the number, not 400 digits."""
     status, _, err = check("[supervisor]\nwithin_seconds = 1" + "0" * 400 + "\n")
+    assert status == 2
     assert err.endswith(
         "bus.toml: [supervisor] within_seconds must be a number of seconds > 0 "
         "(got an integer of 401 digits).\n"
