@@ -293,9 +293,9 @@ class _Table:
         try:
             value = float(written)
         except OverflowError:  # an integer beyond any double
-            value = math.inf
-        if not (0 < value < math.inf):
             self.fail(key, f"must be {hint} (got {_show(written)}).")
+        if not (0 < value < math.inf):
+            self.fail(key, f"must be {hint} (got {_show(value)}).")
         return value
 
     def table(self, key: str, example: str) -> _Table:
