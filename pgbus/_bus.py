@@ -17,6 +17,7 @@ from ._actor import Actor, Request
 from ._bridge import BridgeStatistics
 from ._channel import Channel, ChannelStatistics
 from ._codec import encode, validate_channel_name
+from ._dsn import check_dsn
 from ._errors import (
     ActorFailedError,
     AskTimeoutError,
@@ -508,6 +509,8 @@ async def open_bus(
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
+    if dsn is not None:
+        check_dsn(dsn)
     supervision = Supervision(
         strategy, max_restarts, within_seconds, backoff_initial, backoff_max, stop_timeout
     )

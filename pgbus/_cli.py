@@ -27,9 +27,9 @@ from . import __version__
 from ._bridge import Gap
 from ._bus import open_bus
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel_name
-from ._config import BusConfig, _dsn_problem, load_config
-from ._dsn import describe_dsn, redact_dsn
-from ._errors import CodecError, ConfigError, PgbusError
+from ._config import BusConfig, load_config
+from ._dsn import check_dsn, describe_dsn, redact_dsn
+from ._errors import CodecError, ConfigError, PgbusError, SettingError
 from ._run import STOP_SIGNALS, run_config, sole_error
 
 ENV_DSN = "PGBUS_DSN"
@@ -371,10 +371,10 @@ def _dsn_for_client(dsn_option: str | None) -> str:
         raise UsageError(
             f"no PostgreSQL to connect to: pass --dsn postgresql://user@host/db or set {ENV_DSN}."
         )
-    problem = _dsn_problem(dsn)
-    if problem is not None:
-        raise UsageError(f"{origin} {problem}")
-    return dsn
+    try:
+        return check_dsn(dsn)
+    except SettingError as exc:
+        raise UsageError(f"{origin} {exc.rule}") from None
 
 
 def _checked_channel(name: str) -> str:

@@ -29,8 +29,8 @@ from ._actor import Actor
 from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
 from ._channel import Capacity, validate_capacity
 from ._codec import CODECS, validate_channel_name
-from ._dsn import redact_dsn
-from ._errors import CapacityError, ChannelNameError, ConfigError
+from ._dsn import check_dsn, redact_dsn
+from ._errors import CapacityError, ChannelNameError, ConfigError, SettingError
 from ._supervisor import RESTART_KINDS, STRATEGIES
 
 MAX_APPLICATION_NAME_BYTES = 63
@@ -134,9 +134,10 @@ class BusConfig:
         ``PGBUS_DSN``. *origin* names the DSN's source in the `ConfigError` a bad DSN raises.
         """
         if dsn is not None:
-            problem = _dsn_problem(dsn)
-            if problem is not None:
-                raise ConfigError(f"{origin} {problem}")
+            try:
+                check_dsn(dsn)
+            except SettingError as exc:
+                raise SettingError(origin, exc.rule) from None
         return attrs.evolve(self, postgres=attrs.evolve(self.postgres, dsn=dsn))
 
     def summary(self) -> str:
@@ -330,10 +331,13 @@ def _parse_postgres(t: _Table) -> PostgresConfig:
     t.no_unknown_keys(("dsn", "application_name"))
     dsn: str | None = t.get("dsn", "a string", None)
     if dsn is not None:
-        problem = _dsn_problem(dsn)
-        if problem is not None:
-            t.fail("dsn", problem)
+        try:
+            check_dsn(dsn)
+        except SettingError as exc:
+            t.fail("dsn", exc.rule)
     name: str = t.get("application_name", "a string", APPLICATION_NAME_PREFIX)
+    if "\x00" in name:
+        t.fail("application_name", f"must not contain NUL characters (got {_show(name)}).")
     if not name.startswith(APPLICATION_NAME_PREFIX):
         t.fail(
             "application_name",
@@ -524,16 +528,6 @@ def _importable(*directories: Path) -> Iterator[None]:
         for entry in added:
             with contextlib.suppress(ValueError):
                 sys.path.remove(entry)
-
-
-def _dsn_problem(dsn: str) -> str | None:
-    """Why *dsn* is not a PostgreSQL DSN (the rest of a sentence starting "dsn"), or None."""
-    if dsn.startswith(("postgresql://", "postgres://")) or ("=" in dsn and "://" not in dsn):
-        return None
-    return (
-        "must be a URL starting with postgresql:// or postgres://, or a libpq "
-        f"key=value string (got {_show(redact_dsn(dsn))})."
-    )
 
 
 def _toml_key(key: str) -> str:

@@ -11,6 +11,21 @@ class ConfigError(PgbusError):
     """A configuration value breaks a rule; the message names where, the rule and the value."""
 
 
+class SettingError(ConfigError, ValueError):
+    """
+    One setting breaks its rule. The message is ``f"{key} {rule}"``; the structured parts let
+    the configuration file name the same rule in its own form (``bus.toml: [table] key rule``)
+    and the command line name the option (``--dsn rule``).
+    """
+
+    def __init__(self, key: str, rule: str) -> None:
+        self.key = key
+        """The setting, as the Python API names it: ``dsn``, ``max_restarts``."""
+        self.rule = rule
+        """The rest of the sentence, bad value included: ``must be >= 0 (got -1).``"""
+        super().__init__(f"{key} {rule}")
+
+
 class CapacityError(ConfigError, ValueError):
     """A channel capacity that is not 0, a positive integer or ``math.inf``."""
 

@@ -290,8 +290,9 @@ def test_a_bad_dsn_option_is_refused_without_its_password(
     """A DSN that is not PostgreSQL's: exit 2, the password redacted."""
     assert main(["run", QUICKSTART, "--dsn", "mysql://app:s3cret@db/app"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
-        "pgbus: error: --dsn must be a URL starting with postgresql:// or postgres://, or a "
-        "libpq key=value string (got 'mysql://app:***@db/app')."
+        "pgbus: error: --dsn must be a URI starting with postgresql:// or postgres://, e.g. "
+        "'postgresql://user:password@host:5432/dbname?sslmode=require' "
+        "(got 'mysql://app:***@db/app')."
     )
 
 
