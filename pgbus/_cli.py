@@ -24,12 +24,12 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from ._bridge import Gap
 from ._bus import open_bus
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel_name
 from ._config import BusConfig, load_config
 from ._dsn import check_dsn, describe_dsn, redact_dsn
 from ._errors import CodecError, ConfigError, PgbusError, SettingError
+from ._inbound import Gap
 from ._run import STOP_SIGNALS, run_config, sole_error
 
 ENV_DSN = "PGBUS_DSN"
