@@ -17,7 +17,7 @@ from ._actor import Actor, Request
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
 from ._codec import encode, validate_channel_name
-from ._dsn import check_dsn
+from ._dsn import check_dsn, check_keepalive
 from ._errors import (
     ActorFailedError,
     AskTimeoutError,
@@ -505,8 +505,7 @@ async def open_bus(
     )
     if not (isinstance(application_name, str) and application_name.startswith("pgbus")):
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
-    if not (isinstance(keepalive, int | float) and 0 < keepalive < math.inf):
-        raise ConfigError(f"keepalive must be a positive number of seconds (got {keepalive!r}).")
+    keepalive = check_keepalive(keepalive)
     try:
         async with AsyncExitStack() as stack:
             if dsn is None and embedded:

@@ -29,7 +29,7 @@ from ._actor import Actor
 from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
 from ._channel import Capacity, validate_capacity
 from ._codec import CODECS, validate_channel_name
-from ._dsn import check_dsn, redact_dsn
+from ._dsn import DEFAULT_KEEPALIVE, check_dsn, check_keepalive, redact_dsn
 from ._errors import CapacityError, ChannelNameError, ConfigError, SettingError
 from ._supervisor import RESTART_KINDS, STRATEGIES
 
@@ -67,6 +67,8 @@ class PostgresConfig:
 
     dsn: str | None = None
     application_name: str = APPLICATION_NAME_PREFIX
+    keepalive: float = DEFAULT_KEEPALIVE
+    """Seconds: an idle connection is checked that often; a stalled one is noticed within it."""
 
 
 @attrs.frozen
@@ -148,7 +150,9 @@ class BusConfig:
         lines = [
             f"{self.source}: {_count(self.channels, 'channel')}, {_count(self.bridges, 'bridge')}, "
             f"{_count(self.actors, 'actor')}",
-            f"postgres: {where} (application_name {pg.application_name!r})",
+            f"postgres: {where} (application_name {pg.application_name!r}"
+            + ("" if pg.keepalive == DEFAULT_KEEPALIVE else f", keepalive {pg.keepalive:g}s")
+            + ")",
             f"supervisor: {sv.strategy}, at most {sv.max_restarts} restarts within "
             f"{sv.within_seconds:g}s",
         ]
@@ -328,7 +332,7 @@ class _Table:
 
 
 def _parse_postgres(t: _Table) -> PostgresConfig:
-    t.no_unknown_keys(("dsn", "application_name"))
+    t.no_unknown_keys(("dsn", "application_name", "keepalive"))
     dsn: str | None = t.get("dsn", "a string", None)
     if dsn is not None:
         try:
@@ -351,7 +355,12 @@ def _parse_postgres(t: _Table) -> PostgresConfig:
             f"is {size} bytes; PostgreSQL keeps at most {MAX_APPLICATION_NAME_BYTES} "
             f"(got {_show(name)}).",
         )
-    return PostgresConfig(dsn, name)
+    written = t.get("keepalive", "a number", DEFAULT_KEEPALIVE, hint="a number of seconds > 0")
+    try:
+        keepalive = check_keepalive(written)
+    except SettingError as exc:
+        t.fail("keepalive", exc.rule)
+    return PostgresConfig(dsn, name, keepalive)
 
 
 def _parse_supervisor(t: _Table) -> SupervisorConfig:

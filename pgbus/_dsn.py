@@ -6,6 +6,7 @@ message (`redact_dsn`, `describe_dsn`).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlsplit
 
@@ -153,6 +154,35 @@ def _kv_parts(dsn: str) -> tuple[list[str], list[str], str]:
     hosts = host.split(",") if host else []
     ports = port.split(",") if port else []
     return hosts, ports, settings.get("dbname", "")
+
+
+# -- connection settings -----------------------------------------------------------------------
+
+DEFAULT_KEEPALIVE = 10.0
+"""Seconds: how often an idle connection is checked, and the bound on every wait on it."""
+
+
+def check_keepalive(keepalive: object) -> float:
+    """
+    Return *keepalive* as float seconds if it is a number > 0 (and finite), else raise
+    `SettingError` (``key == "keepalive"``). The rule of ``open_bus(keepalive=...)`` and of
+    ``[postgres] keepalive``.
+    """
+    rule = "must be a number of seconds > 0"
+    if isinstance(keepalive, bool) or not isinstance(keepalive, int | float):
+        raise SettingError("keepalive", f"{rule} (got {keepalive!r}).")
+    try:
+        seconds = float(keepalive)
+    except OverflowError:  # an integer beyond any double
+        seconds = math.inf
+    if not 0 < seconds < math.inf:
+        shown = (
+            f"an integer of {len(str(abs(keepalive)))} digits"
+            if seconds == math.inf and isinstance(keepalive, int)
+            else repr(keepalive)
+        )
+        raise SettingError("keepalive", f"{rule} (got {shown}).")
+    return seconds
 
 
 # -- the one DSN rule --------------------------------------------------------------------------

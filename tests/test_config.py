@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import pgbus
 from pgbus import ConfigError
 from pgbus._config import (
     ActorConfig,
@@ -739,3 +740,44 @@ def test_quoted_table_names_are_shown_quoted() -> None:
         'bus.toml: [channels."my orders"] capacity must be 0, a positive integer or "inf" '
         "(got -1).",
     )
+
+
+# --- keepalive -----------------------------------------------------------------------------------
+
+
+def test_keepalive_defaults_to_ten_seconds_and_can_be_set() -> None:
+    """[postgres] keepalive is a number of seconds; the default is open_bus's."""
+    assert parse("").postgres.keepalive == 10.0
+    config = parse("[postgres]\nkeepalive = 2\n")
+    assert config.postgres.keepalive == 2.0
+    assert "(application_name 'pgbus', keepalive 2s)" in config.summary()
+    assert parse("[postgres]\nkeepalive = 0.25\n").postgres.keepalive == 0.25
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("0", "0"),
+        ("-1.5", "-1.5"),
+        ("inf", "inf"),
+        ("nan", "nan"),
+        ('"10"', "'10'"),
+        ("true", "true"),
+        ("1" + "0" * 400, "an integer of 401 digits"),
+    ],
+)
+def test_keepalive_must_be_positive_seconds(value: str, shown: str) -> None:
+    """A keepalive that is not a finite number > 0 is one line naming the key."""
+    assert_refused(
+        f"[postgres]\nkeepalive = {value}\n",
+        f"bus.toml: [postgres] keepalive must be a number of seconds > 0 (got {shown}).",
+    )
+
+
+async def test_open_bus_follows_the_same_keepalive_rule() -> None:
+    """open_bus(keepalive=...) refuses what the file refuses, in the same words."""
+    with pytest.raises(
+        ConfigError, match=r"^keepalive must be a number of seconds > 0 \(got 0\)\.$"
+    ):
+        async with pgbus.open_bus(keepalive=0):
+            pass
