@@ -32,7 +32,10 @@ def validate_channel_name(name: object) -> str:
         raise ChannelNameError(name, "must not be empty")
     if "\x00" in name:
         raise ChannelNameError(name, "must not contain NUL characters")
-    size = len(name.encode())
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ChannelNameError(name, "must be valid UTF-8 (it holds a lone surrogate)") from None
     if size > MAX_CHANNEL_NAME_BYTES:
         raise ChannelNameError(
             name,

@@ -12,7 +12,6 @@ import copy
 import datetime
 import difflib
 import importlib
-import inspect
 import math
 import os
 import re
@@ -25,12 +24,18 @@ from typing import Any, NoReturn
 
 import attrs
 
-from ._actor import Actor
+from ._actor import Actor, check_actor_options
 from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
 from ._channel import Capacity, validate_capacity
 from ._codec import CODECS, validate_channel_name
 from ._dsn import DEFAULT_KEEPALIVE, check_dsn, check_keepalive, redact_dsn
-from ._errors import CapacityError, ChannelNameError, ConfigError, SettingError
+from ._errors import (
+    ActorOptionsError,
+    CapacityError,
+    ChannelNameError,
+    ConfigError,
+    SettingError,
+)
 from ._supervisor import RESTART_KINDS, STRATEGIES
 
 MAX_APPLICATION_NAME_BYTES = 63
@@ -467,27 +472,11 @@ def _parse_actor(
     options: dict[str, Any] = t.get("options", "a table", {}, hint="a table of keyword options")
     actor_class = _import_actor_class(t, class_path)
     try:
-        signature = inspect.signature(actor_class)
-    except (TypeError, ValueError):  # no introspectable signature: the constructor will tell
-        pass
-    else:
-        try:
-            signature.bind(**options)
-        except TypeError as exc:
-            shown = signature.replace(
-                parameters=[
-                    p.replace(annotation=inspect.Parameter.empty)
-                    for p in signature.parameters.values()
-                ],
-                return_annotation=inspect.Signature.empty,
-            )
-            t.fail("options", f"do not fit {actor_class.__name__}{shown}: {exc}.")
-    # Build one instance now, so an option the constructor refuses (every = 0) is a config
-    # error at `check`, not a restart loop at `run`. Constructors must stay free of side effects.
-    try:
-        actor_class(**options)
-    except Exception as exc:
-        t.fail("options", f"are refused by {actor_class.__name__}: {exc}")
+        check_actor_options(
+            name, actor_class, options, declared, channels_where=" declared under [channels]"
+        )
+    except ActorOptionsError as exc:
+        t.fail(exc.key, exc.rule)
     return ActorConfig(name, class_path, actor_class, inbox, restart, options)
 
 

@@ -18,12 +18,20 @@ class SettingError(ConfigError, ValueError):
     and the command line name the option (``--dsn rule``).
     """
 
-    def __init__(self, key: str, rule: str) -> None:
+    def __init__(self, key: str, rule: str, *, prefix: str = "") -> None:
         self.key = key
         """The setting, as the Python API names it: ``dsn``, ``max_restarts``."""
         self.rule = rule
         """The rest of the sentence, bad value included: ``must be >= 0 (got -1).``"""
-        super().__init__(f"{key} {rule}")
+        super().__init__(f"{prefix}{key} {rule}")
+
+
+class ActorOptionsError(SettingError):
+    """An actor's options that its class refuses: ``actor 'beat': options.to 'x' is ...``."""
+
+    def __init__(self, actor: str, key: str, rule: str) -> None:
+        self.actor = actor
+        super().__init__(key, rule, prefix=f"actor {actor!r}: ")
 
 
 class CapacityError(ConfigError, ValueError):

@@ -781,3 +781,66 @@ async def test_open_bus_follows_the_same_keepalive_rule() -> None:
     ):
         async with pgbus.open_bus(keepalive=0):
             pass
+
+
+# --- options that name channels ------------------------------------------------------------------
+
+TICKS = "[channels.ticks]\ncapacity = 10\n"
+
+
+@pytest.mark.parametrize(
+    ("class_path", "options"),
+    [
+        ("actors.heartbeat:Heartbeat", "{ to = 'tick', every = 1.0 }"),
+        ("actors.relay:Relay", "{ to = 'tick' }"),
+        ("actors.table_changes:TableChanges", "{ to = 'tick', table = 'orders' }"),
+    ],
+)
+def test_ready_made_actors_name_their_channel_options(class_path: str, options: str) -> None:
+    """Heartbeat, Relay and TableChanges declare `to`: check refuses an undeclared channel."""
+    assert_refused(
+        f'{TICKS}[actors.a]\nclass = "{class_path}"\noptions = {options}\n',
+        "bus.toml: [actors.a] options.to 'tick' is not a channel declared under [channels]; "
+        "did you mean 'ticks'?",
+    )
+
+
+def test_a_declared_channel_option_passes() -> None:
+    """An option naming a declared channel is accepted as written."""
+    config = parse(
+        f'{TICKS}[actors.a]\nclass = "actors.heartbeat:Heartbeat"\noptions = {{ to = "ticks" }}\n'
+    )
+    assert config.actors[0].options == {"to": "ticks"}
+
+
+def test_a_channel_option_left_at_its_default_is_checked_too() -> None:
+    """A default value in the constructor names a channel as much as a given one."""
+    assert_refused(
+        f'{TICKS}[actors.f]\nclass = "fixtures_actors.sample:Fanout"\n'
+        'options = { to = "ticks" }\n',
+        "bus.toml: [actors.f] options.audit 'audit' is not a channel declared under [channels].",
+    )
+    parse(
+        f"{TICKS}[channels.audit]\ncapacity = 1\n"
+        '[actors.f]\nclass = "fixtures_actors.sample:Fanout"\noptions = { to = "ticks" }\n'
+    )
+
+
+def test_check_actor_options_is_the_rule_spawn_and_the_file_share() -> None:
+    """check_actor_options binds, builds a first instance and checks channel options."""
+    from fixtures_actors.sample import Echo, Fanout
+
+    from pgbus._actor import check_actor_options
+    from pgbus._errors import ActorOptionsError
+
+    first = check_actor_options("f", Fanout, {"to": "a"}, {"a", "audit"})
+    assert (type(first), first.to, first.audit) == (Fanout, "a", "audit")
+    assert check_actor_options("f", Fanout, {"to": "nope"}).to == "nope"  # no channels: no check
+    with pytest.raises(ActorOptionsError) as caught:
+        check_actor_options("f", Fanout, {"to": "audi"}, {"a", "audit"})
+    assert (caught.value.actor, caught.value.key) == ("f", "options.to")
+    assert str(caught.value) == (
+        "actor 'f': options.to 'audi' is not a channel; did you mean 'audit'?"
+    )
+    with pytest.raises(ActorOptionsError, match=r"^actor 'e': options do not fit Echo\(to, "):
+        check_actor_options("e", Echo, {"too": 1})
