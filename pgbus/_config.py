@@ -147,6 +147,39 @@ class BusConfig:
                 raise SettingError(origin, exc.rule) from None
         return attrs.evolve(self, postgres=attrs.evolve(self.postgres, dsn=dsn))
 
+    def warnings(self) -> tuple[str, ...]:
+        """
+        What is legal but likely wrong, one sentence each: today, a channel fed by an inbound
+        bridge that nothing consumes (no actor's inbox, no "out" bridge, no actor option that
+        names it). `summary` lists them and ``pgbus run`` logs them.
+        """
+        consumed = {a.inbox for a in self.actors} | {
+            b.channel for b in self.bridges if b.direction == "out"
+        }
+        for actor in self.actors:
+            consumed.update(
+                value
+                for option, value in actor.options.items()
+                if option in actor.actor_class.channel_options and isinstance(value, str)
+            )
+        feeders: dict[str, list[BridgeConfig]] = {}
+        for bridge in self.bridges:
+            if bridge.direction == "in" and bridge.channel not in consumed:
+                feeders.setdefault(bridge.channel, []).append(bridge)
+        capacities = {c.name: c.capacity for c in self.channels}
+        found = []
+        for channel, bridges in feeders.items():
+            fed_by = "[[bridge]] " + ", ".join(f"#{b.index}" for b in bridges)
+            if capacities.get(channel) == math.inf:
+                then = 'it grows without bound (capacity "inf")'
+            elif any(b.overflow == "block" for b in bridges):
+                then = 'once full it stops every inbound bridge of the bus (overflow "block")'
+            else:
+                policies = " and ".join(sorted({f'"{b.overflow}"' for b in bridges}))
+                then = f"once full, its notifications are dropped (overflow {policies})"
+            found.append(f"channel {channel!r} is fed by {fed_by} but nothing consumes it; {then}")
+        return tuple(found)
+
     def summary(self) -> str:
         """A short human summary, several lines, with any password in the DSN redacted."""
         pg = self.postgres
@@ -172,6 +205,7 @@ class BusConfig:
         for a in self.actors:
             inbox = "no inbox" if a.inbox is None else f"inbox {a.inbox!r}"
             lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}")
+        lines += [f"warning: {warning}" for warning in self.warnings()]
         return "\n".join(lines)
 
 

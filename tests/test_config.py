@@ -844,3 +844,70 @@ def test_check_actor_options_is_the_rule_spawn_and_the_file_share() -> None:
     )
     with pytest.raises(ActorOptionsError, match=r"^actor 'e': options do not fit Echo\(to, "):
         check_actor_options("e", Echo, {"too": 1})
+
+
+# --- warnings ------------------------------------------------------------------------------------
+
+
+def bridge_in(postgres: str, channel: str, overflow: str = "block") -> str:
+    return (
+        f'[[bridge]]\npostgres = "{postgres}"\nchannel = "{channel}"\ndirection = "in"\n'
+        f'overflow = "{overflow}"\n'
+    )
+
+
+def test_an_inbound_channel_nothing_consumes_is_a_warning() -> None:
+    """A channel only an inbound bridge touches fills up and stalls the bus: check says so."""
+    config = parse(f"{ORDERS}{bridge_in('orders_pg', 'orders')}")
+    expected = (
+        "channel 'orders' is fed by [[bridge]] #1 but nothing consumes it; once full it stops "
+        'every inbound bridge of the bus (overflow "block")'
+    )
+    assert config.warnings() == (expected,)
+    assert config.summary().splitlines()[-1] == f"warning: {expected}"
+
+
+def test_the_warning_names_what_happens_when_full() -> None:
+    """With a drop policy the notifications are dropped; with capacity inf memory grows."""
+    config = parse(
+        f'{ORDERS}[channels.all]\ncapacity = "inf"\n'
+        + bridge_in("a", "orders", "drop_newest")
+        + bridge_in("b", "all")
+        + bridge_in("c", "orders", "drop_oldest")
+    )
+    assert config.warnings() == (
+        "channel 'orders' is fed by [[bridge]] #1, #3 but nothing consumes it; once full, its "
+        'notifications are dropped (overflow "drop_newest" and "drop_oldest")',
+        "channel 'all' is fed by [[bridge]] #2 but nothing consumes it; it grows without bound "
+        '(capacity "inf")',
+    )
+
+
+@pytest.mark.parametrize(
+    "consumer",
+    [
+        '[actors.sink]\nclass = "fixtures_actors.sample:Sink"\ninbox = "orders"\n',
+        '[[bridge]]\npostgres = "again"\nchannel = "orders"\ndirection = "out"\n',
+        '[channels.x]\ncapacity = 1\n[actors.relay]\nclass = "actors.relay:Relay"\ninbox = "x"\n'
+        'options = { to = "orders" }\n',
+    ],
+    ids=["inbox", "out bridge", "channel option"],
+)
+def test_a_consumed_inbound_channel_is_no_warning(consumer: str) -> None:
+    """An actor's inbox, an out bridge or an actor option naming the channel all count."""
+    config = parse(f"{ORDERS}{bridge_in('orders_pg', 'orders')}{consumer}")
+    assert config.warnings() == ()
+    assert "warning" not in config.summary()
+
+
+def test_check_prints_the_warning_and_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The warning is part of check's summary; the exit status stays 0."""
+    from pgbus._cli import main
+
+    path = tmp_path / "bus.toml"
+    path.write_text(f"{ORDERS}{bridge_in('orders_pg', 'orders')}", encoding="utf-8")
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("warning: channel 'orders' is fed by [[bridge]] #1")
