@@ -36,7 +36,7 @@ from ._errors import (
     ConfigError,
     SettingError,
 )
-from ._supervisor import RESTART_KINDS, STRATEGIES
+from ._supervisor import RESTART_KINDS, Supervision
 
 MAX_APPLICATION_NAME_BYTES = 63
 """NAMEDATALEN - 1: PostgreSQL truncates a longer ``application_name``."""
@@ -76,16 +76,8 @@ class PostgresConfig:
     """Seconds: an idle connection is checked that often; a stalled one is noticed within it."""
 
 
-@attrs.frozen
-class SupervisorConfig:
-    """The ``[supervisor]`` table: restart strategy, intensity, backoff and stop timeout."""
-
-    strategy: str = "one_for_one"
-    max_restarts: int = 3
-    within_seconds: float = 5.0
-    backoff_initial: float = 0.1
-    backoff_max: float = 5.0
-    stop_timeout: float = 5.0
+SupervisorConfig = Supervision
+"""The ``[supervisor]`` table is `pgbus.Supervision` itself: one schema, one set of rules."""
 
 
 @attrs.frozen
@@ -130,7 +122,7 @@ class BusConfig:
 
     source: str
     postgres: PostgresConfig = attrs.field(factory=PostgresConfig)
-    supervisor: SupervisorConfig = attrs.field(factory=SupervisorConfig)
+    supervisor: Supervision = attrs.field(factory=Supervision)
     channels: tuple[ChannelConfig, ...] = ()
     bridges: tuple[BridgeConfig, ...] = ()
     actors: tuple[ActorConfig, ...] = ()
@@ -331,17 +323,6 @@ class _Table:
             self.fail(key, f"must be {allowed} (got {_show(value)}).")
         return value
 
-    def seconds(self, key: str, default: float) -> float:
-        hint = "a number of seconds > 0"
-        written = self.get(key, "a number", default, hint=hint)
-        try:
-            value = float(written)
-        except OverflowError:  # an integer beyond any double
-            self.fail(key, f"must be {hint} (got {_show(written)}).")
-        if not (0 < value < math.inf):
-            self.fail(key, f"must be {hint} (got {_show(value)}).")
-        return value
-
     def table(self, key: str, example: str) -> _Table:
         value = self.get(key, "a table", {}, hint=f"a table, written {example}")
         return _Table(self.source, f"[{_toml_key(key)}]", value)
@@ -394,35 +375,19 @@ def _parse_postgres(t: _Table) -> PostgresConfig:
             f"is {size} bytes; PostgreSQL keeps at most {MAX_APPLICATION_NAME_BYTES} "
             f"(got {_show(name)}).",
         )
-    written = t.get("keepalive", "a number", DEFAULT_KEEPALIVE, hint="a number of seconds > 0")
     try:
-        keepalive = check_keepalive(written)
+        keepalive = check_keepalive(t.data.get("keepalive", DEFAULT_KEEPALIVE))
     except SettingError as exc:
-        t.fail("keepalive", exc.rule)
+        t.fail("keepalive", exc.describe(_show))
     return PostgresConfig(dsn, name, keepalive)
 
 
-def _parse_supervisor(t: _Table) -> SupervisorConfig:
-    d = SupervisorConfig()
-    t.no_unknown_keys(attrs.fields_dict(SupervisorConfig))
-    max_restarts: int = t.get("max_restarts", "an integer", d.max_restarts, hint="an integer >= 0")
-    if max_restarts < 0:
-        t.fail("max_restarts", f"must be an integer >= 0 (got {max_restarts}).")
-    config = SupervisorConfig(
-        strategy=t.one_of("strategy", STRATEGIES, d.strategy),
-        max_restarts=max_restarts,
-        within_seconds=t.seconds("within_seconds", d.within_seconds),
-        backoff_initial=t.seconds("backoff_initial", d.backoff_initial),
-        backoff_max=t.seconds("backoff_max", d.backoff_max),
-        stop_timeout=t.seconds("stop_timeout", d.stop_timeout),
-    )
-    if config.backoff_initial > config.backoff_max:
-        t.fail(
-            "backoff_initial",
-            f"must not exceed backoff_max (got {config.backoff_initial:g} > "
-            f"{config.backoff_max:g}).",
-        )
-    return config
+def _parse_supervisor(t: _Table) -> Supervision:
+    t.no_unknown_keys(attrs.fields_dict(Supervision))
+    try:
+        return Supervision(**t.data)
+    except SettingError as exc:
+        t.fail(exc.key, exc.describe(_show))
 
 
 _CAPACITY_RULE = '0, a positive integer or "inf"'

@@ -6,11 +6,11 @@ message (`redact_dsn`, `describe_dsn`).
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlsplit
 
 from ._errors import SettingError
+from ._rules import check_seconds
 
 REDACTED = "***"
 _DEFAULT_PORT = 5432
@@ -164,25 +164,10 @@ DEFAULT_KEEPALIVE = 10.0
 
 def check_keepalive(keepalive: object) -> float:
     """
-    Return *keepalive* as float seconds if it is a number > 0 (and finite), else raise
-    `SettingError` (``key == "keepalive"``). The rule of ``open_bus(keepalive=...)`` and of
-    ``[postgres] keepalive``.
+    Return *keepalive* as float seconds if it is a finite number > 0, else raise `SettingError`
+    (``key == "keepalive"``). The rule of ``open_bus(keepalive=...)`` and ``[postgres] keepalive``.
     """
-    rule = "must be a number of seconds > 0"
-    if isinstance(keepalive, bool) or not isinstance(keepalive, int | float):
-        raise SettingError("keepalive", f"{rule} (got {keepalive!r}).")
-    try:
-        seconds = float(keepalive)
-    except OverflowError:  # an integer beyond any double
-        seconds = math.inf
-    if not 0 < seconds < math.inf:
-        shown = (
-            f"an integer of {len(str(abs(keepalive)))} digits"
-            if seconds == math.inf and isinstance(keepalive, int)
-            else repr(keepalive)
-        )
-        raise SettingError("keepalive", f"{rule} (got {shown}).")
-    return seconds
+    return check_seconds("keepalive", keepalive)
 
 
 # -- the one DSN rule --------------------------------------------------------------------------

@@ -419,7 +419,7 @@ def test_choices_are_listed(text: str, message: str) -> None:
         ),
         (
             "[supervisor]\nwithin_seconds = 0\n",
-            "bus.toml: [supervisor] within_seconds must be a number of seconds > 0 (got 0.0).",
+            "bus.toml: [supervisor] within_seconds must be a number of seconds > 0 (got 0).",
         ),
         (
             "[supervisor]\nstop_timeout = inf\n",
@@ -911,3 +911,38 @@ def test_check_prints_the_warning_and_exits_0(
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith("warning: channel 'orders' is fed by [[bridge]] #1")
+
+
+# --- one set of rules for the file and the Python API ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "toml", "python"),
+    [
+        ("strategy", '"all"', "all"),
+        ("max_restarts", "-1", -1),
+        ("max_restarts", "2.5", 2.5),
+        ("within_seconds", "nan", math.nan),
+        ("within_seconds", "0", 0),
+        ("backoff_max", "inf", math.inf),
+        ("stop_timeout", "1" + "0" * 400, 10**400),
+        ("stop_timeout", '"5"', "5"),
+    ],
+)
+def test_supervision_is_the_schema_of_the_supervisor_table(
+    key: str, toml: str, python: object
+) -> None:
+    """[supervisor] and pgbus.Supervision refuse the same values with the same rule."""
+    with pytest.raises(pgbus.ConfigError) as in_python:
+        pgbus.Supervision(**{key: python})  # type: ignore[arg-type]
+    with pytest.raises(ConfigFileError) as in_file:
+        parse(f"[supervisor]\n{key} = {toml}\n")
+    rule = str(in_python.value).removeprefix(f"{key} ").split(" (got ")[0]
+    assert str(in_file.value).startswith(f"bus.toml: [supervisor] {key} {rule} (got ")
+
+
+def test_supervision_keeps_seconds_as_floats() -> None:
+    """5 seconds written as an integer is 5.0, in the file and in Python."""
+    assert pgbus.Supervision(within_seconds=5).within_seconds == 5.0
+    assert isinstance(parse("[supervisor]\nwithin_seconds = 5\n").supervisor.within_seconds, float)
+    assert SupervisorConfig is pgbus.Supervision
