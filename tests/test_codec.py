@@ -244,3 +244,47 @@ async def test_what_the_encoder_refuses_jsonb_refuses_too(pg, value: object) -> 
         encode("c", value, "json")
     with pytest.raises(Exception, match=r"(?i)invalid input syntax|unsupported unicode|surrogate"):
         await pg.fetchval("SELECT $1::jsonb", json.dumps(value))
+
+
+# --- channel names --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["orders", "Mixed Case", 'quo"te', "ü" * 31, "a" * 63])
+def test_channel_names_postgresql_keeps_exactly_pass(name: str) -> None:
+    """Case, spaces, quotes and up to 63 bytes of UTF-8 are kept as written."""
+    assert pgbus.validate_channel_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("", "must not be empty"),
+        ("a\x00b", "must not contain NUL characters"),
+        ("a" * 64, "is 64 bytes; PostgreSQL allows at most 63 (LISTEN would silently truncate it)"),
+        ("ü" * 32, "is 64 bytes; PostgreSQL allows at most 63 (LISTEN would silently truncate it)"),
+        ("x\ud800", "must be valid UTF-8 (it holds a lone surrogate)"),
+    ],
+)
+def test_channel_names_postgresql_would_change_are_refused(name: str, reason: str) -> None:
+    """A name PostgreSQL would refuse or truncate is one ChannelNameError with the reason."""
+    with pytest.raises(pgbus.ChannelNameError) as caught:
+        pgbus.validate_channel_name(name)
+    assert caught.value.reason == reason
+
+
+def test_a_channel_name_must_be_a_string() -> None:
+    """Anything but a str is refused."""
+    with pytest.raises(pgbus.ChannelNameError, match="must be a string"):
+        pgbus.validate_channel_name(b"orders")
+
+
+async def test_quote_ident_keeps_a_name_exact_in_postgresql(pg) -> None:
+    """LISTEN on a quoted name listens on exactly that name, quotes and case included."""
+    from pgbus._codec import quote_ident
+
+    name = 'Odd "Name" ✓'
+    await pg.execute(f"LISTEN {quote_ident(name)}")
+    try:
+        assert await pg.fetchval("SELECT pg_listening_channels()") == name
+    finally:
+        await pg.execute(f"UNLISTEN {quote_ident(name)}")
