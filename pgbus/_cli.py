@@ -24,13 +24,10 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from ._bus import open_bus
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel_name
 from ._config import BusConfig, load_config
 from ._dsn import check_dsn, describe_dsn, redact_dsn
-from ._errors import CodecError, ConfigError, PgbusError, SettingError
-from ._inbound import Gap
-from ._run import STOP_SIGNALS, run_config, sole_error
+from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
 
 ENV_DSN = "PGBUS_DSN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -251,12 +248,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ._run import run_config  # the driver is imported only by the commands that connect
+
     config = _load_config(args.config, args.dsn)
     with _logging_to_stderr(args.log_level):
         first, *rest = config.summary().splitlines()
         print("\n".join([f"pgbus: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
         return _trio_run(
-            partial(run_config, config, stats_every=args.stats_every),
+            partial(run_config, config, stats_every=args.stats_every, report=_say),
             debug=args.log_level == "debug",
         )
 
@@ -286,6 +285,8 @@ def _notify(args: argparse.Namespace) -> int:
 
 
 async def _send_one(dsn: str, channel: str, message: object, codec: str) -> None:
+    from ._bus import open_bus
+
     async with open_bus(dsn) as bus:
         await bus.notify(channel, message, codec=codec)
 
@@ -300,6 +301,10 @@ def _listen(args: argparse.Namespace) -> int:
 async def _print_notifications(
     dsn: str, channels: list[str], codec: str, count: int | None
 ) -> None:
+    from ._bus import open_bus
+    from ._inbound import Gap
+    from ._run import STOP_SIGNALS
+
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -324,6 +329,8 @@ async def _print_notifications(
 
 
 def _notification_json(item: Any) -> str:
+    from ._inbound import Gap
+
     record: dict[str, object]
     if isinstance(item, Gap):
         record = {"channel": item.channel, "gap": item.reason, "dropped": item.dropped}
@@ -399,9 +406,11 @@ def _trio_run(function: Callable[[], Awaitable[None]], *, debug: bool = False) -
     except KeyboardInterrupt:  # SIGINT outside the part that handles it
         return 130
     except BaseException as exc:
-        error = sole_error(exc)
+        error = unwrap_group(exc, skip_cancelled=True)
         if isinstance(error, KeyboardInterrupt):
             return 130
+        if isinstance(error, SystemExit):  # a signal before the bus installed its handlers
+            return error.code if isinstance(error.code, int) else EXIT_OK
         if not isinstance(error, Exception):
             raise
         if debug:

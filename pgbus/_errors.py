@@ -211,3 +211,16 @@ def unwrap_group(error: BaseException, *, skip_cancelled: bool) -> BaseException
             return error
         error = rest.exceptions[0]
     return error
+
+
+def _report_pgbus_as_module() -> None:
+    """Every public error says ``pgbus.X`` in a traceback, even before ``pgbus.X`` is used."""
+    pending: list[type[BaseException]] = [PgbusError]
+    while pending:
+        cls = pending.pop()
+        if not cls.__name__.startswith("_"):
+            cls.__module__ = "pgbus"
+        pending.extend(cls.__subclasses__())
+
+
+_report_pgbus_as_module()

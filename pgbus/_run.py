@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
@@ -17,22 +16,17 @@ import trio
 from ._bus import Bus, BusStatistics, open_bus
 from ._config import BusConfig
 from ._dsn import describe_dsn, redact_dsn
-from ._errors import unwrap_group
 
 log = logging.getLogger("pgbus")
 
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
-
-
-def _print_to_stderr(line: str) -> None:
-    print(f"pgbus: {line}", file=sys.stderr, flush=True)
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def run_config(
     config: BusConfig,
     *,
     stats_every: float | None = None,
-    report: Callable[[str], None] = _print_to_stderr,
+    report: Callable[[str], None],
     stop_signals: Iterable[signal.Signals] = STOP_SIGNALS,
 ) -> None:
     """
@@ -183,8 +177,3 @@ def format_statistics(stats: BusStatistics) -> str:
             capacity = "inf" if c.capacity == float("inf") else f"{c.capacity:g}"
             parts.append(f"channel {c.name!r} holds {c.buffered}/{capacity}")
     return "stats: " + ("; ".join(parts) if parts else "nothing running")
-
-
-def sole_error(error: BaseException) -> BaseException:
-    """The one real error inside *error* (see `unwrap_group`), `trio.Cancelled` left out."""
-    return unwrap_group(error, skip_cancelled=True)
