@@ -140,13 +140,19 @@ def _uri_parts(rest: str) -> tuple[list[str], list[str], str]:
     return hosts, ports, database
 
 
-def _kv_parts(dsn: str) -> tuple[list[str], list[str], str]:
+def _kv_settings(dsn: str) -> dict[str, str]:
+    """The settings of a libpq ``key=value`` string, quotes and escapes removed."""
     settings: dict[str, str] = {}
     for match in _KV_PAIR.finditer(dsn):
         value = match.group(2)
         if value.startswith("'"):
             value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
         settings[match.group(1).lower()] = value
+    return settings
+
+
+def _kv_parts(dsn: str) -> tuple[list[str], list[str], str]:
+    settings = _kv_settings(dsn)
     if not settings:
         raise ValueError("no key=value pairs")
     host = settings.get("host") or settings.get("hostaddr") or ""
@@ -387,12 +393,7 @@ def _parameters_problem(query: dict[str, str]) -> str | None:
 
 def _as_uri(dsn: str) -> str:
     """The URI form of a libpq ``key=value`` string, the password redacted, for messages."""
-    settings: dict[str, str] = {}
-    for match in _KV_PAIR.finditer(dsn):
-        value = match.group(2)
-        if value.startswith("'"):
-            value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
-        settings[match.group(1).lower()] = value
+    settings = _kv_settings(dsn)
     user = quote(settings.pop("user", ""), safe="")
     if settings.pop("password", ""):
         user += f":{REDACTED}"

@@ -336,25 +336,29 @@ def test_plausible_configs_give_exit_0_or_one_line(text: str) -> None:
 # --- a handful through a real subprocess ------------------------------------------------------
 
 
+def check_in_a_subprocess(path: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m pgbus check PATH`` in a real process, without PGBUS_DSN."""
+    return subprocess.run(
+        [sys.executable, "-m", "pgbus", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "PGBUS_DSN"},
+        check=False,
+    )
+
+
 @settings(
     max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.one_of(configs.map(toml_file), mangled()))
 def test_generated_files_through_python_m_pgbus_check(text: str) -> None:
     """The real command line agrees: exit 0, or exit 2 and one line on stderr."""
-    env = {k: v for k, v in os.environ.items() if k != "PGBUS_DSN"}
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "bus.toml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        done = subprocess.run(
-            [sys.executable, "-m", "pgbus", "check", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-            env=env,
-            check=False,
-        )
+        done = check_in_a_subprocess(path)
     assert_exit_0_or_one_line(done.returncode, done.stdout, done.stderr)
 
 
@@ -363,13 +367,6 @@ def test_files_that_used_to_crash_check_in_a_subprocess(text: str, tmp_path: Pat
     """``python -m pgbus check`` on each former crasher: exit 2, one line, no traceback."""
     path = tmp_path / "bus.toml"
     path.write_text(text, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, "-m", "pgbus", "check", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
+    done = check_in_a_subprocess(path)
     assert done.returncode == 2, done.stderr
     assert_exit_0_or_one_line(done.returncode, done.stdout, done.stderr)
