@@ -17,12 +17,13 @@ _DEFAULT_PORT = 5432
 
 
 _URI_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*://")
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:ssl)?password=)([^&#]*)")
+# A query password runs to the next "&key=" or the end: a raw '#' or '&' in it is still secret.
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:ssl)?password=)((?:[^&]|&(?![^&=]*=))*)")
 _KV_PAIR = re.compile(r"([A-Za-z_]\w*)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)")
 # An unquoted password runs to the next "key=": libpq would reject "password=a b", but "b" is
-# still part of the secret.
+# still part of the secret; so does what follows a quoted one without a space.
 _KV_SECRET = re.compile(
-    r"(?i)\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*(?:\s+(?![A-Za-z_]\w*\s*=)\S+)*)"
+    r"(?i)\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?\S*|\S*(?:\s+(?![A-Za-z_]\w*\s*=)\S+)*)"
 )
 
 
@@ -47,22 +48,24 @@ def redact_dsn(dsn: str) -> str:
 
 
 def _userinfo_end(rest: str) -> int | None:
-    """Index of the ``@`` ending the userinfo of a URI (*rest* follows ``scheme://``)."""
+    """
+    Index of the ``@`` ending the userinfo of a URI (*rest* follows ``scheme://``).
+
+    A URI parser ends the authority at the first ``/``, ``?`` or ``#``, but a password may
+    hold any of them, and ``@`` too: when a ``:`` comes before the last ``@``, everything up to
+    that ``@`` is taken as userinfo (a ``@`` in a query value then hides more than needed).
+    """
+    last = rest.rfind("@")
+    colon = rest.find(":")
+    if last != -1 and colon != -1 and colon < last:
+        return last
     authority_end = len(rest)
     for delimiter in "/?#":
         index = rest.find(delimiter)
         if index != -1:
             authority_end = min(authority_end, index)
     at = rest.rfind("@", 0, authority_end)
-    if at != -1:
-        return at
-    # A URI parser would end the authority at a raw '/', '?' or '#' inside a password, but the
-    # password is still in the text: treat everything up to the last '@' as userinfo.
-    at = rest.rfind("@")
-    colon = rest.find(":")
-    if at != -1 and colon != -1 and colon < at:
-        return at
-    return None
+    return at if at != -1 else None
 
 
 def _redact_query_value(match: re.Match[str]) -> str:
@@ -333,11 +336,14 @@ def _query(text: str) -> tuple[dict[str, str], str | None]:
     """The query's parameters as asyncpg reads them (last one wins), or why it cannot."""
     if not text:
         return {}, None
-    for field in text.split("&"):
+    fields = text.split("&")
+    for index, field in enumerate(fields):
         if "=" not in field:
+            after_secret = index and "password=" in fields[index - 1].lower()
+            shown = "" if after_secret else f" ({unquote(field)!r})"  # it may be a password's
             return {}, (
-                f"has a query part without '=' ({unquote(field)!r}); "
-                "parameters are written ?key=value&key=value"
+                f"has a query part without '='{shown}; parameters are written "
+                "?key=value&key=value (a '&' in a value is written %26)"
             )
     return dict(parse_qsl(text, keep_blank_values=False)), None
 
