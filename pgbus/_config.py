@@ -36,6 +36,7 @@ from ._errors import (
     ConfigError,
     SettingError,
 )
+from ._rules import check_choice
 from ._supervisor import RESTART_KINDS, Supervision
 
 MAX_APPLICATION_NAME_BYTES = 63
@@ -317,11 +318,13 @@ class _Table:
         return value
 
     def one_of(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
-        allowed = "one of " + ", ".join(map(repr, choices))
-        value: str = self.get(key, "a string", default, hint=allowed)
-        if value not in choices:
-            self.fail(key, f"must be {allowed} (got {_show(value)}).")
-        return value
+        """The value at *key*, by the rule the Python API uses (`_rules.check_choice`)."""
+        if key not in self.data and default is _MISSING:
+            self.fail(key, f"is required (one of {', '.join(map(repr, choices))}).")
+        try:
+            return check_choice(key, self.data.get(key, default), choices)
+        except SettingError as exc:
+            self.fail(key, exc.describe(_show))
 
     def table(self, key: str, example: str) -> _Table:
         value = self.get(key, "a table", {}, hint=f"a table, written {example}")
