@@ -8,11 +8,18 @@ Public names are loaded on first use, so that ``pgbus check`` never imports the 
 from __future__ import annotations
 
 import importlib
+import logging as _logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# A library logs, the application decides where to: nothing is printed unless it configures
+# logging (``pgbus run`` does).
+_logging.getLogger("pgbus").addHandler(_logging.NullHandler())
+
 _EXPORTS: dict[str, str] = {  # public name -> the private module defining it
+    "serve_metrics": "_metrics",
+    "MetricsUnavailableError": "_errors",
     "Actor": "_actor",
     "Bridge": "_bridge",
     "BridgeStatistics": "_bridge",
@@ -70,6 +77,7 @@ if TYPE_CHECKING:
     from ._errors import DatabaseUnavailableError as DatabaseUnavailableError
     from ._errors import DuplicateNameError as DuplicateNameError
     from ._errors import DuplicateNotificationError as DuplicateNotificationError
+    from ._errors import MetricsUnavailableError as MetricsUnavailableError
     from ._errors import NoDatabaseError as NoDatabaseError
     from ._errors import PayloadTooLargeError as PayloadTooLargeError
     from ._errors import PgbusError as PgbusError
@@ -78,6 +86,7 @@ if TYPE_CHECKING:
     from ._errors import UnknownChannelError as UnknownChannelError
     from ._inbound import Gap as Gap
     from ._inbound import Notification as Notification
+    from ._metrics import serve_metrics as serve_metrics
     from ._supervisor import ActorStatistics as ActorStatistics
     from ._supervisor import Supervision as Supervision
 
@@ -103,6 +112,7 @@ __all__ = [
     "DuplicateNameError",
     "DuplicateNotificationError",
     "Gap",
+    "MetricsUnavailableError",
     "NoDatabaseError",
     "Notification",
     "PayloadTooLargeError",
@@ -113,6 +123,7 @@ __all__ = [
     "UnknownActorError",
     "UnknownChannelError",
     "open_bus",
+    "serve_metrics",
     "validate_channel_name",
 ]
 

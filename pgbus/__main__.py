@@ -15,7 +15,11 @@ def run() -> None:
         signal.signal(stop_signal, _stop_before_the_bus_runs)
     from ._cli import main  # after the handlers, on purpose: importing takes a while
 
-    sys.exit(main())
+    status = main()
+    # Done: a signal now must not kill the interpreter while it tears itself down.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,10 @@ def unwrap_group(error: BaseException, *, skip_cancelled: bool) -> BaseException
     return error
 
 
+class MetricsUnavailableError(ConfigError):
+    """The metrics server cannot start: the metrics extra is missing, or the address is taken."""
+
+
 def _report_pgbus_as_module() -> None:
     """Every public error says ``pgbus.X`` in a traceback, even before ``pgbus.X`` is used."""
     pending: list[type[BaseException]] = [PgbusError]

@@ -243,7 +243,7 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
         (
             "[logging]\n",
             "bus.toml: unknown top-level key 'logging'; "
-            "allowed: 'postgres', 'supervisor', 'channels', 'bridge', 'actors'.",
+            "allowed: 'postgres', 'supervisor', 'channels', 'bridge', 'actors', 'metrics'.",
         ),
         (
             "[postgres]\ndns = 'postgresql://h/db'\n",
@@ -791,9 +791,9 @@ TICKS = "[channels.ticks]\ncapacity = 10\n"
 @pytest.mark.parametrize(
     ("class_path", "options"),
     [
-        ("actors.heartbeat:Heartbeat", "{ to = 'tick', every = 1.0 }"),
-        ("actors.relay:Relay", "{ to = 'tick' }"),
-        ("actors.table_changes:TableChanges", "{ to = 'tick', table = 'orders' }"),
+        ("pgbus.actors.heartbeat:Heartbeat", "{ to = 'tick', every = 1.0 }"),
+        ("pgbus.actors.relay:Relay", "{ to = 'tick' }"),
+        ("pgbus.actors.table_changes:TableChanges", "{ to = 'tick', table = 'orders' }"),
     ],
 )
 def test_ready_made_actors_name_their_channel_options(class_path: str, options: str) -> None:
@@ -808,7 +808,8 @@ def test_ready_made_actors_name_their_channel_options(class_path: str, options: 
 def test_a_declared_channel_option_passes() -> None:
     """An option naming a declared channel is accepted as written."""
     config = parse(
-        f'{TICKS}[actors.a]\nclass = "actors.heartbeat:Heartbeat"\noptions = {{ to = "ticks" }}\n'
+        f'{TICKS}[actors.a]\nclass = "pgbus.actors.heartbeat:Heartbeat"\n'
+        'options = { to = "ticks" }\n'
     )
     assert config.actors[0].options == {"to": "ticks"}
 
@@ -888,8 +889,8 @@ def test_the_warning_names_what_happens_when_full() -> None:
     [
         '[actors.sink]\nclass = "fixtures_actors.sample:Sink"\ninbox = "orders"\n',
         '[[bridge]]\npostgres = "again"\nchannel = "orders"\ndirection = "out"\n',
-        '[channels.x]\ncapacity = 1\n[actors.relay]\nclass = "actors.relay:Relay"\ninbox = "x"\n'
-        'options = { to = "orders" }\n',
+        '[channels.x]\ncapacity = 1\n[actors.relay]\nclass = "pgbus.actors.relay:Relay"\n'
+        'inbox = "x"\noptions = { to = "orders" }\n',
     ],
     ids=["inbox", "out bridge", "channel option"],
 )

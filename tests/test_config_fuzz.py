@@ -229,11 +229,11 @@ names = st.sampled_from(
 ) | st.text(max_size=6)
 seconds = st.sampled_from([0, 0.1, 1, 5.0, -1, 1e-320, 1e308, 10**400, math.inf, math.nan])
 CLASSES = [
-    "actors.heartbeat:Heartbeat",
-    "actors.relay:Relay",
-    "actors.printer:Printer",
-    "actors.table_changes:TableChanges",
-    "actors.heartbeat:Nope",
+    "pgbus.actors.heartbeat:Heartbeat",
+    "pgbus.actors.relay:Relay",
+    "pgbus.actors.printer:Printer",
+    "pgbus.actors.table_changes:TableChanges",
+    "pgbus.actors.heartbeat:Nope",
     "pgbus:Actor",
     "pgbus:open_bus",
     "no_such_module_for_pgbus:X",

@@ -45,3 +45,20 @@ class Fanout(pgbus.Actor):
     async def handle(self, message: Any) -> None:
         await self.send(self.to, message)
         await self.send(self.audit, message)
+
+
+class SlowPrinter(pgbus.Actor):
+    """Prints each notification's payload on a line of its own, flushed, after *delay* seconds."""
+
+    def __init__(self, delay: float = 0.001) -> None:
+        self.delay = delay
+
+    async def handle(self, message: Any) -> None:
+        import sys
+
+        import trio
+
+        await trio.sleep(self.delay)
+        payload = getattr(message, "payload", None)
+        print(payload if payload is not None else repr(message), flush=True)
+        sys.stdout.flush()
