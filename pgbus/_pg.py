@@ -104,12 +104,11 @@ class _ListenerProtocolConnection(asyncpg.Connection):
     while it is still inside the socket read that produced the notification.
     """
 
-    def _process_notification(self, pid: int, channel: str, payload: str) -> None:
-        """Without a sink, notifications are dropped (this connection never LISTENs)."""
 
     def _set_sink(self, sink: NotificationSink) -> None:
-        # An instance attribute shadows the method: the parser calls the sink itself, one
-        # Python call per notification instead of two.
+        # An instance attribute shadows asyncpg's method: the parser calls the sink itself, one
+        # Python call per notification, and no loop callback per notification. Without a sink
+        # (the public path), asyncpg's own method hands them to add_listener's callbacks.
         self._process_notification = sink  # type: ignore[method-assign,assignment]
 
 
