@@ -1,5 +1,5 @@
 """
-The five workloads: what each measures, its default size, and how ``--scale`` shrinks it.
+The workloads: what each measures, its default size, and how ``--scale`` shrinks it.
 
 Shared by the harness (which sizes every run) and the peers (whose CLI defaults come from here),
 so this module imports nothing heavy.
@@ -103,6 +103,22 @@ WORKLOADS: dict[str, Workload] = {
             samples=10,
             # Memory is pgbus's claim to check; the reference is the yardstick. The other peers
             # implement W5 too (pass --peers to include them) but would double the run time.
+            default_peers=(REFERENCE, "pgbus"),
+        ),
+        Workload(
+            "W8",
+            "cross-process ask: process A asks an actor in process B, one at a time, p50 / p99",
+            "latency",
+            messages=2_000,
+            warmup=100,
+            default_peers=(REFERENCE, "pgbus"),
+        ),
+        Workload(
+            "W8C",
+            "cross-process asks, 100 in flight, until all are answered",
+            "throughput",
+            messages=20_000,
+            publishers=100,
             default_peers=(REFERENCE, "pgbus"),
         ),
     )

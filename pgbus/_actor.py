@@ -6,7 +6,7 @@ import contextlib
 import difflib
 import inspect
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import outcome
 import trio
@@ -79,14 +79,18 @@ class Actor:
         await consume(self, self.inbox)
 
 
+class ReplyTo(Protocol):
+    """Where a reply goes: a memory channel of capacity 1, or a remote asker (`_cluster`)."""
+
+    def send_nowait(self, value: outcome.Outcome[Any], /) -> None: ...
+
+
 class Request:
     """An `ask` in flight: the message and where the reply goes (capacity 1, never blocks)."""
 
     __slots__ = ("message", "reply")
 
-    def __init__(
-        self, message: object, reply: trio.MemorySendChannel[outcome.Outcome[Any]]
-    ) -> None:
+    def __init__(self, message: object, reply: ReplyTo) -> None:
         self.message = message
         self.reply = reply
 
