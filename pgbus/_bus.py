@@ -25,6 +25,7 @@ from ._cluster import (
     read_status,
 )
 from ._codec import encode, validate_channel_name
+from ._dsn import check_dsn, check_keepalive
 from ._errors import (
     ActorFailedError,
     ActorUnavailableError,
@@ -619,13 +620,14 @@ async def open_bus(
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
+    if dsn is not None:
+        check_dsn(dsn)
     supervision = Supervision(
         strategy, max_restarts, within_seconds, backoff_initial, backoff_max, stop_timeout
     )
     if not (isinstance(application_name, str) and application_name.startswith("pgbus")):
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
-    if not (isinstance(keepalive, int | float) and 0 < keepalive < math.inf):
-        raise ConfigError(f"keepalive must be a positive number of seconds (got {keepalive!r}).")
+    keepalive = check_keepalive(keepalive)
     if node is not None:
         validate_node_name(node)
         if dsn is None and not embedded:

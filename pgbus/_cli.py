@@ -24,10 +24,10 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
-from ._config import BusConfig, _dsn_problem, load_config
-from ._dsn import describe_dsn, redact_dsn
-from ._errors import ConfigError, PgbusError, unwrap_group
+from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel_name
+from ._config import BusConfig, load_config
+from ._dsn import check_dsn, describe_dsn, redact_dsn
+from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
 from ._logs import LOG_FORMATS, formatter
 
 ENV_DSN = "PGBUS_DSN"
@@ -313,10 +313,11 @@ def _notify(args: argparse.Namespace) -> int:
     message: Any = text
     if args.codec == "json":
         try:
-            message = json.loads(text)
-        except ValueError as exc:
+            message = decoder("json")(channel, text)
+        except CodecError as exc:
             raise UsageError(
-                f"PAYLOAD is not valid JSON ({exc}); pass --codec text to send it as it is."
+                f"PAYLOAD {exc.detail.removeprefix('payload ')}; "
+                "pass --codec text to send it as it is."
             ) from None
     try:
         size = len(encode(channel, message, args.codec).encode())
@@ -436,10 +437,10 @@ def _dsn_for_client(dsn_option: str | None, config_path: str | None = None) -> s
             "no PostgreSQL to connect to: pass --dsn postgresql://user@host/db, set "
             f"{ENV_DSN}, or name a config file with --config."
         )
-    problem = _dsn_problem(dsn)
-    if problem is not None:
-        raise UsageError(f"{origin} {problem}")
-    return dsn
+    try:
+        return check_dsn(dsn)
+    except SettingError as exc:
+        raise UsageError(f"{origin} {exc.rule}") from None
 
 
 def _payload_from_stdin() -> str:
