@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -14,7 +13,7 @@ import attrs
 import outcome
 import trio
 
-from ._actor import Actor, Request
+from ._actor import Actor, Request, check_actor_options
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
 from ._cluster import (
@@ -228,29 +227,18 @@ class Bus:
             raise ConfigError(
                 f"actor {name!r}: restart must be one of {allowed} (got {restart!r})."
             )
-        kwargs = dict(options or {})
-        try:
-            inspect.signature(actor_class).bind(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(
-                f"actor {name!r}: options do not fit {actor_class.__name__}: {exc}."
-            ) from None
         if inbox is not None and inbox_capacity is not None:
             raise ConfigError(f"actor {name!r}: give inbox or inbox_capacity, not both.")
+        kwargs = dict(options or {})
+        # The first instance is built now: options the constructor refuses, or an option that
+        # names a channel the bus does not have, fail this call, before any task starts,
+        # instead of sending the actor into a restart loop.
+        first = [check_actor_options(name, actor_class, kwargs, self._channels)]
         channel = None
         if inbox is not None:
             channel = self.channel(inbox)
         elif inbox_capacity is not None:
             channel = self.add_channel(name, inbox_capacity)
-
-        # The first instance is built now: options the constructor refuses fail this call,
-        # before any task starts, instead of sending the actor into a restart loop.
-        try:
-            first = [actor_class(**kwargs)]
-        except Exception as exc:
-            raise ConfigError(
-                f"actor {name!r}: {actor_class.__name__} refused its options: {exc}"
-            ) from None
 
         def factory() -> Actor:
             return first.pop() if first else actor_class(**kwargs)

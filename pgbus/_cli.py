@@ -23,12 +23,13 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import __version__
+from . import __version__, _signals
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel_name
 from ._config import BusConfig, load_config
 from ._dsn import check_dsn, describe_dsn, redact_dsn
 from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
 from ._logs import LOG_FORMATS, formatter
+from ._signals import STOP_SIGNALS
 
 ENV_DSN = "PGBUS_DSN"
 _EXAMPLE_DSN = "postgresql://postgres@localhost/postgres"
@@ -350,9 +351,10 @@ async def _print_notifications(
 ) -> None:
     from ._bus import open_bus
     from ._inbound import Gap
-    from ._run import STOP_SIGNALS
 
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if _signals.early:  # one came before this receiver was in place
+            return
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
@@ -498,8 +500,6 @@ def _trio_run(
         error = unwrap_group(exc, skip_cancelled=True)
         if isinstance(error, KeyboardInterrupt):
             return 130
-        if isinstance(error, SystemExit):  # a signal before the bus installed its handlers
-            return error.code if isinstance(error.code, int) else EXIT_OK
         if not isinstance(error, Exception):
             raise
         if debug and say_error is None:
