@@ -169,7 +169,7 @@ class InboundBridge:
     """
     The bus's one listening connection, many Postgres channels on it.
 
-    Hot path: asyncpg's parser calls `_sink` for each notification, inside the socket read; the
+    Hot path: the driver's parser calls `_sink` for each notification, inside the socket read; the
     sink hands the notification to its Trio channels with ``send_nowait``: no callback scheduled,
     no task, no checkpoint per notification. Only when a ``block`` route is full does the sink
     stop reading the socket and queue what that read already parsed in `_backlog`, which the
