@@ -14,6 +14,10 @@ from ._channel import ChannelStatistics as ChannelStatistics
 from ._codec import MAX_CHANNEL_NAME_BYTES as MAX_CHANNEL_NAME_BYTES
 from ._codec import MAX_PAYLOAD_BYTES as MAX_PAYLOAD_BYTES
 from ._codec import validate_channel_name as validate_channel_name
+from ._durable import GroupStatus as GroupStatus
+from ._durable import SchemaError as SchemaError
+from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES as MAX_DURABLE_PAYLOAD_BYTES
+from ._durable._rules import DurableMessage as DurableMessage
 from ._errors import ActorFailedError as ActorFailedError
 from ._errors import AskTimeoutError as AskTimeoutError
 from ._errors import CapacityError as CapacityError
@@ -24,6 +28,7 @@ from ._errors import DatabaseError as DatabaseError
 from ._errors import DatabaseUnavailableError as DatabaseUnavailableError
 from ._errors import DuplicateNameError as DuplicateNameError
 from ._errors import DuplicateNotificationError as DuplicateNotificationError
+from ._errors import LeaseLostError as LeaseLostError
 from ._errors import NoDatabaseError as NoDatabaseError
 from ._errors import PayloadTooLargeError as PayloadTooLargeError
 from ._errors import PgbusError as PgbusError
@@ -37,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_CHANNEL_NAME_BYTES",
+    "MAX_DURABLE_PAYLOAD_BYTES",
     "MAX_PAYLOAD_BYTES",
     "Actor",
     "ActorFailedError",
@@ -56,12 +62,16 @@ __all__ = [
     "DatabaseUnavailableError",
     "DuplicateNameError",
     "DuplicateNotificationError",
+    "DurableMessage",
     "Gap",
+    "GroupStatus",
+    "LeaseLostError",
     "NoDatabaseError",
     "Notification",
     "PayloadTooLargeError",
     "PgbusError",
     "RestartIntensityError",
+    "SchemaError",
     "Supervision",
     "Transaction",
     "UnknownActorError",

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 import outcome
 import trio
 
+from ._durable._rules import DurableMessage
+
 if TYPE_CHECKING:
     from ._bus import Bus
     from ._channel import Channel
+
+log = logging.getLogger("pgbus.durable")
 
 # How many queued messages an actor handles before it yields to the scheduler. Draining without a
 # checkpoint per message is what makes a burst cheap; the bound keeps other tasks fair.
@@ -106,6 +111,8 @@ async def consume(actor: Actor, inbox: Channel) -> None:
                 budget = DRAIN_BATCH
         if type(message) is Request:
             await _answer(handle, message)
+        elif type(message) is DurableMessage:
+            await _handle_durable(actor, handle, message)
         else:
             await handle(message)
 
@@ -117,3 +124,27 @@ async def _answer(handle: Any, request: Request) -> None:
         request.answer(outcome.Error(exc))
         raise
     request.answer(outcome.Value(result))
+
+
+async def _handle_durable(actor: Actor, handle: Any, message: DurableMessage) -> None:
+    """
+    Handle a durable message: returning acknowledges it, raising schedules its retry.
+
+    A failure here is the message's, not the actor's: it is logged with the traceback and
+    retried per the bridge's policy (then dead-lettered), and the actor keeps running.
+    A cancelled handle neither acknowledges nor fails: the bridge gives the message back.
+    """
+    try:
+        await handle(message)
+    except Exception as exc:
+        message._receipt.failed(message, exc)
+        log.error(
+            "actor %r: durable message %d of %r failed (attempt %d)",
+            actor.name,
+            message.id,
+            message.channel,
+            message.attempt,
+            exc_info=True,
+        )
+        return
+    message._receipt.handled(message)

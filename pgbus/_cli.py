@@ -29,6 +29,7 @@ from ._bus import open_bus
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
 from ._config import BusConfig, _dsn_problem, load_config
 from ._dsn import describe_dsn, redact_dsn
+from ._durable._cli import add_durable_commands
 from ._errors import ConfigError, PgbusError
 from ._run import STOP_SIGNALS, run_config, sole_error
 
@@ -195,6 +196,7 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     )
     _add_codec(listen, "json: print payloads decoded")
     listen.set_defaults(command_function=_listen)
+    add_durable_commands(commands, formatter, prog, _add_dsn, ENV_DSN)
     return parser
 
 

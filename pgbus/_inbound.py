@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -146,6 +147,7 @@ class Listener:
         self._lock = trio.Lock()  # one statement at a time on the connection
         self._blocked_since: float | None = None
         self._commands: set[trio.CancelScope] = set()  # LISTEN/UNLISTEN awaiting their reply
+        self._hooks: dict[str, list[Callable[[str], None]]] = {}  # pgbus's own wake-ups
         self.reconnects = 0
 
     # -- the routing table ------------------------------------------------------------------
@@ -153,7 +155,7 @@ class Listener:
     @property
     def channels(self) -> set[str]:
         """The Postgres channels this listener is (or will be, once connected) listening on."""
-        return set(self._routes)
+        return set(self._routes) | set(self._hooks)
 
     def routes(self) -> list[Route]:
         return [route for routes in self._routes.values() for route in routes]
@@ -175,7 +177,7 @@ class Listener:
                     f"{route.channel.name!r} with other options ({existing.settings()})."
                 )
         routes.append(route)
-        if len(routes) == 1:
+        if len(routes) == 1 and route.pg_channel not in self._hooks:
             try:
                 await self._command(f"LISTEN {quote_ident(route.pg_channel)}")
             except DatabaseError:
@@ -184,7 +186,7 @@ class Listener:
 
     async def remove_route(self, route: Route) -> None:
         """Stop delivering *route* (UNLISTEN when it was the channel's last route)."""
-        if self._drop_route(route):
+        if self._drop_route(route) and route.pg_channel not in self._hooks:
             await self._command(f"UNLISTEN {quote_ident(route.pg_channel)}")
 
     def _drop_route(self, route: Route) -> bool:
@@ -250,6 +252,10 @@ class Listener:
     # -- the hot path -----------------------------------------------------------------------
 
     def _sink(self, pid: int, pg_channel: str, payload: str) -> None:
+        hooks = self._hooks.get(pg_channel)
+        if hooks is not None:
+            for hook in hooks:
+                hook(payload)
         routes = self._routes.get(pg_channel)
         if routes is None:
             return  # UNLISTENed while this notification was in flight
@@ -348,6 +354,7 @@ class Listener:
                         continue
                     if not first:
                         self._announce_gaps(mark)
+                        self._call_hooks("")
                     first = False
                     task_status.started()
                     task_status = trio.TASK_STATUS_IGNORED
@@ -368,9 +375,9 @@ class Listener:
                 )
 
     async def _listen_all(self, connection: Connection) -> bool:
-        if not self._routes:
+        if not self.channels:
             return True
-        sql = "; ".join(f"LISTEN {quote_ident(name)}" for name in self._routes)
+        sql = "; ".join(f"LISTEN {quote_ident(name)}" for name in sorted(self.channels))
         try:
             with trio.CancelScope(shield=True), trio.fail_after(self.keepalive):
                 async with self._lock:
@@ -435,3 +442,32 @@ class Listener:
                     blocked,
                     usage * 100,
                 )
+
+    # -- hooks: pgbus's own wake-ups (durable channels) ---------------------------------------
+
+    async def add_hook(self, pg_channel: str, hook: Callable[[str], None]) -> None:
+        """
+        Call *hook(payload)* for each notification on *pg_channel* (LISTEN if new), and
+        ``hook("")`` after each reconnect (notifications may have been missed meanwhile).
+
+        The hook runs inside the socket read: it must be quick and must not raise.
+        """
+        hooks = self._hooks.setdefault(pg_channel, [])
+        hooks.append(hook)
+        if len(hooks) == 1 and pg_channel not in self._routes:
+            try:
+                await self._command(f"LISTEN {quote_ident(pg_channel)}")
+            except DatabaseError:
+                self._hooks.pop(pg_channel, None)
+                raise
+
+    def remove_hook(self, pg_channel: str, hook: Callable[[str], None]) -> None:
+        """Stop calling *hook* (the channel stays LISTENed: an extra wake-up costs nothing)."""
+        hooks = self._hooks.get(pg_channel, [])
+        if hook in hooks:
+            hooks.remove(hook)
+
+    def _call_hooks(self, payload: str) -> None:
+        for hooks in self._hooks.values():
+            for hook in hooks:
+                hook(payload)
