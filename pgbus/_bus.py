@@ -445,7 +445,7 @@ class Bus:
         async with self._borrow() as connection:
             xact = connection.transaction()
             await connection.run(xact.start)
-            tx = Transaction(database, connection, self._durable_max_payload)
+            tx = Transaction(database, connection, self._durable_max_payload, self._durable_support)
             try:
                 if ack is not None:
                     await _ack_in(connection, ack)
@@ -660,8 +660,10 @@ class Transaction:
         database: Database,
         connection: Connection,
         durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
+        durable_support: Callable[[], DurableSupport] | None = None,
     ) -> None:
         self._db = database
+        self._durable_support = durable_support
         self._connection = connection
         self._pending: dict[str, dict[str, None]] = {}  # channel -> payloads, in order
         self._durable_max_payload = durable_max_payload
@@ -687,8 +689,8 @@ class Transaction:
 
         With ``durable=True`` the message is stored in the durable channel *postgres* at once,
         inside this transaction (the outbox pattern): consumers see it from COMMIT on, never
-        after ROLLBACK. Repeating a payload is fine then. The schema must exist already (any
-        durable bridge, ``bus.notify(durable=True)`` or ``pgbus migrate`` creates it).
+        after ROLLBACK. Repeating a payload is fine then. The first durable use of a bus
+        creates pgbus's schema if need be (on a connection of its own).
 
         Raises:
             PayloadTooLargeError, CodecError, ChannelNameError: at once.
@@ -699,6 +701,8 @@ class Transaction:
             payload = encode(
                 validate_channel_name(postgres), message, codec, self._durable_max_payload
             )
+            if self._durable_support is not None:
+                await self._durable_support().ensure_schema()
             await durable_store_in_transaction(self._connection, postgres, [payload])
             self._woken[postgres] = None
             return

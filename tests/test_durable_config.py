@@ -63,7 +63,7 @@ def test_check_summarises_durable_bridges(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (IN, "[[bridge]] #1: group is required for a durable \"in\" bridge"),
+        (IN, '[[bridge]] #1: group is required for a durable "in" bridge'),
         (OUT + 'group = "g"\n', '[[bridge]] #1: group applies only to durable "in" bridges'),
         (IN + 'group = ""\n', "[[bridge]] #1: group must be a non-empty string"),
         (IN + 'group = "g"\nstart = "middle"\n', "[[bridge]] #1: start must be one of 'latest'"),
