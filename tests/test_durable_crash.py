@@ -6,7 +6,6 @@ server restarted mid-stream. Consumers are real ``python -m pgbus run`` subproce
 from __future__ import annotations
 
 import math
-import signal
 import socket
 import textwrap
 import uuid
@@ -25,10 +24,12 @@ if TYPE_CHECKING:
 
 WAIT = 60
 MESSAGES = 2000
+PAUSE = 0.002
 
 
 def worker_config(path: Path, channel: str, table: str, *, exactly_once: bool) -> Path:
     config = path / f"worker-{uuid.uuid4().hex[:6]}.toml"
+    once = "true" if exactly_once else "false"
     config.write_text(
         textwrap.dedent(
             f"""
@@ -47,7 +48,7 @@ def worker_config(path: Path, channel: str, table: str, *, exactly_once: bool) -
             [actors.recorder]
             class = "fixtures_actors.durable:RecordEffect"
             inbox = "work"
-            options = {{ table = "{table}", exactly_once = {str(exactly_once).lower()}, pause = 0.002 }}
+            options = {{ table = "{table}", exactly_once = {once}, pause = {PAUSE} }}
             """
         )
     )
@@ -116,7 +117,8 @@ async def test_kill_9_of_a_consumer_loses_nothing(
         assert duplicates == 0
         assert (
             await pg.fetchval(
-                f'SELECT count(*) FROM (SELECT message_id FROM "{table}" GROUP BY 1 HAVING count(*) > 1) d'
+                f'SELECT count(*) FROM (SELECT message_id FROM "{table}"'
+                " GROUP BY 1 HAVING count(*) > 1) d"
             )
             == 0
         )
@@ -133,6 +135,7 @@ async def test_server_restart_mid_stream_loses_nothing() -> None:
         await bus.bridge_in("restart", "in", durable=True, group="g", lease=2)
         received: set[str] = set()
         deliveries = 0
+        hundred = trio.Event()
 
         async def consume() -> None:
             nonlocal deliveries
@@ -141,6 +144,8 @@ async def test_server_restart_mid_stream_loses_nothing() -> None:
                 assert isinstance(message, pgbus.DurableMessage)
                 received.add(message.payload)
                 deliveries += 1
+                if len(received) >= 100:
+                    hundred.set()
                 bus.ack(message)
 
         with trio.fail_after(WAIT):
@@ -148,8 +153,7 @@ async def test_server_restart_mid_stream_loses_nothing() -> None:
                 nursery.start_soon(consume)
                 for i in range(500):
                     await bus.send("out", str(i))
-                while len(received) < 100:
-                    await trio.sleep(0.01)
+                await hundred.wait()
                 await server.stop_server(mode="immediate")
                 for i in range(500, 1000):
                     await bus.send("out", str(i))  # queued while the server is down

@@ -41,6 +41,7 @@ from ._protocol import (
     throughput,
 )
 from ._sql import ASYNCPG_BURST, burst_payloads
+from .pgbus_durable import WORKLOADS as DURABLE_WORKLOADS
 
 CAPACITY = 1000
 """Capacity of every channel in W1-W4: bounded, big enough for a burst to batch well."""
@@ -245,6 +246,7 @@ WORKLOADS: dict[str, Callable[[PeerArgs], Coroutine[Any, Any, Result]]] = {
     "W3": ping_pong,
     "W4": concurrent_publish,
     "W5": bounded_memory,
+    **DURABLE_WORKLOADS,
 }
 
 
