@@ -30,6 +30,7 @@ from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
 from ._config import BusConfig, _dsn_problem, load_config
 from ._dsn import describe_dsn, redact_dsn
 from ._durable._cli import add_durable_commands
+from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES
 from ._errors import ConfigError, PgbusError
 from ._run import STOP_SIGNALS, run_config, sole_error
 
@@ -172,6 +173,11 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     notify.add_argument("payload", metavar="PAYLOAD", help="the payload")
     _add_dsn(notify, f"default: {ENV_DSN}")
     _add_codec(notify, "json: PAYLOAD must be JSON and is sent compacted")
+    notify.add_argument(
+        "--durable",
+        action="store_true",
+        help="store it in the durable channel CHANNEL instead (payloads up to 1 MiB)",
+    )
     notify.set_defaults(command_function=_notify)
 
     listen = commands.add_parser(
@@ -274,21 +280,25 @@ def _notify(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"PAYLOAD is not valid JSON ({exc}); pass --codec text to send it as it is."
             ) from None
+    limit = MAX_DURABLE_PAYLOAD_BYTES if args.durable else MAX_PAYLOAD_BYTES
     try:
-        size = len(encode(channel, message, args.codec).encode())
+        size = len(encode(channel, message, args.codec, limit).encode())
     except PgbusError as exc:  # too large, or a NUL character
         raise UsageError(str(exc)) from None
     dsn = _dsn_for_client(args.dsn)
     with _logging_to_stderr("warning"):
-        status = _trio_run(partial(_send_one, dsn, channel, message, args.codec))
+        status = _trio_run(partial(_send_one, dsn, channel, message, args.codec, args.durable))
     if status == EXIT_OK:
-        _say(f"sent {size} bytes to {channel!r} at {describe_dsn(dsn)}")
+        what = "stored" if args.durable else "sent"
+        _say(f"{what} {size} bytes to {channel!r} at {describe_dsn(dsn)}")
     return status
 
 
-async def _send_one(dsn: str, channel: str, message: object, codec: str) -> None:
+async def _send_one(
+    dsn: str, channel: str, message: object, codec: str, durable: bool = False
+) -> None:
     async with open_bus(dsn) as bus:
-        await bus.notify(channel, message, codec=codec)
+        await bus.notify(channel, message, codec=codec, durable=durable)
 
 
 def _listen(args: argparse.Namespace) -> int:
