@@ -15,7 +15,7 @@ class Printer(pgbus.Actor):
 
     A `pgbus.Notification` prints as ``{"channel", "payload", "pid"}``; a `pgbus.Gap` as
     ``{"channel", "gap", "dropped"}`` (``gap`` is its reason); a `pgbus.DurableMessage` as
-    ``{"channel", "payload", "id", "attempt"}`` (handled, so acknowledged, once printed); any other message as
+    ``{"channel", "payload", "id", "attempt"}`` (acknowledged once printed); any other message as
     ``{"channel", "payload"}`` with this actor's inbox as the channel. Whatever JSON cannot
     represent is printed as its ``repr``, never dropped. Writing blocks the bus while the stream
     does (a terminal or pipe that stops reading stalls it).

@@ -200,7 +200,7 @@ class TableChanges(pgbus.Actor):
         self.channel = _channel_name(channel)
         self.function = _fit("pgbus_notify_", self.table)
         if not isinstance(durable, bool):
-            raise ValueError(f"'durable' must be true or false (got {durable!r}).")
+            raise ValueError(f"'durable' must be true or false (got {durable!r}).")  # noqa: TRY004
         if group is not None and not durable:
             raise ValueError("'group' applies only with durable = true.")
         if group is not None and (not isinstance(group, str) or not group):

@@ -1,10 +1,8 @@
 """pgbus: a Trio actor message bus on PostgreSQL LISTEN/NOTIFY."""
 
 from ._actor import Actor as Actor
+from ._bridge import Bridge as Bridge
 from ._bridge import BridgeStatistics as BridgeStatistics
-from ._bridge import Gap as Gap
-from ._bridge import Notification as Notification
-from ._bus import Bridge as Bridge
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
 from ._bus import Transaction as Transaction
@@ -35,6 +33,8 @@ from ._errors import PgbusError as PgbusError
 from ._errors import RestartIntensityError as RestartIntensityError
 from ._errors import UnknownActorError as UnknownActorError
 from ._errors import UnknownChannelError as UnknownChannelError
+from ._inbound import Gap as Gap
+from ._inbound import Notification as Notification
 from ._supervisor import ActorStatistics as ActorStatistics
 from ._supervisor import Supervision as Supervision
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -14,7 +14,7 @@ import outcome
 import trio
 
 from ._actor import Actor, Request
-from ._bridge import BridgeStatistics
+from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
 from ._codec import encode, validate_channel_name
 from ._durable import DurableConsumer, DurableSupport, GroupStatus, group_status
@@ -49,8 +49,9 @@ from ._errors import (
     NoDatabaseError,
     UnknownActorError,
     UnknownChannelError,
+    unwrap_group,
 )
-from ._inbound import Listener, Route
+from ._inbound import InboundBridge, Route
 from ._outbound import OutboundBridge
 from ._pg import Connection, Database, open_database
 from ._supervisor import RESTART_KINDS, ActorSpec, ActorStatistics, Supervision, Supervisor
@@ -60,7 +61,9 @@ log = logging.getLogger("pgbus")
 # Bus.send skips the scheduler while there is room in the channel, and yields once per this many
 # sends so a producer in a tight loop still lets others run and still sees cancellation.
 SEND_CHECKPOINT_EVERY = 64
-POOL_IDLE_MAX = 4
+# While shutting down, how often to look whether every queued message has been handled.
+DRAIN_POLL = 0.005
+_DEFAULT = Supervision()
 
 
 @attrs.frozen
@@ -105,30 +108,16 @@ class _Service:
         await self.done.wait()
 
 
-class Bridge:
-    """A running bridge, as `Bus.bridge_in` and `Bus.bridge_out` return it."""
-
-    def __init__(self, description: str, close: Callable[[], Awaitable[None]]) -> None:
-        self.description = description
-        self._close: Callable[[], Awaitable[None]] | None = close
-
-    def __repr__(self) -> str:
-        return f"<Bridge {self.description}>"
-
-    async def aclose(self) -> None:
-        """Remove the bridge (an inbound one UNLISTENs if it was the channel's last)."""
-        close, self._close = self._close, None
-        if close is not None:
-            await close()
-
-
 class Bus:
     """
     A registry of named channels, supervised actors and bridges, living in one nursery.
 
-    Get one from `open_bus`. Leaving that block stops the inbound bridge, then the actors in
-    reverse start order (each ``on_stop`` runs), then publishes what outbound channels still
-    hold, closes every connection, and stops an embedded PostgreSQL the bus started.
+    Made by `open_bus` only (as a Trio nursery is made by ``open_nursery``): never construct it.
+    Leaving that block stops reading notifications, lets the actors handle what their inboxes
+    already hold (all within ``stop_timeout``), stops the actors in reverse start order (each
+    ``on_stop`` runs), publishes what outbound channels still hold, closes every connection,
+    and stops an embedded PostgreSQL the bus started. The bus owns its channels: it never closes
+    them while open, which is why an inbox survives its actor's restarts.
     """
 
     def __init__(
@@ -146,11 +135,10 @@ class Bus:
         self._keepalive = keepalive
         self._channels: dict[str, Channel] = {}
         self._supervisor = Supervisor(self, supervision)
-        self._listener: Listener | None = None
+        self._listener: InboundBridge | None = None
         self._listener_service: _Service | None = None
         self._listener_lock = trio.Lock()
         self._outbound: dict[str, tuple[OutboundBridge, _Service]] = {}
-        self._idle_connections: list[Connection] = []
         self._sends = 0
         self._durable_max_payload = durable_max_payload
         self._durable: DurableSupport | None = None
@@ -182,6 +170,7 @@ class Bus:
 
     @property
     def channels(self) -> Mapping[str, Channel]:
+        """Every registered channel by name (a copy: adding to it registers nothing)."""
         return dict(self._channels)
 
     async def send(self, channel: str, message: object) -> None:
@@ -350,7 +339,7 @@ class Bus:
         async with self._listener_lock:
             if self._listener is None:
                 # Registered only once started: a cancelled start leaves no half-made listener.
-                listener = Listener(database, keepalive=self._keepalive)
+                listener = InboundBridge(database, keepalive=self._keepalive)
                 service = _Service("listener")
                 await self._nursery.start(service.run, listener.serve)
                 self._listener, self._listener_service = listener, service
@@ -416,12 +405,13 @@ class Bus:
                 validate_channel_name(postgres), message, codec, self._durable_max_payload
             )
             await self._durable_support().ensure_schema()
-            async with self._borrow() as connection:
+            async with self._database().borrow() as connection:
                 await durable_store(connection, postgres, [payload])
             return
         payload = encode(validate_channel_name(postgres), message, codec)
-        async with self._borrow() as connection:
-            await self._database().publish(connection, postgres, [payload])
+        database = self._database()
+        async with database.borrow() as connection:
+            await database.publish(connection, postgres, [payload])
 
     @asynccontextmanager
     async def transaction(self, *, ack: DurableMessage | None = None) -> AsyncIterator[Transaction]:
@@ -442,50 +432,17 @@ class Bus:
         database = self._database()
         if ack is not None:
             await self._durable_support().ensure_schema()
-        async with self._borrow() as connection:
-            xact = connection.transaction()
-            await connection.run(xact.start)
-            tx = Transaction(database, connection, self._durable_max_payload, self._durable_support)
-            try:
+        async with database.borrow() as connection:
+            async with connection.transaction():
+                tx = Transaction(
+                    database, connection, self._durable_max_payload, self._durable_support
+                )
                 if ack is not None:
                     await _ack_in(connection, ack)
                 yield tx
                 await tx._flush()
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    if not connection.closed:
-                        await connection.run(xact.rollback)
-                raise
-            await connection.run(xact.commit)
             if ack is not None:
                 ack._receipt.acked_elsewhere(ack)
-
-    @asynccontextmanager
-    async def _borrow(self) -> AsyncIterator[Connection]:
-        """A connection from the bus's small pool; one left in doubt is closed, not reused."""
-        database = self._database()
-        idle = self._idle_connections
-        connection = None
-        while idle and connection is None:
-            candidate = idle.pop()
-            if candidate.poll():  # the server may have ended it while it sat idle
-                connection = candidate
-            else:
-                database.own_pids.discard(candidate.pid)
-                candidate.abort()
-        if connection is None:
-            connection = await database.connect("pool")
-        reusable = False
-        try:
-            yield connection
-            reusable = not connection.closed
-        finally:
-            if reusable and len(idle) < POOL_IDLE_MAX:
-                idle.append(connection)
-            else:
-                database.own_pids.discard(connection.pid)
-                with trio.CancelScope(shield=True):
-                    await connection.aclose()
 
     # -- introspection and shutdown ----------------------------------------------------------
 
@@ -493,7 +450,7 @@ class Bus:
         """Per channel: buffered and capacity; per actor: state and restarts; per bridge: counts."""
         bridges: list[BridgeStatistics] = []
         if self._listener is not None:
-            bridges += [r.statistics(self._listener.reconnects) for r in self._listener.routes()]
+            bridges += self._listener.statistics()
         bridges += [bridge.statistics() for bridge, _ in self._outbound.values()]
         bridges += [consumer.statistics() for consumer, _ in self._durable_in]
         return BusStatistics(
@@ -502,37 +459,70 @@ class Bus:
             bridges=tuple(bridges),
         )
 
-    async def _stop_outbound(self, bridge: OutboundBridge, service: _Service) -> None:
-        """Publish what the channel still holds (for at most stop_timeout), then stop."""
+    async def _stop_outbound(
+        self, bridge: OutboundBridge, service: _Service, deadline: float | None = None
+    ) -> int:
+        """Publish what the channel holds (until *deadline*), stop; return what is left."""
+        if deadline is None:
+            deadline = trio.current_time() + self.supervision.stop_timeout
         bridge.finish()
-        with trio.move_on_after(self.supervision.stop_timeout) as flush:
+        with trio.move_on_at(max(deadline, trio.current_time() + 0.25)):
             await service.done.wait()
-        if flush.cancelled_caught:
-            log.warning(
-                "outbound bridge %r -> %r: gave up flushing after %gs; %d message(s) unsent",
-                bridge.channel.name,
-                bridge.pg_channel,
-                self.supervision.stop_timeout,
-                bridge.channel.statistics().buffered,
-            )
+        left = bridge.pending
         await service.stop()
+        return left
 
-    async def _shutdown(self) -> None:
-        """Stop in order: inbound, actors (reverse start order), outbound (flushed), connections."""
-        if self._listener_service is not None:
-            await self._listener_service.stop()
+    def _quiet(self) -> bool:
+        """Nothing left to do: no backlog inbound, every actor idle, every outbound sent."""
+        if self._listener is not None and not self._listener.drained:
+            return False
+        if not self._supervisor.idle():
+            return False
+        return all(bridge.pending == 0 for bridge, _ in self._outbound.values())
+
+    async def _shutdown(self, *, drain: bool) -> None:
+        """
+        Stop in order, all within ``stop_timeout``: stop reading notifications (delivering what
+        was already read), stop producers, let actors handle their inboxes (with *drain*), stop
+        the actors in reverse start order, publish what outbound channels hold, then close.
+        What could not be handled or published in time is counted and logged in one line.
+        """
+        stop_timeout = self.supervision.stop_timeout
+        deadline = trio.current_time() + stop_timeout
+        if self._listener is not None:
+            self._listener.stop_reading()
         for consumer, _ in self._durable_in:
             consumer.finish()  # claim nothing more; actors handle what their inboxes hold
-        await self._supervisor.stop_all()
+        if drain:
+            await self._supervisor.stop_producers()
+            with trio.move_on_at(deadline):
+                # Polling: a memory channel has no "became empty" event to wait for.
+                while not self._quiet():  # noqa: ASYNC110
+                    await trio.sleep(DRAIN_POLL)
+        undelivered = self._listener.undelivered if self._listener is not None else 0
+        if self._listener_service is not None:
+            await self._listener_service.stop()
+        unhandled = self._supervisor.unhandled()
+        await self._supervisor.stop_all(deadline=deadline)
         for _, service in reversed(self._durable_in):
             await service.stop()  # acknowledge what was handled, give back the rest
-        for bridge, service in self._outbound.values():
-            await self._stop_outbound(bridge, service)
-        while self._idle_connections:
-            connection = self._idle_connections.pop()
-            if self._db is not None:
-                self._db.own_pids.discard(connection.pid)
-            await connection.aclose()
+        unpublished = [
+            (bridge, await self._stop_outbound(bridge, service, deadline))
+            for bridge, service in self._outbound.values()
+        ]
+        parts = [
+            f"{count} unhandled in {channel!r} (actor {actor!r})"
+            for channel, actor, count in unhandled
+        ]
+        parts += [
+            f"{count} unpublished from {bridge.channel.name!r} to {bridge.pg_channel!r}"
+            for bridge, count in unpublished
+            if count
+        ]
+        if undelivered:
+            parts.append(f"{undelivered} notification(s) read but not delivered")
+        if parts:
+            log.warning("shutdown after %gs: messages left: %s", stop_timeout, "; ".join(parts))
 
     # -- durable channels ---------------------------------------------------------------------
 
@@ -609,12 +599,12 @@ class Bus:
 
         return Bridge(f"{postgres!r} -> {channel!r} (durable, {group!r})", close)
 
-    async def _get_listener(self) -> Listener:
+    async def _get_listener(self) -> InboundBridge:
         """The bus's listening connection, started if need be."""
         database = self._database()
         async with self._listener_lock:
             if self._listener is None:
-                listener = Listener(database, keepalive=self._keepalive)
+                listener = InboundBridge(database, keepalive=self._keepalive)
                 service = _Service("listener")
                 await self._nursery.start(service.run, listener.serve)
                 self._listener, self._listener_service = listener, service
@@ -636,7 +626,7 @@ class Bus:
     async def durable_groups(self, channel: str | None = None) -> list[GroupStatus]:
         """Each consumer group (of *channel*, or of all): lag, in-flight, dead letters."""
         await self._durable_support().ensure_schema()
-        async with self._borrow() as connection:
+        async with self._database().borrow() as connection:
             return await group_status(connection, channel)
 
 
@@ -663,11 +653,11 @@ class Transaction:
         durable_support: Callable[[], DurableSupport] | None = None,
     ) -> None:
         self._db = database
-        self._durable_support = durable_support
         self._connection = connection
-        self._pending: dict[str, dict[str, None]] = {}  # channel -> payloads, in order
+        self._durable_support = durable_support
         self._durable_max_payload = durable_max_payload
         self._woken: dict[str, None] = {}  # durable channels stored to: woken before COMMIT
+        self._pending: dict[str, dict[str, None]] = {}  # channel -> payloads, in order
 
     async def execute(self, sql: str, *args: Any) -> str:
         return await self._connection.execute(sql, *args)
@@ -727,12 +717,12 @@ async def open_bus(
     *,
     embedded: bool = False,
     application_name: str = "pgbus",
-    strategy: str = "one_for_one",
-    max_restarts: int = 3,
-    within_seconds: float = 5.0,
-    backoff_initial: float = 0.1,
-    backoff_max: float = 5.0,
-    stop_timeout: float = 5.0,
+    strategy: str = _DEFAULT.strategy,
+    max_restarts: int = _DEFAULT.max_restarts,
+    within_seconds: float = _DEFAULT.within_seconds,
+    backoff_initial: float = _DEFAULT.backoff_initial,
+    backoff_max: float = _DEFAULT.backoff_max,
+    stop_timeout: float = _DEFAULT.stop_timeout,
     keepalive: float = 10.0,
     durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
 ) -> AsyncIterator[Bus]:
@@ -742,8 +732,10 @@ async def open_bus(
     With *dsn* the bus connects to that PostgreSQL; with ``embedded=True`` and no *dsn* it starts
     a private PostgreSQL for the block; with neither it runs actors and channels only.
     The supervisor's policy comes from *strategy*, *max_restarts*, *within_seconds* and the
-    backoff values. *keepalive* is how often an idle listening connection is checked (seconds).
-    *durable_max_payload* is the largest durable message, in bytes once encoded (1 MiB).
+    backoff values. *keepalive* (seconds) bounds every wait on the network: an idle listening
+    connection is checked that often, and a statement or connection that stops answering is
+    detected, aborted and reconnected within it. *durable_max_payload* is the largest durable
+    message, in bytes once encoded (1 MiB).
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
@@ -763,7 +755,9 @@ async def open_bus(
                 dsn = server.dsn
             database = None
             if dsn is not None:
-                database = await stack.enter_async_context(open_database(dsn, application_name))
+                database = await stack.enter_async_context(
+                    open_database(dsn, application_name, keepalive=keepalive)
+                )
             async with trio.open_nursery() as nursery:
                 bus = Bus(
                     nursery,
@@ -773,16 +767,22 @@ async def open_bus(
                     durable_max_payload=validate_max_payload(durable_max_payload),
                 )
                 await nursery.start(bus._supervisor.run)
+                drain = True
                 try:
                     yield bus
+                except BaseException as exc:
+                    # Leaving on an error: stop at once. On a cancellation (a signal, a
+                    # timeout): first let the actors handle what they hold.
+                    drain = isinstance(unwrap_group(exc, skip_cancelled=False), trio.Cancelled)
+                    raise
                 finally:
                     with trio.CancelScope(shield=True):
-                        await bus._shutdown()
+                        await bus._shutdown(drain=drain)
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The nurseries inside (ours, trio-asyncio's) wrap errors in groups; a user of the bus
         # should see the one error that happened, as itself, with the chain it already had.
-        error = _collapse(group)
+        error = unwrap_group(group, skip_cancelled=False)
         if error is group:
             raise
         cause, context, suppress = error.__cause__, error.__context__, error.__suppress_context__
@@ -791,11 +791,3 @@ async def open_bus(
         finally:
             error.__cause__, error.__context__ = cause, context
             error.__suppress_context__ = suppress
-
-
-def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The single error inside nested one-member groups, else the group itself."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error

@@ -24,7 +24,6 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from ._bridge import Gap
 from ._bus import open_bus
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
 from ._config import BusConfig, _dsn_problem, load_config
@@ -32,6 +31,7 @@ from ._dsn import describe_dsn, redact_dsn
 from ._durable._cli import add_durable_commands
 from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES
 from ._errors import ConfigError, PgbusError
+from ._inbound import Gap
 from ._run import STOP_SIGNALS, run_config, sole_error
 
 ENV_DSN = "PGBUS_DSN"

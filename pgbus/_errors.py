@@ -141,12 +141,19 @@ class NoDatabaseError(PgbusError):
 class DatabaseUnavailableError(PgbusError, ConnectionError):
     """PostgreSQL could not be reached; the message carries the redacted DSN and the cause."""
 
-    def __init__(self, where: str, cause: str, *, fatal: bool = False) -> None:
+    def __init__(
+        self, where: str, cause: str, *, fatal: bool = False, purpose: str | None = None
+    ) -> None:
         self.where = where
         self.cause = cause
         self.fatal = fatal
         """True when retrying cannot help (bad password, unknown database or role)."""
-        super().__init__(f"cannot reach PostgreSQL at {where}: {cause}")
+        self.purpose = purpose
+        """The connection's purpose (``listen``, ``publish orders``), when one was open."""
+        if purpose is None:
+            super().__init__(f"cannot reach PostgreSQL at {where}: {cause}")
+        else:
+            super().__init__(f"connection {purpose!r} to PostgreSQL at {where} failed: {cause}")
 
 
 class DatabaseError(PgbusError):
@@ -156,6 +163,24 @@ class DatabaseError(PgbusError):
         self.sqlstate = sqlstate
         self.message = message
         super().__init__(f"PostgreSQL refused the statement ({sqlstate}): {message}")
+
+
+def unwrap_group(error: BaseException, *, skip_cancelled: bool) -> BaseException:
+    """
+    The one error inside *error*: nested exception groups of one member unwrapped (with
+    *skip_cancelled*, Trio's ``Cancelled`` members are left out first). A group that holds
+    several errors is returned as it is; so is an error that is not a group.
+    """
+    while isinstance(error, BaseExceptionGroup):
+        rest: BaseExceptionGroup[BaseException] | None = error
+        if skip_cancelled:
+            import trio  # the errors module stays importable without the runtime
+
+            _, rest = error.split(trio.Cancelled)
+        if rest is None or len(rest.exceptions) != 1:
+            return error
+        error = rest.exceptions[0]
+    return error
 
 
 class LeaseLostError(PgbusError):

@@ -1,4 +1,9 @@
-"""Inbound: the bus's listening connection, delivering notifications into Trio channels."""
+"""
+Inbound: the bus's listening connection, delivering notifications into Trio channels.
+
+What it delivers: `Notification` (one PostgreSQL notification) and `Gap` (a marker: notifications
+may be missing here, after a reconnect or an overflow drop).
+"""
 
 from __future__ import annotations
 
@@ -6,36 +11,70 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
+import attrs
 import trio
 
-from ._bridge import (
-    OVERFLOW_POLICIES,
-    Backoff,
-    BridgeStatistics,
-    Gap,
-    Notification,
-    connect_with_retry,
-    make_notification,
-)
+from ._bridge import BridgeStatistics, validate_overflow
 from ._channel import Channel
-from ._codec import decoder, quote_ident, validate_channel_name
+from ._codec import decoder, validate_channel_name
 from ._errors import CodecError, ConfigError, DatabaseError, DatabaseUnavailableError
-from ._pg import Connection, Database
+from ._pg import Backoff, Connection, Database, connect_with_retry
 
 log = logging.getLogger("pgbus.bridge")
 
 
-def validate_overflow(overflow: str, channel: Channel) -> str:
-    if overflow not in OVERFLOW_POLICIES:
-        allowed = ", ".join(map(repr, OVERFLOW_POLICIES))
-        raise ConfigError(f"overflow must be one of {allowed} (got {overflow!r}).")
-    if overflow != "block" and channel.capacity < 2:
-        raise ConfigError(
-            f"overflow {overflow!r} needs channel {channel.name!r} to hold at least 2 messages "
-            f"(the gap marker and the newest message), but its capacity is {channel.capacity}."
-        )
-    return overflow
+@attrs.frozen
+class Notification:
+    """One PostgreSQL notification, as an inbound bridge delivers it."""
+
+    channel: str
+    """The Postgres channel it was sent to, exactly."""
+    payload: Any
+    """The payload, decoded by the bridge's codec (``str`` for text)."""
+    pid: int
+    """The backend pid of the sender (this bus's own connections are in ``bus.own_pids``)."""
+
+
+def _fast_constructor(cls: type) -> Any:
+    """
+    Build a frozen attrs instance by setting its slots directly.
+
+    Equivalent to ``cls(*values)`` (no validators or converters are involved) at about half the
+    cost: frozen attrs classes set each field through ``object.__setattr__``. Used once per
+    notification on the inbound hot path.
+    """
+    new = object.__new__
+    setters = [cls.__dict__[field.name].__set__ for field in attrs.fields(cls)]
+    channel_set, payload_set, pid_set = setters
+
+    def make(channel: str, payload: Any, pid: int) -> Any:
+        instance: Any = new(cls)
+        channel_set(instance, channel)
+        payload_set(instance, payload)
+        pid_set(instance, pid)
+        return instance
+
+    return make
+
+
+make_notification = _fast_constructor(Notification)
+
+
+@attrs.frozen
+class Gap:
+    """
+    A marker in an inbound stream: notifications may be missing at this point.
+
+    ``reason`` is ``"reconnect"`` (the listening connection broke; whatever was sent while it was
+    down is lost, ``dropped`` is None because nobody knows how much) or ``"overflow"`` (the Trio
+    channel was full and the bridge's overflow policy dropped ``dropped`` notifications).
+    """
+
+    channel: str
+    reason: str
+    dropped: int | None
 
 
 class Route:
@@ -47,6 +86,7 @@ class Route:
         "decode",
         "delivered",
         "dropped",
+        "flushing",
         "ignore_own",
         "overflow",
         "pending_gap",
@@ -66,6 +106,7 @@ class Route:
         self.ignore_own = ignore_own
         self.send_nowait = channel.send_nowait
         self.pending_gap = 0
+        self.flushing = False  # a task is waiting to put the pending Gap in the channel
         self.delivered = 0
         self.dropped = 0
         self.rejected = 0
@@ -108,7 +149,7 @@ class Route:
         self.pending_gap += 1
         self.dropped += 1
 
-    def statistics(self, reconnects: int) -> BridgeStatistics:
+    def statistics(self, reconnects: int, connected: bool) -> BridgeStatistics:
         return BridgeStatistics(
             self.pg_channel,
             self.channel.name,
@@ -117,18 +158,23 @@ class Route:
             self.dropped,
             self.rejected,
             reconnects,
+            connected,
         )
 
 
-class Listener:
+class InboundBridge:
     """
     The bus's one listening connection, many Postgres channels on it.
 
     Hot path: asyncpg's parser calls `_sink` for each notification, inside the socket read; the
-    sink hands the notification to its Trio channels with ``send_nowait`` — no callback scheduled,
+    sink hands the notification to its Trio channels with ``send_nowait``: no callback scheduled,
     no task, no checkpoint per notification. Only when a ``block`` route is full does the sink
     stop reading the socket and queue what that read already parsed in `_backlog`, which the
     listener task then delivers with waiting sends. So memory stays bounded by one socket read.
+
+    The connection proves it receives: at start-up and at every keepalive it sends a
+    notification to itself on a private channel and expects it back (behind a
+    transaction-pooling proxy, LISTEN holds no session, and nothing would ever arrive).
     """
 
     def __init__(
@@ -145,9 +191,15 @@ class Listener:
         self._lost = False
         self._waiting: trio.CancelScope | None = None  # the listener task's wait for data
         self._lock = trio.Lock()  # one statement at a time on the connection
-        self._blocked_since: float | None = None
+        self._blocked: tuple[Route, float] | None = None  # the full route holding the socket
         self._commands: set[trio.CancelScope] = set()  # LISTEN/UNLISTEN awaiting their reply
         self._hooks: dict[str, list[Callable[[str], None]]] = {}  # pgbus's own wake-ups
+        self._nursery: trio.Nursery | None = None
+        self._probe_channel = ""
+        self._probe_sent = 0
+        self._probe_seen = ""
+        self._deaf = 0  # consecutive connections that did not receive their own probe
+        self._stopping = False
         self.reconnects = 0
 
     # -- the routing table ------------------------------------------------------------------
@@ -157,8 +209,34 @@ class Listener:
         """The Postgres channels this listener is (or will be, once connected) listening on."""
         return set(self._routes) | set(self._hooks)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the listening connection is up (and listening on every channel)."""
+        return self._direct or (self._connection is not None and not self._lost)
+
+    def stop_reading(self) -> None:
+        """For a shutdown: read nothing more from the socket, deliver only what was read."""
+        self._stopping = True
+        self._direct = False
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    @property
+    def drained(self) -> bool:
+        """True when nothing read from the socket waits for room in a channel."""
+        return not self._backlog and not any(route.flushing for route in self.routes())
+
+    @property
+    def undelivered(self) -> int:
+        """Notifications read from the socket that no channel has taken yet."""
+        return sum(type(item) is Notification for _, item in self._backlog)
+
     def routes(self) -> list[Route]:
         return [route for routes in self._routes.values() for route in routes]
+
+    def statistics(self) -> list[BridgeStatistics]:
+        connected = self.connected
+        return [route.statistics(self.reconnects, connected) for route in self.routes()]
 
     async def add_route(self, route: Route) -> None:
         """
@@ -179,7 +257,7 @@ class Listener:
         routes.append(route)
         if len(routes) == 1 and route.pg_channel not in self._hooks:
             try:
-                await self._command(f"LISTEN {quote_ident(route.pg_channel)}")
+                await self._command(route.pg_channel, listen=True)
             except DatabaseError:
                 self._drop_route(route)
                 raise
@@ -187,7 +265,7 @@ class Listener:
     async def remove_route(self, route: Route) -> None:
         """Stop delivering *route* (UNLISTEN when it was the channel's last route)."""
         if self._drop_route(route) and route.pg_channel not in self._hooks:
-            await self._command(f"UNLISTEN {quote_ident(route.pg_channel)}")
+            await self._command(route.pg_channel, listen=False)
 
     def _drop_route(self, route: Route) -> bool:
         routes = self._routes.get(route.pg_channel, [])
@@ -198,10 +276,7 @@ class Listener:
         self._routes.pop(route.pg_channel, None)
         return True
 
-    async def _command(self, sql: str) -> None:
-        connection = self._connection
-        if connection is None:
-            return  # the next connection LISTENs to the whole table
+    async def _command(self, pg_channel: str, *, listen: bool) -> None:
         """
         Send LISTEN/UNLISTEN on the listening connection; the table is already updated.
 
@@ -212,6 +287,9 @@ class Listener:
         out or is cancelled midway leaves the server in doubt: the connection is dropped and
         the reconnect LISTENs from the table (with a Gap in every stream).
         """
+        connection = self._connection
+        if connection is None:
+            return  # the next connection LISTENs to the whole table
         scope = trio.CancelScope()
         self._set_command_scope(scope)
         self._commands.add(scope)
@@ -221,7 +299,10 @@ class Listener:
                 async with self._lock:
                     try:
                         # The listener task reads this socket; the reply reaches us through it.
-                        await connection.execute(sql, pump=False)
+                        if listen:
+                            await connection.listen([pg_channel], pump=False)
+                        else:
+                            await connection.unlisten(pg_channel, pump=False)
                     except DatabaseError:
                         answered = True  # refused: the server's set is unchanged
                         raise
@@ -247,7 +328,7 @@ class Listener:
             return set()
         async with self._lock:
             rows = await connection.fetch("SELECT pg_listening_channels()", pump=False)
-        return {row[0] for row in rows}
+        return {row[0] for row in rows} - {self._probe_channel}
 
     # -- the hot path -----------------------------------------------------------------------
 
@@ -258,7 +339,11 @@ class Listener:
                 hook(payload)
         routes = self._routes.get(pg_channel)
         if routes is None:
-            return  # UNLISTENed while this notification was in flight
+            if pg_channel == self._probe_channel:
+                self._probe_seen = payload
+                if self._connection is not None:
+                    self._connection.nudge()
+            return  # else UNLISTENed while this notification was in flight
         for route in routes:
             if route.ignore_own and pid in self._own_pids:
                 continue
@@ -274,7 +359,7 @@ class Listener:
                     continue
             if self._direct:
                 if route.pending_gap:  # a Gap must go first
-                    route.delivered += route.deliver_dropping(item)
+                    self._deliver_dropping(route, item)
                     continue
                 try:
                     route.send_nowait(item)
@@ -282,10 +367,31 @@ class Listener:
                     continue
                 except trio.WouldBlock:
                     if route.overflow != "block":
-                        route.delivered += route.deliver_dropping(item)
+                        self._deliver_dropping(route, item)
                         continue
                     self._hold()
             self._backlog.append((route, item))
+
+    def _deliver_dropping(self, route: Route, item: object) -> None:
+        """Deliver on a drop route; a Gap that finds no room is put in as soon as there is."""
+        if route.deliver_dropping(item):
+            route.delivered += type(item) is Notification
+        if route.pending_gap and not route.flushing and self._nursery is not None:
+            route.flushing = True
+            self._nursery.start_soon(self._flush_gap, route)
+
+    async def _flush_gap(self, route: Route) -> None:
+        """
+        Put *route*'s pending Gap in its channel as soon as the consumer makes room, without
+        waiting for more traffic. What is dropped meanwhile goes into the next Gap.
+        """
+        try:
+            while route.pending_gap:
+                gap = Gap(route.pg_channel, "overflow", route.pending_gap)
+                route.pending_gap = 0
+                await route.channel.send(gap)
+        finally:
+            route.flushing = False
 
     def _holding_changed(self) -> None:
         for scope in self._commands:
@@ -306,6 +412,10 @@ class Listener:
             connection.hold_reading()
             connection.nudge()
 
+    def _connection_lost(self, connection: Connection) -> None:
+        if connection is self._connection:  # not an earlier one, whose news came late
+            self._mark_lost()
+
     def _mark_lost(self) -> None:
         self._lost = True
         self._direct = False
@@ -320,13 +430,14 @@ class Listener:
                 try:
                     route.send_nowait(item)
                 except trio.WouldBlock:
-                    self._blocked_since = trio.current_time()
+                    if self._blocked is None:
+                        self._blocked = (route, trio.current_time())
                     await route.channel.send(item)
                 route.delivered += type(item) is Notification
-            elif route.deliver_dropping(item):
-                route.delivered += type(item) is Notification
+            else:
+                self._deliver_dropping(route, item)
             backlog.popleft()
-        self._blocked_since = None
+        self._blocked = None
         self._holding_changed()
         if self._connection is not None:
             self._connection.release_reading()
@@ -338,16 +449,18 @@ class Listener:
         backoff = Backoff()
         first = True
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_queue_usage)
+            self._nursery = nursery
+            nursery.start_soon(self._watch_blocked)
             while True:
                 self._lost = False
                 self._direct = False
                 mark = len(self._backlog)
                 connection = await connect_with_retry(
-                    self._db, "listen", backoff, sink=self._sink, on_lost=self._mark_lost
+                    self._db, "listen", backoff, sink=self._sink, on_lost=self._connection_lost
                 )
                 # Set before LISTENing, so a route added meanwhile sends its own LISTEN.
                 self._connection = connection
+                self._probe_channel = f"pgbus:probe:{connection.pid}"
                 try:
                     if not await self._listen_all(connection):
                         await trio.sleep(backoff.next_delay())
@@ -361,7 +474,6 @@ class Listener:
                     await self._watch(connection)
                 finally:
                     self._connection = None
-                    self._db.own_pids.discard(connection.pid)
                     if self._lost:
                         connection.abort()  # a half-open peer would make a polite close wait
                     else:
@@ -375,16 +487,48 @@ class Listener:
                 )
 
     async def _listen_all(self, connection: Connection) -> bool:
-        if not self.channels:
-            return True
-        sql = "; ".join(f"LISTEN {quote_ident(name)}" for name in sorted(self.channels))
+        """LISTEN on every channel of the table, then prove that notifications arrive."""
         try:
             with trio.CancelScope(shield=True), trio.fail_after(self.keepalive):
                 async with self._lock:
-                    await connection.execute(sql)
+                    await connection.listen([self._probe_channel, *sorted(self.channels)])
         except (DatabaseUnavailableError, trio.TooSlowError):
             return False
-        return True
+        with trio.CancelScope(shield=True):
+            return await self._prove(connection)
+        raise AssertionError("unreachable: a shielded scope is never cancelled")
+
+    async def _prove(self, connection: Connection) -> bool:
+        """
+        Send a notification to ourselves on the private probe channel and wait for it: the
+        proof, end to end, that this connection receives. Doubles as the keepalive query.
+        """
+        self._probe_sent += 1
+        token = str(self._probe_sent)
+        with trio.move_on_after(self.keepalive):
+            try:
+                async with self._lock:
+                    await connection.execute("SELECT pg_notify($1, $2)", self._probe_channel, token)
+                while self._probe_seen != token and not connection.closed:
+                    await connection.receive()
+            except DatabaseUnavailableError:
+                return False
+        if self._probe_seen == token:
+            self._deaf = 0
+            return True
+        if not connection.closed:
+            self._deaf += 1
+            if self._deaf in (1, 2) or self._deaf % 20 == 0:
+                log.error(
+                    "the listening connection to %s receives no notifications: one it sent "
+                    "itself did not come back within %gs. LISTEN needs a session of its own, "
+                    "which a transaction-pooling proxy (PgBouncer pool_mode = transaction) "
+                    "cannot give; connect pgbus to PostgreSQL directly or through session "
+                    "pooling. Retrying.",
+                    self._db.where,
+                    self.keepalive,
+                )
+        return False
 
     def _announce_gaps(self, mark: int) -> None:
         """Put a reconnect `Gap` in every route, after what the old connection delivered."""
@@ -398,6 +542,8 @@ class Listener:
             if self._backlog:
                 await self._drain_backlog()
                 continue
+            if self._stopping:
+                await trio.sleep_forever()  # until the bus stops this task
             if connection.closed:
                 self._mark_lost()
                 break
@@ -406,42 +552,50 @@ class Listener:
                 self._waiting = waiting
                 await connection.receive()  # the sink delivers each notification as it is parsed
             self._waiting = None
-            if waiting.cancelled_caught and not self._lost:
-                await self._ping(connection)
+            if waiting.cancelled_caught and not self._lost and not await self._prove(connection):
+                if not self._deaf:  # else _prove said why
+                    log.warning(
+                        "listening connection to %s did not answer a keepalive", self._db.where
+                    )
+                self._mark_lost()
 
-    async def _ping(self, connection: Connection) -> None:
-        """A keepalive that cannot lose notifications: a query on the listening connection."""
-        try:
-            with trio.fail_after(self.keepalive):
-                async with self._lock:
-                    await connection.fetchval("SELECT 1")
-        except (DatabaseUnavailableError, trio.TooSlowError):
-            log.warning("listening connection to %s did not answer a keepalive", self._db.where)
-            self._mark_lost()
-
-    async def _watch_queue_usage(self) -> None:
-        """While a full channel holds the socket, warn as PostgreSQL's notification queue fills."""
-        warned = 0.0
+    async def _watch_blocked(self) -> None:
+        """
+        While a full ``block`` channel holds the socket, say which one and for how long, and
+        how full PostgreSQL's notification queue is (when it is full, every NOTIFY fails).
+        """
+        warned_at = 0.0
+        warned_usage = 0.0
         while True:
             await trio.sleep(self.keepalive / 2)
-            if self._blocked_since is None:
-                warned = 0.0
+            blocked = self._blocked
+            if blocked is None:
+                warned_at = warned_usage = 0.0
                 continue
-            try:
-                async with self._db.connection("monitor") as connection:
-                    usage = float(await connection.fetchval("SELECT pg_notification_queue_usage()"))
-            except DatabaseUnavailableError:
-                continue
-            if usage >= max(self.queue_warning, warned * 2) or usage >= 0.9:
-                warned = usage
-                blocked = trio.current_time() - self._blocked_since
+            route, since = blocked
+            held = trio.current_time() - since
+            usage = await self._queue_usage()
+            due = held >= self.keepalive and held >= 2 * warned_at
+            filling = usage is not None and usage >= max(self.queue_warning, warned_usage * 2)
+            if due or filling:
+                warned_at, warned_usage = held, usage or 0.0
+                queue = "unknown" if usage is None else f"{usage * 100:.1f}% full"
                 log.warning(
-                    "a full inbound channel has held the listening connection for %.0fs; "
-                    "PostgreSQL's notification queue is %.1f%% full (when it is full, every NOTIFY "
-                    "in the cluster fails)",
-                    blocked,
-                    usage * 100,
+                    "inbound channel %r (from Postgres channel %r) has been full for %.0fs: the "
+                    "listening connection is not read meanwhile, so every inbound bridge of "
+                    "this bus waits. PostgreSQL's notification queue is %s.",
+                    route.channel.name,
+                    route.pg_channel,
+                    held,
+                    queue,
                 )
+
+    async def _queue_usage(self) -> float | None:
+        try:
+            async with self._db.borrow() as connection:
+                return float(await connection.fetchval("SELECT pg_notification_queue_usage()"))
+        except DatabaseUnavailableError:
+            return None
 
     # -- hooks: pgbus's own wake-ups (durable channels) ---------------------------------------
 
@@ -456,7 +610,7 @@ class Listener:
         hooks.append(hook)
         if len(hooks) == 1 and pg_channel not in self._routes:
             try:
-                await self._command(f"LISTEN {quote_ident(pg_channel)}")
+                await self._command(pg_channel, listen=True)
             except DatabaseError:
                 self._hooks.pop(pg_channel, None)
                 raise

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import trio
 
-from ._bridge import Backoff, BridgeStatistics, connect_with_retry
+from ._bridge import BridgeStatistics
 from ._channel import Channel
 from ._codec import check_payload, encoder, validate_channel_name
 from ._errors import DatabaseError, DatabaseUnavailableError, PgbusError
-from ._pg import Connection, Database
+from ._pg import Backoff, Connection, Database, connect_with_retry
 
 log = logging.getLogger("pgbus.bridge")
 
@@ -39,6 +39,7 @@ class OutboundBridge:
         self._connection: Connection | None = None
         self._stopping = False
         self._idle: trio.CancelScope | None = None
+        self._batch: list[str] = []  # taken from the channel, not yet confirmed by the server
         self.published = 0
         self.rejected = 0
         self.reconnects = 0
@@ -52,7 +53,13 @@ class OutboundBridge:
             0,
             self.rejected,
             self.reconnects,
+            self._connection is not None and not self._connection.closed,
         )
+
+    @property
+    def pending(self) -> int:
+        """Messages not yet confirmed published: queued in the channel or in the batch in flight."""
+        return self.channel.statistics().buffered + len(self._batch)
 
     def finish(self) -> None:
         """Publish what is queued, then return from `serve` (the caller bounds the wait)."""
@@ -66,7 +73,7 @@ class OutboundBridge:
         self._connection = await connect_with_retry(self._db, purpose, backoff)
         task_status.started()
         try:
-            batch: list[str] = []
+            batch = self._batch
             while True:
                 if not await self._collect(batch):
                     return
@@ -74,20 +81,17 @@ class OutboundBridge:
                     try:
                         await self._publish(batch)
                     except DatabaseUnavailableError as exc:
-                        log.warning(
-                            "%s: %s; %d message(s) will be sent again", purpose, exc, len(batch)
-                        )
+                        log.warning("%s; %d message(s) will be sent again", exc, len(batch))
                         await self._reconnect(purpose, backoff)
         finally:
             connection, self._connection = self._connection, None
             if connection is not None:
-                self._db.own_pids.discard(connection.pid)
-                await connection.aclose()
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
 
     async def _reconnect(self, purpose: str, backoff: Backoff) -> None:
-        old = self._connection
+        old, self._connection = self._connection, None
         if old is not None:
-            self._db.own_pids.discard(old.pid)
             await old.aclose()
         self._connection = await connect_with_retry(self._db, purpose, backoff)
         self.reconnects += 1

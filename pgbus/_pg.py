@@ -3,14 +3,24 @@ The PostgreSQL adapter: the only module that imports asyncpg and trio_asyncio.
 
 asyncpg runs on the trio-asyncio loop the bus opens; everything here is called from Trio. Driver
 errors are translated once, here, into `DatabaseUnavailableError` (the connection is gone or
-cannot be made) — the rest of pgbus never sees an asyncpg exception type.
+cannot be made) and `DatabaseError` (the server refused a statement): the rest of pgbus never
+sees an asyncpg exception type, and no asyncpg object leaves this module.
+
+The driver seam (see `Connection`): pgbus reads each plain socket from the Trio task waiting for
+it, drives asyncpg's statement coroutines from that task, and has the protocol's parser call the
+listening connection's sink directly. Each of these relies on asyncpg internals, so each is
+checked when a connection is made (`_fast_paths`) and, if a hook is missing or misbehaves, that
+connection takes asyncpg's public path instead, with one warning per bus.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import select
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +29,7 @@ import asyncpg
 import trio
 import trio_asyncio
 
+from ._codec import quote_ident
 from ._dsn import describe_dsn
 from ._errors import DatabaseError, DatabaseUnavailableError
 
@@ -30,6 +41,9 @@ DRIVE_SOCKETS = True
 LISTEN_READ_SIZE = 8192
 """Bytes per read on a listening connection: about 250 small notifications."""
 
+POOL_IDLE_MAX = 4
+"""Idle connections `Database.borrow` keeps for reuse."""
+
 NotificationSink = Callable[[int, str, str], None]
 """Called synchronously, in Trio context, for each notification: ``sink(pid, channel, payload)``."""
 
@@ -37,38 +51,58 @@ NotificationSink = Callable[[int, str, str], None]
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # e.g. a query sent just as the server ended the session
+    asyncio.TimeoutError,
     asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InternalClientError,  # e.g. a query sent just as the server ended the session
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.PostgresConnectionError,
 )
-# Errors that no amount of retrying fixes.
+# While connecting, everything else (a bad password, an unknown database, role or setting, a
+# DSN asyncpg refuses) is fatal: no amount of retrying fixes it.
 _FATAL_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidPasswordError,
     asyncpg.InvalidCatalogNameError,
+    asyncpg.ClientConfigurationError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    ValueError,
+    TypeError,
 )
 
-_RETRYABLE_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
-    *_CONNECTION_ERRORS,
-    asyncpg.PostgresError,
-)
+# pgbus's own sessions must not be ended by a server-wide idle timeout (PostgreSQL 14+).
+_SESSION_SETTINGS = {"idle_session_timeout": "0"}
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; the first retry is immediate."""
+
+    def __init__(self, initial: float = 0.05, maximum: float = 5.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        if self.failures == 1:
+            return 0.0
+        return random.uniform(0, min(self.maximum, self.initial * 2 ** (self.failures - 2)))
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 class _ListenerProtocolConnection(asyncpg.Connection):
     """
-    An asyncpg connection that hands notifications straight to a sink.
+    An asyncpg connection that can hand notifications straight to a sink.
 
     asyncpg's own path schedules one loop callback per notification (``add_listener``); under
     trio-asyncio each is a unit of Trio work. Here the protocol's parser calls the sink directly,
     while it is still inside the socket read that produced the notification.
     """
-
-    _pgbus_on_lost: Callable[[], None] | None = None
 
     def _process_notification(self, pid: int, channel: str, payload: str) -> None:
         """Without a sink, notifications are dropped (this connection never LISTENs)."""
@@ -78,17 +112,14 @@ class _ListenerProtocolConnection(asyncpg.Connection):
         # Python call per notification instead of two.
         self._process_notification = sink  # type: ignore[method-assign,assignment]
 
-    def _cleanup(self) -> None:
-        super()._cleanup()  # type: ignore[misc]
-        on_lost = self._pgbus_on_lost
-        if on_lost is not None:
-            self._pgbus_on_lost = None
-            on_lost()
+
+class _Unanswered(Exception):
+    """A statement got no reply and the server says its backend is not working on it."""
 
 
 class Connection:
     """
-    One PostgreSQL connection, used from Trio.
+    One PostgreSQL connection, used from Trio, every wait on it bounded.
 
     Its socket is read by the Trio task that is waiting for it, not by trio-asyncio's reader
     task: after sending a statement, the caller waits for the socket itself and hands what
@@ -96,29 +127,57 @@ class Connection:
     per reply, the hops through trio-asyncio's callback queue and a task switch or two, which
     is most of a statement's latency here. A listening connection is read by the listener task
     the same way, so notifications are parsed and delivered inside that task.
+
+    The guard: a statement whose reply has not started within half of the bus's ``keepalive``
+    is checked from a separate connection: if the server's backend is not running it (idle,
+    stuck writing to a peer that does not read, or gone), the connection is half-open or lost;
+    it is aborted and the statement raises `DatabaseUnavailableError`. A long query that the
+    server is still running is left alone.
     """
 
-    def __init__(self, raw: Any, loop: Any, purpose: str) -> None:
+    def __init__(self, raw: Any, db: Database, purpose: str, *, fast: bool) -> None:
         self._raw = raw
-        self._loop = loop
+        self._db = db
+        self._loop = db.loop
         self.purpose = purpose
         self.pid: int = raw.get_server_pid()
-        self._transport = raw._transport
+        self._transport: Any = getattr(raw, "_transport", None)
         self._nudge: trio.Event | None = None
-        read_ready: Any = getattr(self._transport, "_read_ready", None)
-        socket = self._transport.get_extra_info("socket")
-        # Plain TCP and unix sockets only. An SSL transport decrypts in its own protocol, so
-        # trio-asyncio keeps reading those sockets, and waits go through its callback queue.
-        self.driven = DRIVE_SOCKETS and read_ready is not None and socket is not None
-        if self.driven:
-            self._socket = getattr(socket, "_sock", socket)
-            self._read_ready: Callable[[], None] = read_ready
-            self._transport.pause_reading()  # from now on nobody else reads this socket
+        self.driven = False
+        """True when this task-driven path reads the socket (plain TCP or unix socket)."""
+        self.driven_statements = fast
+        """True when statements run from the calling task, not as asyncio Tasks."""
+        self.fast_notifications = fast
+        """True when the parser hands notifications straight to the sink."""
+        self._plain_listeners: dict[str, Any] = {}
+        if fast and self._transport is not None:
+            read_ready: Any = getattr(self._transport, "_read_ready", None)
+            sock = self._transport.get_extra_info("socket")
+            # Plain TCP and unix sockets only. An SSL transport decrypts in its own protocol, so
+            # trio-asyncio keeps reading those sockets, and waits go through its callback queue.
+            raw_socket = getattr(sock, "_sock", sock)
+            self.driven = (
+                DRIVE_SOCKETS
+                and read_ready is not None
+                and isinstance(raw_socket, socket.socket)
+                and raw._transport.get_extra_info("sslcontext") is None
+            )
+            if self.driven:
+                self._socket = raw_socket
+                self._read_ready: Callable[[], None] = read_ready
+                self._transport.pause_reading()  # from now on nobody else reads this socket
+        db.own_pids.add(self.pid)
+
+    @property
+    def where(self) -> str:
+        return self._db.where
 
     @property
     def closed(self) -> bool:
         """True once the connection is closed or closing (an EOF was read, or it was aborted)."""
-        return bool(self._raw.is_closed()) or self._transport.is_closing()
+        if self._raw.is_closed():
+            return True
+        return self._transport is not None and bool(self._transport.is_closing())
 
     # -- reading the socket ------------------------------------------------------------------
 
@@ -126,8 +185,8 @@ class Connection:
         """
         Wait for the server and hand what it sent to asyncpg's parser (which calls the sink).
 
-        On a connection trio-asyncio reads (SSL), the sink has already run by then: this waits
-        until `nudge` says there is work for the caller.
+        On a connection trio-asyncio reads (SSL, or the public path), the sink has already run
+        by then: this waits until `nudge` says there is work for the caller.
         """
         if self.driven:
             await trio.lowlevel.wait_readable(self._socket)
@@ -143,11 +202,11 @@ class Connection:
 
     def hold_reading(self) -> None:
         """Read nothing more until `release_reading` (a driven socket is only read in receive)."""
-        if not self.driven and not self.closed:
+        if not self.driven and self._transport is not None and not self.closed:
             self._transport.pause_reading()
 
     def release_reading(self) -> None:
-        if not self.driven and not self.closed:
+        if not self.driven and self._transport is not None and not self.closed:
             self._transport.resume_reading()
 
     def poll(self) -> bool:
@@ -160,17 +219,36 @@ class Connection:
                 self._read_ready()  # an EOF, or the server's farewell, marks it closed
         return not self.closed
 
-    async def _wait(self, future: asyncio.Future[Any], pump: bool) -> None:
-        if pump and self.driven and not self.closed:
-            while not future.done():
-                if self.closed:  # EOF read: asyncio completes the future from its loop
-                    break
-                await trio.lowlevel.wait_readable(self._socket)
-                self._read_ready()
-        if not future.done():
-            await _wait_for_callback(future)
+    # -- statements --------------------------------------------------------------------------
 
-    async def _call(self, method: Any, *args: Any, pump: bool = True, **kwargs: Any) -> Any:
+    async def _wait(self, future: asyncio.Future[Any], pump: bool) -> None:
+        silence = self._db.silence
+        if pump and self.driven:
+            while not future.done() and not self.closed:
+                with trio.move_on_after(silence) as quiet:
+                    await trio.lowlevel.wait_readable(self._socket)
+                if quiet.cancelled_caught:
+                    await self._check_working()
+                    continue
+                self._read_ready()
+        if future.done():
+            return
+        # Completed from the asyncio loop (trio-asyncio's callback queue). Without *pump*,
+        # another task reads this socket and may hold it on purpose (back-pressure): that
+        # owner bounds the wait, so no silence check here.
+        done = trio.Event()
+        future.add_done_callback(lambda _: done.set())
+        while not done.is_set():
+            with trio.move_on_after(silence if pump else math.inf) as quiet:
+                await done.wait()
+            if quiet.cancelled_caught:
+                await self._check_working()
+
+    async def _check_working(self) -> None:
+        if not await self._db.backend_is_working(self.pid):
+            raise _Unanswered
+
+    async def _call(self, method: Any, *args: Any, pump: bool = True) -> Any:
         """
         Run an asyncpg statement method, driving its coroutine from this Trio task.
 
@@ -179,142 +257,299 @@ class Connection:
         Cancellation aborts the connection: a statement cut off halfway leaves the protocol in
         an unknown state, and the owners of connections reconnect anyway.
         """
-        coroutine = method(*args, **kwargs)
+        coroutine = method(*args)
         try:
-            future = coroutine.send(None)
-            while True:
-                await self._wait(_as_future(future), pump)
-                future = coroutine.send(None)
+            if self.driven_statements:
+                awaited = coroutine.send(None)
+                while True:
+                    if awaited is None:  # a bare yield (asyncio.sleep(0)): just reschedule
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        await self._wait(_as_future(awaited), pump)
+                    awaited = coroutine.send(None)
+            else:
+                task = self._loop.create_task(coroutine)
+                try:
+                    await self._wait(task, pump)
+                except BaseException:
+                    task.cancel()
+                    raise
+                return task.result()
         except StopIteration as done:
             return done.value
+        except _Unanswered:
+            coroutine.close()
+            self.abort()
+            raise self._unavailable(
+                f"no answer within {self._db.silence:g}s and its backend is not working on it "
+                "(a half-open connection?)"
+            ) from None
         except _CONNECTION_ERRORS as exc:
             # Any other asyncpg.PostgresError is about the statement; the connection is fine.
             # In doubt, drop the socket: a connection in an unknown state is never reused.
-            self._raw.terminate()
-            raise DatabaseUnavailableError(self.purpose, _describe(exc)) from exc
+            self.abort()
+            raise DatabaseUnavailableError(
+                self.where, _describe(exc), purpose=self.purpose
+            ) from exc
         except asyncpg.PostgresError as exc:
             raise DatabaseError(exc.sqlstate or "?????", _first_line(exc)) from exc
+        except asyncpg.InterfaceError as exc:
+            self.abort()
+            raise DatabaseUnavailableError(
+                self.where, _describe(exc), purpose=self.purpose
+            ) from exc
         except asyncio.CancelledError:
             # The wait was cancelled from Trio (the future was cancelled in its abort), and
             # asyncpg gave up: surface Trio's Cancelled, not asyncio's.
-            self._raw.terminate()
+            self.abort()
             await trio.lowlevel.checkpoint()
-            raise DatabaseUnavailableError(self.purpose, "statement cancelled") from None
+            raise self._unavailable("statement cancelled") from None
         except BaseException:
             coroutine.close()
-            self._raw.terminate()
+            self.abort()
             raise
 
+    def _unavailable(self, cause: str) -> DatabaseUnavailableError:
+        return DatabaseUnavailableError(self.where, cause, purpose=self.purpose)
+
     async def execute(self, sql: str, *args: Any, pump: bool = True) -> str:
+        """Run *sql*; returns the command tag. Raises `DatabaseError` if the server refuses."""
         return str(await self._call(self._raw.execute, sql, *args, pump=pump))
 
     async def fetch(self, sql: str, *args: Any, pump: bool = True) -> list[Any]:
+        """Run *sql* and return its rows (each indexable by position and column name)."""
         return list(await self._call(self._raw.fetch, sql, *args, pump=pump))
 
     async def fetchrow(self, sql: str, *args: Any) -> Any:
+        """Run *sql* and return its first row, or None."""
         return await self._call(self._raw.fetchrow, sql, *args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
+        """Run *sql* and return the first column of its first row, or None."""
         return await self._call(self._raw.fetchval, sql, *args)
 
-    def transaction(self) -> Any:
-        """An asyncpg transaction object; drive it with `run` (start/commit/rollback)."""
-        return self._raw.transaction()
+    async def listen(self, channels: Sequence[str], *, pump: bool = True) -> None:
+        """LISTEN on each of *channels* (exact names, quoted), in one round trip if possible."""
+        if not channels:
+            return
+        if self.fast_notifications:
+            sql = "; ".join(f"LISTEN {quote_ident(name)}" for name in channels)
+            await self.execute(sql, pump=pump)
+            return
+        for name in channels:
+            if name not in self._plain_listeners:
+                self._plain_listeners[name] = callback = self._plain_callback
+                await self._call(self._raw.add_listener, name, callback, pump=pump)
 
-    async def run(self, coroutine_function: Any, *args: Any) -> Any:
-        """Run an asyncpg coroutine function belonging to this connection."""
-        return await self._call(coroutine_function, *args)
+    async def unlisten(self, channel: str, *, pump: bool = True) -> None:
+        """UNLISTEN *channel*."""
+        if self.fast_notifications:
+            await self.execute(f"UNLISTEN {quote_ident(channel)}", pump=pump)
+            return
+        callback = self._plain_listeners.pop(channel, None)
+        if callback is not None:
+            await self._call(self._raw.remove_listener, channel, callback, pump=pump)
+
+    def _plain_callback(self, _connection: Any, pid: int, channel: str, payload: str) -> None:
+        self._sink(pid, channel, payload)
+
+    _sink: NotificationSink
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """
+        A transaction for the block: COMMIT when it ends normally, ROLLBACK on an exception or
+        a cancellation (shielded, bounded by the guard; a connection in doubt is aborted).
+        """
+        await self.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if not self.closed:
+                    try:
+                        await self.execute("ROLLBACK")
+                    except (DatabaseUnavailableError, DatabaseError):
+                        self.abort()
+            raise
+        await self.execute("COMMIT")
 
     def abort(self) -> None:
         """Drop the socket at once: for a connection already known to be broken."""
+        self._db.own_pids.discard(self.pid)
         self._raw.terminate()
 
-    async def aclose(self, timeout: float = 2.0) -> None:
-        """Close gracefully (the server sees a Terminate); abort if that takes over *timeout*."""
+    async def aclose(self) -> None:
+        """Close gracefully (the server sees a Terminate); abort if that takes too long."""
+        self._db.own_pids.discard(self.pid)
         if self.closed:
             self._raw.terminate()
             return
         with trio.CancelScope(shield=True):
             # asyncpg's close waits for the server to hang up: let the loop read the socket.
-            if self.driven or not self._transport.is_reading():
+            if self._transport is not None and (self.driven or not self._transport.is_reading()):
                 self._transport.resume_reading()
             try:
-                await trio_asyncio.aio_as_trio(self._raw.close, loop=self._loop)(timeout=timeout)
+                close = trio_asyncio.aio_as_trio(self._raw.close, loop=self._loop)
+                await close(timeout=min(2.0, self._db.silence))
             except Exception:
                 self._raw.terminate()
 
 
 def _as_future(awaited: object) -> asyncio.Future[Any]:
-    """What an asyncpg coroutine yielded: always a Future for the statement paths pgbus uses."""
+    """What an asyncpg coroutine yielded: a Future for the statement paths pgbus uses."""
     if not isinstance(awaited, asyncio.Future):
-        raise TypeError(f"asyncpg awaited {awaited!r}, which pgbus cannot drive")
+        raise _SeamError(f"asyncpg awaited {awaited!r}, which pgbus cannot drive")
     awaited._asyncio_future_blocking = False  # what an asyncio Task does before waiting
     return awaited
 
 
-async def _wait_for_callback(future: asyncio.Future[Any]) -> None:
-    """Wait for *future* to be completed by the asyncio loop (trio-asyncio's callback queue)."""
-    task = trio.lowlevel.current_task()
-    future.add_done_callback(lambda _: trio.lowlevel.reschedule(task))
+class _SeamError(Exception):
+    """A hook of the driver seam misbehaved."""
 
-    def abort(_: Any) -> trio.lowlevel.Abort:
-        future.cancel()
-        return trio.lowlevel.Abort.FAILED  # resumed by the done callback, as always
 
-    await trio.lowlevel.wait_task_rescheduled(abort)
+def _fast_path_problem(raw: Any) -> str | None:
+    """Why the hooks pgbus relies on are missing on this asyncpg connection, or None."""
+    if "_process_notification" not in vars(asyncpg.Connection):
+        return "asyncpg.Connection._process_notification is gone"
+    transport = getattr(raw, "_transport", None)
+    if transport is None:
+        return "the connection has no _transport"
+    for name in ("pause_reading", "resume_reading", "is_reading", "get_extra_info"):
+        if not callable(getattr(transport, name, None)):
+            return f"the transport has no {name}()"
+    if not hasattr(transport, "max_size"):
+        return "the transport has no max_size"
+    return None
 
 
 class Database:
-    """Opens pgbus's connections to one PostgreSQL and remembers their backend pids."""
+    """
+    Opens pgbus's connections to one PostgreSQL, remembers their backend pids, and keeps a
+    small pool of idle connections for one-off statements and transactions.
+    """
 
-    def __init__(self, dsn: str, application_name: str, loop: Any) -> None:
+    def __init__(self, dsn: str, application_name: str, loop: Any, keepalive: float) -> None:
         self.dsn = dsn
         self.application_name = application_name
         self.where = describe_dsn(dsn)
-        self._loop = loop
+        self.loop = loop
+        self.keepalive = keepalive
+        self.silence = keepalive / 2
+        """How long a statement may go unanswered before the server is asked about it."""
         self.own_pids: set[int] = set()
-        """Backend pids of every connection this bus opened (for self-echo filtering)."""
+        """Backend pids of every connection this bus has open (for self-echo filtering)."""
+        self._idle: list[Connection] = []
+        self._fast = True
+        self._settings = dict(_SESSION_SETTINGS)
 
     async def connect(
         self,
         purpose: str,
         *,
         sink: NotificationSink | None = None,
-        on_lost: Callable[[], None] | None = None,
-        timeout: float = 10.0,
+        on_lost: Callable[[Connection], None] | None = None,
+        timeout: float | None = None,
     ) -> Connection:
         """
         Open one connection named ``<application_name>:<purpose>`` in pg_stat_activity.
 
-        With *sink*, notifications go straight to it (see `_ListenerProtocolConnection`);
-        *on_lost* is called once if the connection breaks.
+        With *sink*, notifications go straight to it; ``on_lost(connection)`` is called once
+        when the connection breaks or is closed (from the loop, soon after). Waits at most
+        *timeout* seconds (default: ``keepalive``).
 
         Raises:
             DatabaseUnavailableError: the server cannot be reached (``fatal`` is set when retrying
-                cannot help: bad password, unknown database or role).
+                cannot help: bad password, unknown database, role or setting, a refused DSN).
         """
         name = f"{self.application_name}:{purpose}"[:63]
+        raw = await self._open(name, self.keepalive if timeout is None else timeout)
+        fast = self._fast
+        if fast:
+            problem = _fast_path_problem(raw)
+            if problem is not None:
+                self._fall_back(problem)
+                fast = False
+        connection = Connection(raw, self, purpose, fast=fast)
+        if on_lost is not None:
+            raw.add_termination_listener(lambda _raw: on_lost(connection))
+        if sink is not None:
+            connection._sink = sink
+            if fast:
+                raw._set_sink(sink)
+                # Read a listening socket in small bites (asyncio's default is 256 KiB,
+                # thousands of notifications): between two reads the consumers get to run, so a
+                # burst flows into bounded channels directly instead of spilling into a backlog.
+                raw._transport.max_size = LISTEN_READ_SIZE
+        if fast and not await self._check_driving(connection):
+            connection.abort()
+            return await self.connect(purpose, sink=sink, on_lost=on_lost, timeout=timeout)
+        return connection
+
+    async def _open(self, name: str, timeout: float) -> Any:
+        connect = trio_asyncio.aio_as_trio(asyncpg.connect, loop=self.loop)
         try:
-            raw = await trio_asyncio.aio_as_trio(asyncpg.connect, loop=self._loop)(
+            return await connect(
                 self.dsn,
                 timeout=timeout,
-                server_settings={"application_name": name},
+                server_settings={**self._settings, "application_name": name},
                 connection_class=_ListenerProtocolConnection,
             )
+        except asyncpg.UndefinedObjectError as exc:
+            if "idle_session_timeout" in str(exc) and self._settings:
+                self._settings = {}  # PostgreSQL before 14: nothing to opt out of
+                return await self._open(name, timeout)
+            raise DatabaseUnavailableError(self.where, _describe(exc), fatal=True) from None
+        except _CONNECTION_ERRORS as exc:
+            raise DatabaseUnavailableError(self.where, _describe(exc)) from None
         except _FATAL_CONNECT_ERRORS as exc:
             raise DatabaseUnavailableError(self.where, _describe(exc), fatal=True) from None
-        except _RETRYABLE_CONNECT_ERRORS as exc:
-            raise DatabaseUnavailableError(self.where, _describe(exc)) from None
-        if sink is not None:
-            raw._set_sink(sink)
-            # Read a listening socket in small bites (asyncio's default is 256 KiB, thousands of
-            # notifications): between two reads the consumers get to run, so a burst flows into
-            # bounded channels directly instead of spilling into the listener's backlog.
-            raw._transport.max_size = LISTEN_READ_SIZE
-        raw._pgbus_on_lost = on_lost
-        connection = Connection(raw, self._loop, purpose)
-        self.own_pids.add(connection.pid)
-        return connection
+
+    async def _check_driving(self, connection: Connection) -> bool:
+        """Run one statement through the task-driven path; False (and fall back) if it fails."""
+        try:
+            value = await connection.fetchval("SELECT 1")
+        except (_SeamError, RuntimeError, TypeError, AttributeError) as exc:
+            self._fall_back(f"driving a statement failed: {exc!r}")
+            return False
+        if value != 1:
+            self._fall_back(f"a statement driven from Trio returned {value!r}")
+            return False
+        return True
+
+    def _fall_back(self, problem: str) -> None:
+        if self._fast:
+            self._fast = False
+            log.warning(
+                "pgbus's fast path does not fit this asyncpg %s (%s); using asyncpg's public "
+                "API instead (slower). Please report it.",
+                asyncpg.__version__,
+                problem,
+            )
+
+    @property
+    def fast(self) -> bool:
+        """False once a hook of the driver seam failed its check (see the module's docstring)."""
+        return self._fast
+
+    async def backend_is_working(self, pid: int) -> bool:
+        """
+        Whether backend *pid* is running a statement (asked on a fresh connection, bounded by
+        half of ``keepalive``). False when it is idle, writing to a client that does not read,
+        gone, or when the server cannot be asked: a statement waiting on it gets no reply.
+        """
+        try:
+            with trio.fail_after(self.silence):
+                raw = await self._open(f"{self.application_name}:probe"[:63], self.silence)
+                try:
+                    row = await trio_asyncio.aio_as_trio(raw.fetchrow, loop=self.loop)(
+                        "SELECT state, wait_event FROM pg_stat_activity WHERE pid = $1", pid
+                    )
+                finally:
+                    raw.terminate()
+        except Exception:  # whatever stops us asking also stops the statement's reply
+            return False
+        return row is not None and row["state"] == "active" and row["wait_event"] != "ClientWrite"
 
     @asynccontextmanager
     async def connection(self, purpose: str) -> AsyncIterator[Connection]:
@@ -323,8 +558,35 @@ class Database:
         try:
             yield connection
         finally:
-            self.own_pids.discard(connection.pid)
             await connection.aclose()
+
+    @asynccontextmanager
+    async def borrow(self) -> AsyncIterator[Connection]:
+        """A connection from the pool; one left in doubt is closed, never reused."""
+        connection = None
+        while self._idle and connection is None:
+            candidate = self._idle.pop()
+            if candidate.poll():  # the server may have ended it while it sat idle
+                connection = candidate
+            else:
+                candidate.abort()
+        if connection is None:
+            connection = await self.connect("pool")
+        reusable = False
+        try:
+            yield connection
+            reusable = not connection.closed
+        finally:
+            if reusable and len(self._idle) < POOL_IDLE_MAX:
+                self._idle.append(connection)
+            else:
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
+
+    async def close_idle(self) -> None:
+        """Close the pool's idle connections."""
+        while self._idle:
+            await self._idle.pop().aclose()
 
     async def publish(self, connection: Connection, channel: str, payloads: Sequence[str]) -> None:
         """Send *payloads* to *channel* in order, in one statement, hence one transaction."""
@@ -334,6 +596,31 @@ class Database:
             await connection.execute(
                 "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", channel, payloads
             )
+
+
+async def connect_with_retry(
+    db: Database, purpose: str, backoff: Backoff, **kwargs: Any
+) -> Connection:
+    """Connect, retrying with *backoff* while the server is unreachable; fatal errors raise."""
+    while True:
+        try:
+            connection = await db.connect(purpose, **kwargs)
+        except DatabaseUnavailableError as exc:
+            if exc.fatal:
+                raise
+            delay = backoff.next_delay()
+            level = (
+                logging.WARNING
+                if backoff.failures in (1, 2) or backoff.failures % 20 == 0
+                else logging.DEBUG
+            )
+            log.log(level, "%s: %s; retrying in %.1fs", purpose, exc, delay)
+            await trio.sleep(delay)
+            continue
+        if backoff.failures:
+            log.warning("%s: connected to %s again", purpose, db.where)
+        backoff.reset()
+        return connection
 
 
 def _first_line(exc: BaseException) -> str:
@@ -347,11 +634,18 @@ def _describe(exc: BaseException) -> str:
 
 
 @asynccontextmanager
-async def open_database(dsn: str, application_name: str) -> AsyncIterator[Database]:
+async def open_database(
+    dsn: str, application_name: str, *, keepalive: float = 10.0
+) -> AsyncIterator[Database]:
     """Run a trio-asyncio loop for asyncpg for the duration of the block."""
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
-        yield Database(dsn, application_name, loop)
+        database = Database(dsn, application_name, loop, keepalive)
+        try:
+            yield database
+        finally:
+            with trio.CancelScope(shield=True):
+                await database.close_idle()
 
 
 def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import trio
 from ._bus import Bus, BusStatistics, open_bus
 from ._config import BusConfig
 from ._dsn import describe_dsn, redact_dsn
+from ._errors import unwrap_group
 
 log = logging.getLogger("pgbus")
 
@@ -204,13 +205,5 @@ def format_statistics(stats: BusStatistics) -> str:
 
 
 def sole_error(error: BaseException) -> BaseException:
-    """
-    The one real error inside *error*: nested exception groups of one member unwrapped, with
-    `trio.Cancelled` left out. A group holding several real errors is returned as it is.
-    """
-    while isinstance(error, BaseExceptionGroup):
-        _, rest = error.split(trio.Cancelled)
-        if rest is None or len(rest.exceptions) != 1:
-            return error
-        error = rest.exceptions[0]
-    return error
+    """The one real error inside *error* (see `unwrap_group`), `trio.Cancelled` left out."""
+    return unwrap_group(error, skip_cancelled=True)

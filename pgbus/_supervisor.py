@@ -127,6 +127,7 @@ class Supervisor:
         ](math.inf)
         self._nursery: trio.Nursery | None = None
         self._loop_scope = trio.CancelScope()
+        self._stop_deadline = math.inf  # while shutting down: when on_stop must be done
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -149,13 +150,57 @@ class Supervisor:
             raise RuntimeError("the supervisor is not running")
         child = _Child(spec)
         self._children.append(child)
-        await self._nursery.start(self._incarnate, child)
+        try:
+            await self._nursery.start(self._incarnate, child)
+        except BaseException:
+            # The nursery was closing, or the start was cancelled before the actor ran: nobody
+            # will ever set `done` but us, and a child that never ran has nothing to stop.
+            if child.state == "starting":
+                self._children.remove(child)
+                child.done.set()
+            raise
 
-    async def stop_all(self) -> None:
-        """Stop restarting, then stop every actor in reverse start order."""
+    async def stop_all(self, *, deadline: float = math.inf) -> None:
+        """
+        Stop restarting, then stop every actor in reverse start order. With *deadline* (for a
+        shutdown), each ``on_stop`` gets at most until then (and never more than stop_timeout).
+        """
         self._loop_scope.cancel()
+        self._stop_deadline = deadline
         for child in reversed(self._children):
             await self._stop(child)
+
+    async def stop_producers(self) -> None:
+        """Stop the actors without an inbox (they only produce), in reverse start order."""
+        for child in reversed(self._children):
+            if child.spec.inbox is None:
+                await self._stop(child)
+
+    def idle(self) -> bool:
+        """True when no running actor has a message waiting or in hand (each waits on its inbox)."""
+        consumers: dict[int, tuple[Channel, int]] = {}
+        for child in self._children:
+            inbox = child.spec.inbox
+            if inbox is not None and child.alive:
+                _, count = consumers.get(id(inbox), (inbox, 0))
+                consumers[id(inbox)] = (inbox, count + 1)
+        for inbox, count in consumers.values():
+            stats = inbox.statistics()
+            if stats.buffered or stats.senders_waiting or stats.receivers_waiting < count:
+                return False
+        return True
+
+    def unhandled(self) -> list[tuple[str, str, int]]:
+        """``(channel, actor, messages)`` for every inbox that still holds messages."""
+        left: dict[str, tuple[str, str, int]] = {}
+        for child in self._children:
+            inbox = child.spec.inbox
+            if inbox is not None and inbox.name not in left:
+                stats = inbox.statistics()
+                count = stats.buffered + stats.senders_waiting
+                if count:
+                    left[inbox.name] = (inbox.name, child.name, count)
+        return list(left.values())
 
     def statistics(self) -> list[ActorStatistics]:
         return [
@@ -224,17 +269,16 @@ class Supervisor:
 
     async def _call_on_stop(self, child: _Child, actor: Actor) -> None:
         with trio.CancelScope(shield=True) as scope:
-            scope.relative_deadline = self.policy.stop_timeout
+            floor = trio.current_time() + 0.25  # on_stop always gets a moment
+            scope.deadline = min(
+                trio.current_time() + self.policy.stop_timeout, max(self._stop_deadline, floor)
+            )
             try:
                 await actor.on_stop()
             except Exception as exc:
                 log.error("actor %r failed in on_stop: %r", child.name, exc, exc_info=exc)
         if scope.cancelled_caught:
-            log.warning(
-                "actor %r: on_stop did not finish within %gs; abandoned",
-                child.name,
-                self.policy.stop_timeout,
-            )
+            log.warning("actor %r: on_stop did not finish in time; abandoned", child.name)
 
     async def _stop(self, child: _Child) -> None:
         child.stop_requested = True

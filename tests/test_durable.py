@@ -389,7 +389,7 @@ async def test_retention_deletes_what_every_group_handled(pg_dsn: str, pg: PgHel
             name,
             expect=0,
         )
-        async with bus._borrow() as connection:
+        async with bus._database().borrow() as connection:
             assert await retain(connection, name, 3600) == 0  # group b still holds them all
             for m in await receive_all(bus.channel("b"), 10):
                 bus.ack(m)

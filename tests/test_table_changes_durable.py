@@ -36,18 +36,20 @@ async def watch(bus: pgbus.Bus, table: str, channel: str) -> None:
 async def test_large_rows_arrive_whole_and_rollbacks_never(pg: Any, pg_dsn: str) -> None:
     """A 20 KB row arrives whole (no truncation); a rolled-back insert leaves no event."""
     channel = unique("durable_changes")
-    async with scratch_table(pg, "id int PRIMARY KEY, body text") as table:
-        async with pgbus.open_bus(pg_dsn) as bus:
-            await watch(bus, table, channel)
-            ident = quote_ident(table)
+    async with (
+        scratch_table(pg, "id int PRIMARY KEY, body text") as table,
+        pgbus.open_bus(pg_dsn) as bus,
+    ):
+        await watch(bus, table, channel)
+        ident = quote_ident(table)
+        async with bus.transaction() as tx:
+            await tx.execute(f"INSERT INTO {ident} VALUES (1, repeat('é', 10000))")
+        with pytest.raises(RuntimeError):  # noqa: PT012
             async with bus.transaction() as tx:
-                await tx.execute(f"INSERT INTO {ident} VALUES (1, repeat('é', 10000))")
-            with pytest.raises(RuntimeError):  # noqa: PT012
-                async with bus.transaction() as tx:
-                    await tx.execute(f"INSERT INTO {ident} VALUES (2, 'rolled back')")
-                    raise RuntimeError
-            await pg.execute(f"UPDATE {ident} SET body = 'short' WHERE id = 1")
-            received = await durable_events(bus, 2)
+                await tx.execute(f"INSERT INTO {ident} VALUES (2, 'rolled back')")
+                raise RuntimeError
+        await pg.execute(f"UPDATE {ident} SET body = 'short' WHERE id = 1")
+        received = await durable_events(bus, 2)
     assert [(e["op"], e["new"]["id"]) for e in received] == [("INSERT", 1), ("UPDATE", 1)]
     assert received[0]["new"]["body"] == "é" * 10000
     assert "truncated" not in received[0]

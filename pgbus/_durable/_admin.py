@@ -94,9 +94,7 @@ async def serve_janitor(
 
 async def retain(connection: Connection, channel: str, retention: float) -> int:
     """One retention pass over *channel*; the number of messages deleted (0 if another ran)."""
-    transaction = connection.transaction()
-    await connection.run(transaction.start)
-    try:
+    async with connection.transaction():
         got = await connection.fetchval(
             "SELECT pg_try_advisory_xact_lock(hashtextextended('pgbus.janitor:' || $1, 0))",
             channel,
@@ -106,12 +104,6 @@ async def retain(connection: Connection, channel: str, retention: float) -> int:
             await connection.execute(_RETIRE_GROUPS, channel, retention)
             tag = await connection.execute(_DELETE_HANDLED, channel, retention, DELETE_BATCH)
             deleted = int(tag.split()[-1])
-    except BaseException:
-        if not connection.closed:
-            with trio.CancelScope(shield=True):
-                await connection.run(transaction.rollback)
-        raise
-    await connection.run(transaction.commit)
     return deleted
 
 

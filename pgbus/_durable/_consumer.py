@@ -19,11 +19,11 @@ from typing import Any
 
 import trio
 
-from .._bridge import Backoff, BridgeStatistics, connect_with_retry
+from .._bridge import BridgeStatistics
 from .._channel import Channel
 from .._codec import decoder, validate_channel_name
 from .._errors import CodecError, DatabaseError, DatabaseUnavailableError
-from .._pg import Connection, Database
+from .._pg import Backoff, Connection, Database, connect_with_retry
 from ._rules import DurableMessage, validate_prefetch
 
 log = logging.getLogger("pgbus.durable")
@@ -223,7 +223,6 @@ class DurableConsumer:
     async def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            self._db.own_pids.discard(connection.pid)
             await connection.aclose()
 
     async def _cycle_forever(self) -> None:

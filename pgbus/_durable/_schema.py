@@ -191,9 +191,7 @@ async def migrate(connection: Connection, where: str) -> tuple[int, int]:
         return version, version
     before = version
     try:
-        transaction = connection.transaction()
-        await connection.run(transaction.start)
-        try:
+        async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await connection.execute("CREATE SCHEMA IF NOT EXISTS pgbus")
             await connection.execute(
@@ -211,11 +209,6 @@ async def migrate(connection: Connection, where: str) -> tuple[int, int]:
                 )
                 log.info("pgbus schema at %s migrated to version %d", where, number)
             version = max(version, SCHEMA_VERSION)
-        except BaseException:
-            if not connection.closed:
-                await connection.run(transaction.rollback)
-            raise
-        await connection.run(transaction.commit)
     except DatabaseError as exc:
         if exc.sqlstate == "42501":  # insufficient_privilege
             role = await _current_role(connection)
