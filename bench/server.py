@@ -88,7 +88,9 @@ class Monitor:
         while True:
             rows = self._conn.execute(
                 "SELECT pid, application_name FROM pg_stat_activity"
-                " WHERE pid <> pg_backend_pid() AND application_name LIKE ANY(%s)",
+                " WHERE pid <> pg_backend_pid() AND application_name LIKE ANY(%s)"
+                # Only this database: another bench on the same server is not ours to end.
+                " AND datname = current_database()",
                 (list(PEER_APPLICATION_NAMES),),
             ).fetchall()
             if not rows or time.monotonic() > deadline:
