@@ -75,21 +75,26 @@ async def serve_janitor(
     task_status.started()
     deleted_since_vacuum = 0
     autovacuum: bool | None = None
-    while True:
-        await trio.sleep(JANITOR_EVERY)
-        try:
-            async with db.connection("janitor") as connection:
+    connection: Connection | None = None
+    try:
+        while True:
+            await trio.sleep(JANITOR_EVERY)
+            try:
+                if connection is None or connection.closed:
+                    connection = await db.connect("janitor")
                 if autovacuum is None:
-                    autovacuum = (
-                        await connection.fetchval("SELECT current_setting('autovacuum')") == "on"
-                    )
+                    setting = await connection.fetchval("SELECT current_setting('autovacuum')")
+                    autovacuum = setting == "on"
                 for channel in list(channels()):
                     deleted_since_vacuum += await retain(connection, channel, retention(channel))
                 if not autovacuum and deleted_since_vacuum >= VACUUM_AFTER:
                     deleted_since_vacuum = 0
                     await vacuum(connection)
-        except (DatabaseUnavailableError, DatabaseError) as exc:
-            log.debug("janitor: %s", exc)
+            except (DatabaseUnavailableError, DatabaseError) as exc:
+                log.debug("janitor: %s", exc)  # the next pass tries again
+    finally:
+        if connection is not None:
+            await connection.aclose()
 
 
 async def retain(connection: Connection, channel: str, retention: float) -> int:
