@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import uuid
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trio
+from test_cli import with_database
 
 import pgbus
 from pgbus._durable._schema import SCHEMA_VERSION
@@ -417,7 +419,7 @@ async def test_two_processes_migrating_at_once_end_with_one_schema(pg: PgHelper)
 
     database = "migrate_" + uuid.uuid4().hex[:8]
     await pg.execute(f'CREATE DATABASE "{database}"')
-    dsn = pg.dsn.rsplit("/", 1)[0] + "/" + database
+    dsn = with_database(pg.dsn, database)
     results: list[Any] = []
 
     async def migrate() -> None:
@@ -452,8 +454,8 @@ async def test_a_role_without_rights_gets_one_line(pg: PgHelper) -> None:
         f"CREATE ROLE {role} LOGIN; END IF; END$$"
     )
     await pg.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM PUBLIC')
-    base = pg.dsn.split("://", 1)[1].split("@", 1)[1].rsplit("/", 1)[0]
-    dsn = f"postgresql://{role}@{base}/{database}"
+    parts = urlsplit(with_database(pg.dsn, database))
+    dsn = urlunsplit(parts._replace(netloc=role + "@" + parts.netloc.rsplit("@", 1)[-1]))
     try:
         async with pgbus.open_bus(dsn) as bus:
             with pytest.raises(
