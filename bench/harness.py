@@ -212,8 +212,9 @@ def _notes(
         f"{PEERS['pgqueuer'].label}): higher is better for msg/s, lower for µs. W5 shows RSS "
         "growth of the consuming process (lower is better)."
     ]
-    if REFERENCE not in args.peers:
-        notes.append(f"No ratios: the reference, {REFERENCE}, was not among --peers.")
+    for reference in dict.fromkeys(w.reference for w in workloads):
+        if reference not in args.peers:
+            notes.append(f"No ratios: the reference, {reference}, was not among --peers.")
     for workload in workloads:
         if workload.default_peers is not None and not args.peers_given:
             labels = ", ".join(PEERS[p].label for p in workload.default_peers)

@@ -359,7 +359,9 @@ async def test_claims_stay_on_the_index_on_a_deep_unanalyzed_backlog(pg: PgHelpe
 
     connection.add_log_listener(on_log)
     try:
-        rows = await pg.fetch("SELECT * FROM pgbus.claim($1, 'g', 'm', 500, 30, '{}', '{}')", name)
+        rows = await pg.fetch(
+            "SELECT * FROM pgbus.claim($1, 'g', 'm', 500, 30, '{}', '{}', true)", name
+        )
     finally:
         connection.remove_log_listener(on_log)
         await pg.execute("SET client_min_messages = notice")

@@ -11,6 +11,7 @@ connection), an acknowledgement (which also means room in the channel), or the p
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import secrets
@@ -37,7 +38,7 @@ MAX_CLAIM = 1000
 STATEMENT_TIMEOUT = 30.0
 """Bound on one cycle's round trip (it may wait for another member's claim to commit)."""
 
-_CLAIM = "SELECT id, attempt, payload FROM pgbus.claim($1, $2, $3, $4, $5, $6, $7)"
+_CLAIM = "SELECT id, attempt, payload FROM pgbus.claim($1, $2, $3, $4, $5, $6, $7, $8)"
 
 _JOIN = """
 INSERT INTO pgbus.groups (channel, group_name, position_xid, position_id)
@@ -121,6 +122,8 @@ class DurableConsumer:
         self._fails_dead: set[int] = set()  # undecodable: dead letters at once
         self._work = trio.Event()
         self._maybe_more = True
+        self._next_reclaim = 0.0  # when to look for due retries and expired leases again
+        self._retry_at = math.inf  # the earliest retry this member scheduled
         self._stopping = False
         self.delivered = 0
         self.acked = 0
@@ -230,6 +233,9 @@ class DurableConsumer:
         while True:
             room = 0 if self._stopping else self._room()
             now = trio.current_time()
+            if now >= self._retry_at:
+                self._retry_at = math.inf
+                self._maybe_more = True  # a retry of ours is due: claim it now
             want_claim = room > 0 and (self._maybe_more or now >= next_poll)
             if self._fails:
                 await self._write_failures()
@@ -248,7 +254,8 @@ class DurableConsumer:
                 or (not self._stopping and self._maybe_more and self._room())
             ):
                 continue
-            with trio.move_on_at(next_poll if not self._stopping else trio.current_time() + 3600):
+            wake_at = min(next_poll, self._retry_at)
+            with trio.move_on_at(wake_at if not self._stopping else trio.current_time() + 3600):
                 await self._work.wait()
 
     def _room(self) -> int:
@@ -261,6 +268,10 @@ class DurableConsumer:
         self._acks = []
         ids = [a[0] for a in acks]
         attempts = [a[1] for a in acks]
+        now = trio.current_time()
+        reclaim = limit > 0 and now >= self._next_reclaim
+        if reclaim:
+            self._next_reclaim = now + POLL_EVERY
         try:
             with trio.fail_after(STATEMENT_TIMEOUT):
                 rows = await self._connection.fetch(
@@ -272,6 +283,7 @@ class DurableConsumer:
                     self.lease,
                     ids,
                     attempts,
+                    reclaim,
                 )
         except trio.TooSlowError:
             self._acks[:0] = acks
@@ -320,6 +332,9 @@ class DurableConsumer:
             else:
                 delay = self.retry_after * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
                 retry.append((message_id, attempt, delay, error))
+                due = trio.current_time() + delay
+                self._next_reclaim = min(self._next_reclaim, due)
+                self._retry_at = min(self._retry_at, due)
         try:
             with trio.fail_after(STATEMENT_TIMEOUT):
                 if retry:
