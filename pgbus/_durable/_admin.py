@@ -36,27 +36,36 @@ DELETE FROM pgbus.deliveries d USING retired r
  WHERE d.channel = $1 AND d.group_name = r.group_name
 """
 
+_HAS_GROUP = "SELECT EXISTS (SELECT FROM pgbus.groups WHERE channel = $1)"
+
 # A message every group of its channel has claimed (it is at or before the slowest group's
 # position) and none still holds (no delivery row: not in flight, not waiting for a retry,
-# not a dead letter). With no group at all, messages are kept for the retention period.
+# not a dead letter). MATERIALIZED: the batch is chosen once, whatever the planner thinks of
+# the table's size (inlined, a table nobody analyzed can turn this into a loop per row).
 _DELETE_HANDLED = """
 WITH slowest AS (
     SELECT position_xid, position_id FROM pgbus.groups
      WHERE channel = $1 ORDER BY position_xid, position_id LIMIT 1
-), doomed AS (
+), doomed AS MATERIALIZED (
     SELECT m.id FROM pgbus.messages m, slowest s
      WHERE m.channel = $1 AND (m.xid, m.id) <= (s.position_xid, s.position_id)
        AND NOT EXISTS (SELECT 1 FROM pgbus.deliveries d WHERE d.message_id = m.id)
      ORDER BY m.channel, m.xid, m.id
-     LIMIT $3
-), aged AS (
+     LIMIT $2
+)
+DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
+"""
+
+# With no group at all, messages are kept for the retention period (a group joining with
+# start = "earliest" gets them), then deleted.
+_DELETE_AGED = """
+WITH doomed AS MATERIALIZED (
     SELECT m.id FROM pgbus.messages m
      WHERE m.channel = $1 AND m.created_at < now() - make_interval(secs => $2)
-       AND NOT EXISTS (SELECT 1 FROM pgbus.groups g WHERE g.channel = $1)
      ORDER BY m.channel, m.xid, m.id
      LIMIT $3
 )
-DELETE FROM pgbus.messages WHERE id IN (SELECT id FROM doomed UNION ALL SELECT id FROM aged)
+DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
 """
 
 
@@ -107,7 +116,10 @@ async def retain(connection: Connection, channel: str, retention: float) -> int:
         deleted = 0
         if got:
             await connection.execute(_RETIRE_GROUPS, channel, retention)
-            tag = await connection.execute(_DELETE_HANDLED, channel, retention, DELETE_BATCH)
+            if await connection.fetchval(_HAS_GROUP, channel):
+                tag = await connection.execute(_DELETE_HANDLED, channel, DELETE_BATCH)
+            else:
+                tag = await connection.execute(_DELETE_AGED, channel, retention, DELETE_BATCH)
             deleted = int(tag.split()[-1])
     return deleted
 
