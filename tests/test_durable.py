@@ -468,3 +468,16 @@ async def test_a_role_without_rights_gets_one_line(pg: PgHelper) -> None:
                 await bus.notify("x", "y", durable=True)
     finally:
         await pg.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+
+
+async def test_retention_picks_its_batch_once_on_an_unanalyzed_table(pg: PgHelper) -> None:
+    """The janitor's delete scans its batch once (a CTE), not once per row of the table."""
+    from pgbus._durable._admin import _DELETE_HANDLED
+
+    async with pgbus.open_bus(pg.dsn) as bus:
+        await bus.notify(fresh("schema"), "x", durable=True)
+    plan = "\n".join(
+        row[0] for row in await pg.fetch("EXPLAIN " + _DELETE_HANDLED.replace("$2", "20000"), "c")
+    )
+    assert "CTE doomed" in plan
+    assert "CTE Scan on doomed" in plan
