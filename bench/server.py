@@ -87,10 +87,11 @@ class Monitor:
         deadline = time.monotonic() + within
         while True:
             rows = self._conn.execute(
+                # Only this database's: a shared server may run other benches (or test sessions,
+                # each in a scratch database of its own) whose backends are not ours to end.
                 "SELECT pid, application_name FROM pg_stat_activity"
-                " WHERE pid <> pg_backend_pid() AND application_name LIKE ANY(%s)"
-                # Only this database: another bench on the same server is not ours to end.
-                " AND datname = current_database()",
+                " WHERE pid <> pg_backend_pid() AND datname = current_database()"
+                " AND application_name LIKE ANY(%s)",
                 (list(PEER_APPLICATION_NAMES),),
             ).fetchall()
             if not rows or time.monotonic() > deadline:

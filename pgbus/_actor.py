@@ -65,7 +65,8 @@ class Actor:
         """
         The actor's main loop: by default, handle inbox messages until the inbox closes.
 
-        Override it for an actor that produces rather than consumes (see ``actors.heartbeat``).
+        Override it for an actor that produces rather than consumes (see
+        ``pgbus.actors.heartbeat``).
         An actor without an inbox and without its own `run` simply waits to be stopped.
         """
         if self.inbox is None:

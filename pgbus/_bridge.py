@@ -50,6 +50,8 @@ class BridgeStatistics:
     reconnects: int
     connected: bool = True
     """Whether the bridge's connection is up right now."""
+    gaps: int = 0
+    """`Gap` markers put into the stream (in): one per reconnect, one per run of drops."""
 
 
 class Bridge:

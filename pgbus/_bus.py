@@ -17,7 +17,8 @@ from ._actor import Actor, Request
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
 from ._codec import encode, validate_channel_name
-from ._durable import DurableConsumer, DurableSupport, GroupStatus, group_status
+from ._durable._admin import GroupStatus, group_status
+from ._durable._consumer import DurableConsumer
 from ._durable._publish import DurableOutboundBridge
 from ._durable._publish import ack_in_transaction as durable_ack_in_transaction
 from ._durable._publish import store as durable_store
@@ -39,6 +40,7 @@ from ._durable._rules import (
     validate_seconds,
     validate_start,
 )
+from ._durable._support import DurableSupport
 from ._errors import (
     ActorFailedError,
     AskTimeoutError,

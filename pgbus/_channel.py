@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -60,7 +61,7 @@ class Channel:
 
     Raises `trio.WouldBlock` if the channel is full (or, at capacity 0, no receiver is waiting).
     """
-    receive_nowait: Callable[[], object]
+    receive_nowait: Callable[[], Any]
     """Take the oldest message without waiting; raises `trio.WouldBlock` if the channel is empty."""
 
     def __init__(self, name: str, capacity: object) -> None:
@@ -83,8 +84,13 @@ class Channel:
         """
         await self._send.send(message)
 
-    async def receive(self) -> object:
-        """Take the oldest message, waiting while the channel is empty."""
+    async def receive(self) -> Any:
+        """
+        Take the oldest message, waiting while the channel is empty.
+
+        Typed ``Any``: a channel carries whatever its senders put in it (a `Notification` from
+        an inbound bridge, your own objects from actors), so narrow it where you use it.
+        """
         return await self._receive.receive()
 
     def sender(self) -> trio.MemorySendChannel[object]:

@@ -24,20 +24,19 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from ._bus import open_bus
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
 from ._config import BusConfig, _dsn_problem, load_config
 from ._dsn import describe_dsn, redact_dsn
 from ._durable._cli import add_durable_commands
 from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES
-from ._errors import ConfigError, PgbusError
-from ._inbound import Gap
-from ._run import STOP_SIGNALS, run_config, sole_error
+from ._errors import ConfigError, PgbusError, unwrap_group
+from ._logs import LOG_FORMATS, formatter
 
 ENV_DSN = "PGBUS_DSN"
+_EXAMPLE_DSN = "postgresql://postgres@localhost/postgres"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+log = logging.getLogger("pgbus")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -79,13 +78,15 @@ TOML file, check such a file, or send and watch notifications by hand."""
 EPILOG = """\
 examples:
   {prog} run examples/quickstart.toml    # starts an embedded PostgreSQL: no setup
-  {prog} run bus.toml --dsn postgresql://app@db.example.com:5432/app --stats-every 60
-  {prog} check bus.toml
-  {prog} listen orders 'Order Events' --count 10
-  {prog} notify orders '{{"id": 42}}' --codec json
+  {prog} run examples/shout.toml --dsn {dsn} --stats-every 60
+  {prog} check examples/quickstart.toml
+  {prog} listen orders 'Order Events' --count 10 --dsn {dsn}
+  {prog} notify orders '{{"id": 42}}' --codec json --dsn {dsn}
+  echo hello | {prog} notify orders - --dsn {dsn}
 
 The DSN comes from --dsn, else the {env} environment variable, else [postgres] dsn
-in the config file; with none of these, run starts an embedded PostgreSQL for the run.
+in the config file (notify and listen: --config CONFIG); with none of these, run
+starts an embedded PostgreSQL for the run.
 Channel names are exact: case-sensitive, spaces allowed, at most 63 bytes.
 
 exit status: 0 success, 2 usage or configuration error, 1 runtime failure."""
@@ -114,10 +115,10 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
         description=DESCRIPTION,
-        epilog=EPILOG.format(prog=prog, env=ENV_DSN),
+        epilog=EPILOG.format(prog=prog, env=ENV_DSN, dsn=_EXAMPLE_DSN),
         formatter_class=formatter,
     )
-    parser.add_argument("--version", action="version", version=f"pgbus {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"pgbus {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     run = commands.add_parser(
@@ -127,7 +128,8 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         "(Ctrl-C) or SIGTERM, then shut down cleanly and exit 0. Logs go to stderr.\n"
         "Without a DSN, an embedded PostgreSQL is started for the run and a psql\n"
         "command line to reach it is printed.",
-        epilog=f"example:\n  {prog} run examples/quickstart.toml --stats-every 10",
+        epilog=f"examples:\n  {prog} run examples/quickstart.toml --stats-every 10\n"
+        f"  {prog} run examples/quickstart.toml --metrics 127.0.0.1:9464 --log-format json",
         formatter_class=formatter,
     )
     run.add_argument("config", metavar="CONFIG", help="the TOML configuration file")
@@ -139,12 +141,27 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         help="log a status line (messages per bridge, restarts per actor) every SECONDS",
     )
     run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on /metrics and health on /healthz at HOST:PORT "
+        "(overrides [metrics] listen; needs pip install 'pgbus[metrics]')",
+    )
+    run.add_argument(
         "--log-level",
         metavar="LEVEL",
         type=str.lower,
         choices=LOG_LEVELS,
         default="info",
         help="debug, info, warning or error (default: info); debug shows tracebacks",
+    )
+    run.add_argument(
+        "--log-format",
+        metavar="FORMAT",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per line with time, logger, level, "
+        "message (and exc_info)",
     )
     run.set_defaults(command_function=_run)
 
@@ -165,13 +182,19 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         description="Send PAYLOAD to the Postgres channel CHANNEL with pg_notify (the name\n"
         "is used exactly as given). PostgreSQL accepts payloads of at most\n"
         f"{MAX_PAYLOAD_BYTES} bytes; a larger one is refused before connecting.",
-        epilog=f"examples:\n  {prog} notify pgbus_quickstart hello\n"
-        f"  {prog} notify orders '{{\"id\": 42}}' --codec json",
+        epilog=f"examples:\n  {prog} notify pgbus_quickstart hello --dsn {_EXAMPLE_DSN}\n"
+        f"  {prog} notify orders '{{\"id\": 42}}' --codec json --dsn {_EXAMPLE_DSN}\n"
+        f"  echo hello | {prog} notify orders - --dsn {_EXAMPLE_DSN}",
         formatter_class=formatter,
     )
     notify.add_argument("channel", metavar="CHANNEL", help="the Postgres channel, exactly")
-    notify.add_argument("payload", metavar="PAYLOAD", help="the payload")
-    _add_dsn(notify, f"default: {ENV_DSN}")
+    notify.add_argument(
+        "payload",
+        metavar="PAYLOAD",
+        help="the payload; - reads it from stdin (one trailing newline is dropped)",
+    )
+    _add_dsn(notify, f"default: {ENV_DSN}, else --config's [postgres] dsn")
+    _add_config(notify)
     _add_codec(notify, "json: PAYLOAD must be JSON and is sent compacted")
     notify.add_argument(
         "--durable",
@@ -187,13 +210,14 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         'notification, one per line: {"channel", "payload", "pid"}. Where notifications\n'
         'may be missing (the connection was lost), a line {"channel", "gap", "dropped"}\n'
         "says so. Stops after --count notifications, or on Ctrl-C or SIGTERM.",
-        epilog=f"example:\n  {prog} listen orders 'Order Events' --count 10",
+        epilog=f"example:\n  {prog} listen orders 'Order Events' --count 10 --dsn {_EXAMPLE_DSN}",
         formatter_class=formatter,
     )
     listen.add_argument(
         "channels", metavar="CHANNEL", nargs="+", help="a Postgres channel, exactly"
     )
-    _add_dsn(listen, f"default: {ENV_DSN}")
+    _add_dsn(listen, f"default: {ENV_DSN}, else --config's [postgres] dsn")
+    _add_config(listen)
     listen.add_argument(
         "--count",
         metavar="N",
@@ -211,6 +235,14 @@ def _add_dsn(parser: argparse.ArgumentParser, default: str) -> None:
         "--dsn",
         metavar="DSN",
         help=f"PostgreSQL to connect to, e.g. postgresql://user@host/db; {default}",
+    )
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="take the DSN from this TOML file's [postgres] dsn (checked as run would)",
     )
 
 
@@ -259,19 +291,32 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ._run import run_config  # the driver is imported only by the commands that connect
+
     config = _load_config(args.config, args.dsn)
-    with _logging_to_stderr(args.log_level):
+    if args.metrics is not None:
+        config = config.with_metrics(args.metrics)
+    with _logging_to_stderr(args.log_level, args.log_format):
         first, *rest = config.summary().splitlines()
+        if args.log_format == "json":
+            # Everything on stderr is then one JSON object per line, the summary included.
+            for line in [first, *rest]:
+                log.info("%s", line)
+            return _trio_run(
+                partial(run_config, config, stats_every=args.stats_every, report=_log_info),
+                debug=args.log_level == "debug",
+                say_error=_log_error,
+            )
         print("\n".join([f"pgbus: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
         return _trio_run(
-            partial(run_config, config, stats_every=args.stats_every),
+            partial(run_config, config, stats_every=args.stats_every, report=_say),
             debug=args.log_level == "debug",
         )
 
 
 def _notify(args: argparse.Namespace) -> int:
     channel: str = _checked_channel(args.channel)
-    text = _checked_utf8(args.payload, "PAYLOAD")
+    text = _payload_from_stdin() if args.payload == "-" else _checked_utf8(args.payload, "PAYLOAD")
     message: Any = text
     if args.codec == "json":
         try:
@@ -285,7 +330,7 @@ def _notify(args: argparse.Namespace) -> int:
         size = len(encode(channel, message, args.codec, limit).encode())
     except PgbusError as exc:  # too large, or a NUL character
         raise UsageError(str(exc)) from None
-    dsn = _dsn_for_client(args.dsn)
+    dsn = _dsn_for_client(args.dsn, args.config)
     with _logging_to_stderr("warning"):
         status = _trio_run(partial(_send_one, dsn, channel, message, args.codec, args.durable))
     if status == EXIT_OK:
@@ -297,13 +342,15 @@ def _notify(args: argparse.Namespace) -> int:
 async def _send_one(
     dsn: str, channel: str, message: object, codec: str, durable: bool = False
 ) -> None:
+    from ._bus import open_bus
+
     async with open_bus(dsn) as bus:
         await bus.notify(channel, message, codec=codec, durable=durable)
 
 
 def _listen(args: argparse.Namespace) -> int:
     channels = [_checked_channel(name) for name in args.channels]
-    dsn = _dsn_for_client(args.dsn)
+    dsn = _dsn_for_client(args.dsn, args.config)
     with _logging_to_stderr("warning"):
         return _trio_run(partial(_print_notifications, dsn, channels, args.codec, args.count))
 
@@ -311,6 +358,10 @@ def _listen(args: argparse.Namespace) -> int:
 async def _print_notifications(
     dsn: str, channels: list[str], codec: str, count: int | None
 ) -> None:
+    from ._bus import open_bus
+    from ._inbound import Gap
+    from ._run import STOP_SIGNALS
+
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -335,6 +386,8 @@ async def _print_notifications(
 
 
 def _notification_json(item: Any) -> str:
+    from ._inbound import Gap
+
     record: dict[str, object]
     if isinstance(item, Gap):
         record = {"channel": item.channel, "gap": item.reason, "dropped": item.dropped}
@@ -373,19 +426,51 @@ def _load_config(path: str, dsn_option: str | None) -> BusConfig:
     return config
 
 
-def _dsn_for_client(dsn_option: str | None) -> str:
-    """The DSN for notify and listen: ``--dsn``, else ``PGBUS_DSN``; checked, never guessed."""
+def _dsn_for_client(dsn_option: str | None, config_path: str | None = None) -> str:
+    """
+    The DSN for notify and listen: ``--dsn``, else ``PGBUS_DSN``, else ``--config``'s
+    ``[postgres] dsn``; checked, never guessed.
+    """
     origin, dsn = "--dsn", dsn_option
     if dsn is None:
         origin, dsn = ENV_DSN, os.environ.get(ENV_DSN) or None
+    if dsn is None and config_path is not None:
+        dsn = load_config(config_path).postgres.dsn  # a broken file: its one-line error
+        if dsn is None:
+            raise UsageError(
+                f"{config_path} has no [postgres] dsn (run would start an embedded PostgreSQL "
+                f"of its own); pass --dsn or set {ENV_DSN}."
+            )
+        return dsn  # checked by load_config
     if dsn is None:
         raise UsageError(
-            f"no PostgreSQL to connect to: pass --dsn postgresql://user@host/db or set {ENV_DSN}."
+            "no PostgreSQL to connect to: pass --dsn postgresql://user@host/db, set "
+            f"{ENV_DSN}, or name a config file with --config."
         )
     problem = _dsn_problem(dsn)
     if problem is not None:
         raise UsageError(f"{origin} {problem}")
     return dsn
+
+
+def _payload_from_stdin() -> str:
+    """PAYLOAD ``-``: all of stdin (at most what a notification can hold), one newline dropped."""
+    data = sys.stdin.buffer.read(MAX_PAYLOAD_BYTES + 3)  # + room for the newline we drop
+    if len(data) > MAX_PAYLOAD_BYTES + 2:
+        raise UsageError(
+            f"the payload read from stdin is more than {MAX_PAYLOAD_BYTES + 2} bytes; "
+            f"PostgreSQL accepts at most {MAX_PAYLOAD_BYTES}. Send a reference (a row id) instead."
+        )
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"the payload read from stdin is not valid UTF-8 ({data[:20]!r}...)."
+        ) from None
 
 
 def _checked_channel(name: str) -> str:
@@ -403,39 +488,56 @@ def _checked_utf8(text: str, what: str) -> str:
     return text
 
 
-def _trio_run(function: Callable[[], Awaitable[None]], *, debug: bool = False) -> int:
-    """Run *function* under Trio; a failure becomes one line on stderr and exit status 1."""
+def _trio_run(
+    function: Callable[[], Awaitable[None]],
+    *,
+    debug: bool = False,
+    say_error: Callable[[str, BaseException | None], None] | None = None,
+) -> int:
+    """
+    Run *function* under Trio; a failure becomes one line on stderr and exit status 1.
+
+    *say_error* (for ``--log-format json``) reports the failure instead, given the exception
+    when ``debug`` wants its traceback.
+    """
     try:
         trio.run(function)
     except KeyboardInterrupt:  # SIGINT outside the part that handles it
         return 130
     except BaseException as exc:
-        error = sole_error(exc)
+        error = unwrap_group(exc, skip_cancelled=True)
         if isinstance(error, KeyboardInterrupt):
             return 130
+        if isinstance(error, SystemExit):  # a signal before the bus installed its handlers
+            return error.code if isinstance(error.code, int) else EXIT_OK
         if not isinstance(error, Exception):
             raise
-        if debug:
+        if debug and say_error is None:
             traceback.print_exception(exc)
+        traced = exc if debug else None
+        say = say_error or (lambda message, _: _say_error(message))
         if isinstance(error, ConfigError):
-            _say_error(str(error))
+            say(str(error), traced)
             return EXIT_USAGE
         if isinstance(error, PgbusError):
-            _say_error(str(error))
+            say(str(error), traced)
         else:
             name = type(error).__name__
             detail = f"{name}: {error}" if str(error) else name
             hint = "" if debug else " (run with --log-level debug for the traceback)"
-            _say_error(f"unexpected failure: {detail}{hint}")
+            say(f"unexpected failure: {detail}{hint}", traced)
         return EXIT_FAILURE
     return EXIT_OK
 
 
 @contextlib.contextmanager
-def _logging_to_stderr(level: str) -> Iterator[None]:
-    """Log to stderr as ``2026-11-22 15:00:00 pgbus.bridge WARNING message`` while inside."""
+def _logging_to_stderr(level: str, log_format: str = "text") -> Iterator[None]:
+    """
+    Log to stderr while inside: as ``2026-11-22 15:00:00 pgbus.bridge WARNING message``, or
+    one JSON object per line (`pgbus._logs.JsonFormatter`).
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     previous = root.level
     root.addHandler(handler)
@@ -445,6 +547,15 @@ def _logging_to_stderr(level: str) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         root.setLevel(previous)
+
+
+def _log_info(line: str) -> None:
+    log.info("%s", line)
+
+
+def _log_error(message: str, exc: BaseException | None) -> None:
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    log.error("%s", redact_dsn(one_line), exc_info=exc)
 
 
 def _say(line: str) -> None:

@@ -12,6 +12,7 @@ import copy
 import datetime
 import difflib
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -43,6 +44,7 @@ from ._durable._rules import (
     validate_retention,
 )
 from ._errors import CapacityError, ChannelNameError, ConfigError
+from ._metrics import parse_listen
 from ._supervisor import RESTART_KINDS, STRATEGIES
 
 MAX_APPLICATION_NAME_BYTES = 63
@@ -131,6 +133,14 @@ class DurableBridgeConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    """The ``[metrics]`` table: where ``/metrics`` and ``/healthz`` are served."""
+
+    listen: str
+    """``"HOST:PORT"`` (see `pgbus._metrics.parse_listen`)."""
+
+
+@attrs.frozen
 class ActorConfig:
     """One ``[actors.NAME]`` table; *actor_class* is already imported and checked."""
 
@@ -153,6 +163,15 @@ class BusConfig:
     channels: tuple[ChannelConfig, ...] = ()
     bridges: tuple[BridgeConfig, ...] = ()
     actors: tuple[ActorConfig, ...] = ()
+    metrics: MetricsConfig | None = None
+
+    def with_metrics(self, listen: str, *, origin: str = "--metrics") -> BusConfig:
+        """Return a copy serving metrics on *listen* (``run --metrics HOST:PORT``)."""
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(f"{origin} {exc}.") from None
+        return attrs.evolve(self, metrics=MetricsConfig(listen))
 
     def with_dsn(self, dsn: str | None, *, origin: str = "dsn") -> BusConfig:
         """
@@ -190,6 +209,8 @@ class BusConfig:
         for a in self.actors:
             inbox = "no inbox" if a.inbox is None else f"inbox {a.inbox!r}"
             lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}")
+        if self.metrics is not None:
+            lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz")
         return "\n".join(lines)
 
 
@@ -268,10 +289,24 @@ def parse_config(
             _parse_actor(name, table, declared, out_sources)
             for name, table in root.tables_of("actors", "[actors.NAME]")
         )
-    return BusConfig(source, postgres, supervisor, channels, bridges, actors)
+    metrics = _parse_metrics(root)
+    return BusConfig(source, postgres, supervisor, channels, bridges, actors, metrics)
 
 
-_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors")
+def _parse_metrics(root: _Table) -> MetricsConfig | None:
+    if "metrics" not in root.data:
+        return None
+    t = root.table("metrics", "[metrics]")
+    t.no_unknown_keys(("listen",))
+    listen: str = t.get("listen", "a string", hint='"HOST:PORT", e.g. "127.0.0.1:9464"')
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        t.fail("listen", f"{exc}.")
+    return MetricsConfig(listen)
+
+
+_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors", "metrics")
 _MISSING: Any = object()
 _KINDS: dict[str, tuple[type, ...]] = {
     "a string": (str,),
@@ -584,12 +619,18 @@ def _parse_actor(
 def _import_actor_class(t: _Table, class_path: str) -> type[Actor]:
     module_name, _, qualname = class_path.partition(":")
     what = f"{class_path!r}:"
+    moved = _ready_made_moved(class_path)
     try:
         obj: object = importlib.import_module(module_name)
     except ImportError as exc:
+        if moved is not None:
+            t.fail("class", f"{class_path!r} is now {moved!r} (the ready-made actors moved).")
         t.fail("class", f"{what} cannot import module {module_name!r}: {exc}.")
     except Exception as exc:
         t.fail("class", f"{what} importing module {module_name!r} raised {_one_line(exc)}.")
+    if moved is not None and _same_source(obj, importlib.import_module(f"pgbus.{module_name}")):
+        # A checkout's top-level actors/ directory on sys.path: the same file under an old name.
+        t.fail("class", f"{class_path!r} is now {moved!r} (the ready-made actors moved).")
     owner = module_name
     for attr in qualname.split("."):
         if not hasattr(obj, attr):
@@ -613,6 +654,35 @@ def _import_actor_class(t: _Table, class_path: str) -> type[Actor]:
         got = f"class {obj.__module__}.{obj.__qualname__}"
         t.fail("class", f"{class_path!r} is not a subclass of pgbus.Actor (got {got}).")
     return obj
+
+
+def _ready_made_moved(class_path: str) -> str | None:
+    """``pgbus.actors.x:Y`` when *class_path* is a ready-made actor's old ``actors.x:Y``."""
+    if not class_path.startswith("actors."):
+        return None
+    module_name, _, qualname = class_path.partition(":")
+    new_module = f"pgbus.{module_name}"
+    try:
+        if importlib.util.find_spec(new_module) is None:
+            return None
+        obj: object = importlib.import_module(new_module)
+    except Exception:  # not one of ours (actors.x.y with no pgbus.actors.x): not moved
+        return None
+    for attr in qualname.split("."):
+        if not hasattr(obj, attr):
+            return None
+        obj = getattr(obj, attr)
+    return f"{new_module}:{qualname}"
+
+
+def _same_source(module: object, other: object) -> bool:
+    files = [getattr(m, "__file__", None) for m in (module, other)]
+    if None in files:
+        return False
+    try:
+        return os.path.samefile(*files)  # type: ignore[arg-type]
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -195,3 +195,20 @@ class LeaseLostError(PgbusError):
             f"group {group!r} (its lease expired and another member took it, or it was "
             "acknowledged already); nothing was committed."
         )
+
+
+class MetricsUnavailableError(ConfigError):
+    """The metrics server cannot start: the metrics extra is missing, or the address is taken."""
+
+
+def _report_pgbus_as_module() -> None:
+    """Every public error says ``pgbus.X`` in a traceback, even before ``pgbus.X`` is used."""
+    pending: list[type[BaseException]] = [PgbusError]
+    while pending:
+        cls = pending.pop()
+        if not cls.__name__.startswith("_"):
+            cls.__module__ = "pgbus"
+        pending.extend(cls.__subclasses__())
+
+
+_report_pgbus_as_module()

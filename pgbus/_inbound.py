@@ -87,6 +87,7 @@ class Route:
         "delivered",
         "dropped",
         "flushing",
+        "gaps",
         "ignore_own",
         "overflow",
         "pending_gap",
@@ -110,6 +111,7 @@ class Route:
         self.delivered = 0
         self.dropped = 0
         self.rejected = 0
+        self.gaps = 0
 
     def settings(self) -> str:
         return f"codec={self.codec!r}, overflow={self.overflow!r}, ignore_own={self.ignore_own}"
@@ -135,6 +137,7 @@ class Route:
                 return False
             channel.send_nowait(Gap(self.pg_channel, "overflow", self.pending_gap))
             self.pending_gap = 0
+            self.gaps += 1
         try:
             channel.send_nowait(item)
         except trio.WouldBlock:
@@ -159,6 +162,7 @@ class Route:
             self.rejected,
             reconnects,
             connected,
+            gaps=self.gaps,
         )
 
 
@@ -390,6 +394,7 @@ class InboundBridge:
                 gap = Gap(route.pg_channel, "overflow", route.pending_gap)
                 route.pending_gap = 0
                 await route.channel.send(gap)
+                route.gaps += 1
         finally:
             route.flushing = False
 
@@ -534,6 +539,7 @@ class InboundBridge:
         """Put a reconnect `Gap` in every route, after what the old connection delivered."""
         for offset, route in enumerate(self.routes()):
             self._backlog.insert(mark + offset, (route, Gap(route.pg_channel, "reconnect", None)))
+            route.gaps += 1
         log.info("listening again on %d channel(s); gap markers queued", len(self._routes))
 
     async def _watch(self, connection: Connection) -> None:

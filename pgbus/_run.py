@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
@@ -17,22 +16,18 @@ import trio
 from ._bus import Bus, BusStatistics, open_bus
 from ._config import BusConfig
 from ._dsn import describe_dsn, redact_dsn
-from ._errors import unwrap_group
+from ._metrics import MetricsServer
 
 log = logging.getLogger("pgbus")
 
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
-
-
-def _print_to_stderr(line: str) -> None:
-    print(f"pgbus: {line}", file=sys.stderr, flush=True)
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def run_config(
     config: BusConfig,
     *,
     stats_every: float | None = None,
-    report: Callable[[str], None] = _print_to_stderr,
+    report: Callable[[str], None],
     stop_signals: Iterable[signal.Signals] = STOP_SIGNALS,
 ) -> None:
     """
@@ -79,22 +74,47 @@ async def _stop_on_signal(
 async def _run_bus(
     config: BusConfig, *, stats_every: float | None, report: Callable[[str], None]
 ) -> None:
+    metrics = None
+    if config.metrics is not None:
+        metrics = MetricsServer(config.metrics.listen, starting=True)
+        metrics.bind()  # before anything starts: a taken port is one line and exit 2, at once
+    try:
+        await _run_bus_serving(config, metrics, stats_every=stats_every, report=report)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+async def _run_bus_serving(
+    config: BusConfig,
+    metrics: MetricsServer | None,
+    *,
+    stats_every: float | None,
+    report: Callable[[str], None],
+) -> None:
     pg = config.postgres
     sv = config.supervisor
     embedded = pg.dsn is None
     if embedded:
         log.info("starting an embedded PostgreSQL for this run")
-    async with open_bus(
-        pg.dsn,
-        embedded=embedded,
-        application_name=pg.application_name,
-        strategy=sv.strategy,
-        max_restarts=sv.max_restarts,
-        within_seconds=sv.within_seconds,
-        backoff_initial=sv.backoff_initial,
-        backoff_max=sv.backoff_max,
-        stop_timeout=sv.stop_timeout,
-    ) as bus:
+    async with (
+        open_bus(
+            pg.dsn,
+            embedded=embedded,
+            application_name=pg.application_name,
+            strategy=sv.strategy,
+            max_restarts=sv.max_restarts,
+            within_seconds=sv.within_seconds,
+            backoff_initial=sv.backoff_initial,
+            backoff_max=sv.backoff_max,
+            stop_timeout=sv.stop_timeout,
+        ) as bus,
+        trio.open_nursery() as services,
+    ):
+        if metrics is not None:
+            # Served from the start: /healthz says 503 "starting" while bridges wait for a server.
+            url = await services.start(metrics.serve, bus)
+            report(f"metrics on {url}/metrics, health on {url}/healthz")
         if embedded and bus.dsn is not None:
             version = await _server_version(bus)
             report(
@@ -104,6 +124,8 @@ async def _run_bus(
         elif bus.dsn is not None:
             log.info("using PostgreSQL at %s", describe_dsn(bus.dsn))
         await start_config(bus, config)
+        if metrics is not None:
+            metrics.starting = False
         report("running; stop with Ctrl-C (SIGINT) or SIGTERM")
         if stats_every is None:
             await trio.sleep_forever()
@@ -202,8 +224,3 @@ def format_statistics(stats: BusStatistics) -> str:
             capacity = "inf" if c.capacity == float("inf") else f"{c.capacity:g}"
             parts.append(f"channel {c.name!r} holds {c.buffered}/{capacity}")
     return "stats: " + ("; ".join(parts) if parts else "nothing running")
-
-
-def sole_error(error: BaseException) -> BaseException:
-    """The one real error inside *error* (see `unwrap_group`), `trio.Cancelled` left out."""
-    return unwrap_group(error, skip_cancelled=True)

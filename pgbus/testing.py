@@ -1,7 +1,23 @@
 """
 Test helpers for code built on pgbus: a real PostgreSQL for every test run, never a mock.
 
-In a ``conftest.py``::
+This module is a pytest plugin, registered by installing pgbus (entry point ``pytest11``,
+name ``pgbus``; ``-p no:pgbus`` turns it off). Its fixtures, for a user's tests as they are:
+
+- ``pgbus_dsn`` (session): the DSN of a real PostgreSQL, chosen as below.
+- ``pgbus_bus`` (function, async: a Trio test, e.g. with ``trio_mode = true``): an open
+  `pgbus.Bus` on that PostgreSQL, closed after the test (every connection it opened closed).
+
+For example::
+
+    async def test_notify_comes_back(pgbus_bus: pgbus.Bus) -> None:
+        pgbus_bus.add_channel("orders", 10)
+        await pgbus_bus.bridge_in("orders", "orders")
+        await pgbus_bus.notify("orders", "hello")
+        with trio.fail_after(10):
+            assert (await pgbus_bus.channel("orders").receive()).payload == "hello"
+
+Or make a DSN fixture of your own name and scope, in a ``conftest.py``::
 
     from pgbus.testing import postgres_dsn_fixture
 
@@ -35,10 +51,13 @@ import secrets
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import pytest
+
+from ._bus import Bus, open_bus
 from ._dsn import describe_dsn, redact_dsn
 from ._embedded import embedded_postgres_sync
 from ._errors import PgbusError
@@ -49,6 +68,8 @@ __all__ = [
     "ENV_DSN",
     "HELPER_APPLICATION_NAME",
     "SCRATCH_DATABASE_PREFIX",
+    "pgbus_bus",
+    "pgbus_dsn",
     "postgres_dsn",
     "postgres_dsn_fixture",
 ]
@@ -117,7 +138,6 @@ def postgres_dsn_fixture(
     The fixture is synchronous on purpose: pytest-trio runs async fixtures per test, while one
     server (or scratch database) for the whole session keeps the suite fast.
     """
-    import pytest
 
     def fixture() -> Iterator[str]:
         with postgres_dsn(isolate=isolate) as dsn:
@@ -269,3 +289,17 @@ def _import_postgres_container() -> Any:
         return importlib.import_module("testcontainers.community.postgres").PostgresContainer
     except ImportError:
         return importlib.import_module("testcontainers.postgres").PostgresContainer
+
+
+# --- the pytest plugin's fixtures ---------------------------------------------------------------
+
+pgbus_dsn = postgres_dsn_fixture(name="pgbus_dsn", scope="session")
+"""Fixture: the DSN of a real PostgreSQL for the session (a scratch database on ``PGBUS_TEST_DSN``,
+else a server of its own)."""
+
+
+@pytest.fixture(name="pgbus_bus")
+async def pgbus_bus(pgbus_dsn: str) -> AsyncIterator[Bus]:
+    """Fixture: an open `pgbus.Bus` on ``pgbus_dsn``, for one Trio test; closed after it."""
+    async with open_bus(pgbus_dsn) as bus:
+        yield bus

@@ -23,10 +23,10 @@ import trio
 import trio.testing
 
 import pgbus
-from actors.heartbeat import Heartbeat
-from actors.printer import Printer
-from actors.relay import Relay
-from actors.table_changes import TableChanges
+from pgbus.actors.heartbeat import Heartbeat
+from pgbus.actors.printer import Printer
+from pgbus.actors.relay import Relay
+from pgbus.actors.table_changes import TableChanges
 
 WAIT = 10  # seconds: generous, only reached when a test is failing
 

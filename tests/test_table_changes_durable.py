@@ -9,8 +9,8 @@ import trio
 from test_ready_made_actors import scratch_table, unique
 
 import pgbus
-from actors.table_changes import TableChanges
 from pgbus._codec import quote_ident
+from pgbus.actors.table_changes import TableChanges
 
 WAIT = 20
 

@@ -11,12 +11,10 @@ import argparse
 import json
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._dsn import describe_dsn
-from .._pg import Connection, open_database
-from ._admin import dead_letters, group_status, purge_dead_letters, retry_dead_letters
-from ._schema import SCHEMA_VERSION, migrate, schema_version
+if TYPE_CHECKING:  # the driver is imported only when a command runs (check never loads it)
+    from .._pg import Connection
 
 
 def add_durable_commands(
@@ -25,8 +23,8 @@ def add_durable_commands(
     migrate_cmd = commands.add_parser(
         "migrate",
         help="create or upgrade pgbus's schema for durable channels",
-        description="Create the schema pgbus (durable channels' tables) or bring it to version\n"
-        f"{SCHEMA_VERSION}. Safe to run while buses are running, and from many places at once.",
+        description="Create the schema pgbus (durable channels' tables) or bring it to the\n"
+        "current version. Safe to run while buses are running, and from many places at once.",
         formatter_class=formatter,
     )
     add_dsn(migrate_cmd, f"default: {env_dsn}")
@@ -65,6 +63,7 @@ def _client(
     command: Callable[[Connection, argparse.Namespace, str], Any], args: argparse.Namespace
 ) -> int:
     from .._cli import _dsn_for_client, _logging_to_stderr, _trio_run
+    from .._pg import open_database
 
     dsn = _dsn_for_client(args.dsn)
 
@@ -77,6 +76,8 @@ def _client(
 
 
 async def _migrate(connection: Connection, args: argparse.Namespace, where: str) -> None:
+    from ._schema import migrate
+
     before, after = await migrate(connection, where)
     if before == after:
         _say(f"the pgbus schema at {where} is at version {after}: nothing to do")
@@ -85,6 +86,8 @@ async def _migrate(connection: Connection, args: argparse.Namespace, where: str)
 
 
 async def _require_schema(connection: Connection, where: str) -> None:
+    from ._schema import schema_version
+
     if await schema_version(connection) == 0:
         from .._cli import UsageError
 
@@ -92,6 +95,8 @@ async def _require_schema(connection: Connection, where: str) -> None:
 
 
 async def _groups(connection: Connection, args: argparse.Namespace, where: str) -> None:
+    from ._admin import group_status
+
     await _require_schema(connection, where)
     for status in await group_status(connection, args.channel):
         print(
@@ -111,6 +116,8 @@ async def _groups(connection: Connection, args: argparse.Namespace, where: str) 
 
 
 async def _dead_letters(connection: Connection, args: argparse.Namespace, where: str) -> None:
+    from ._admin import dead_letters, purge_dead_letters, retry_dead_letters
+
     await _require_schema(connection, where)
     if args.action == "list":
         for letter in await dead_letters(connection, args.channel, args.group, args.ids):
@@ -139,6 +146,3 @@ def _say(line: str) -> None:
     import sys
 
     print(f"pgbus: {line}", file=sys.stderr, flush=True)
-
-
-__all__ = ["add_durable_commands", "describe_dsn"]

@@ -31,3 +31,20 @@ class NotAnActor:
 
 def not_a_class() -> None:
     """A function, where a class is expected."""
+
+
+class SlowPrinter(pgbus.Actor):
+    """Prints each notification's payload on a line of its own, flushed, after *delay* seconds."""
+
+    def __init__(self, delay: float = 0.001) -> None:
+        self.delay = delay
+
+    async def handle(self, message: Any) -> None:
+        import sys
+
+        import trio
+
+        await trio.sleep(self.delay)
+        payload = getattr(message, "payload", None)
+        print(payload if payload is not None else repr(message), flush=True)
+        sys.stdout.flush()

@@ -1,0 +1,359 @@
+"""
+Faults, against a real PostgreSQL, with the real clock: half-open paths, a server-wide idle
+timeout, overflow under bursts, signals under load and at random moments of start-up.
+
+Rules: every wait is bounded (`trio.fail_after`); polling is used only where PostgreSQL or the
+bus has no event to wait for (it says so where it does); nothing asserts a duration. What the
+tests measure (time to detect and resume, counts) is printed, for the record, with ``-s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import signal
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+import pytest
+import trio
+from processes import ROOT, pgbus_env, running
+from proxy import open_proxy
+
+import pgbus
+
+if TYPE_CHECKING:
+    from conftest import PgHelper
+
+WAIT = 30
+
+
+def unique(prefix: str = "f") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+async def until(condition, what: str, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
+    """Poll *condition* until true (for states nothing signals); fail naming *what*."""
+    with trio.move_on_after(timeout):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+# -- half-open connections -----------------------------------------------------------------------
+
+
+async def test_half_open_publishing_connection_is_replaced_and_nothing_is_lost(
+    pg: PgHelper, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Existing paths stall (no FIN, no RST): the publisher notices, reconnects, republishes."""
+    caplog.set_level(logging.WARNING)
+    name = unique()
+    async with (
+        open_proxy(pg_dsn) as proxy,
+        pgbus.open_bus(proxy.dsn, keepalive=1.0) as bus,
+        pg.listen(name) as received,
+    ):
+        bus.add_channel("out", math.inf)
+        await bus.bridge_out("out", name)
+        await bus.send("out", "before")
+        with trio.fail_after(WAIT):
+            assert (await received.receive())[1] == "before"
+        proxy.stall()  # existing connections only: a new one gets through
+        started = time.monotonic()
+        for i in range(20):
+            await bus.send("out", f"m{i}")
+        seen: set[str] = set()
+        with trio.fail_after(WAIT):
+            while len(seen) < 20:
+                seen.add((await received.receive())[1])
+        resumed = time.monotonic() - started
+    assert seen == {f"m{i}" for i in range(20)}
+    text = warnings_of(caplog)
+    assert "connection 'publish " in text, text
+    assert "half-open" in text, text
+    print(f"half-open publisher: resumed after {resumed:.2f}s (keepalive 1s)")
+
+
+async def test_a_proxy_that_stalls_every_connection_is_waited_out(
+    pg: PgHelper, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every path stalls, new ones too: the bus keeps trying; once paths work, all flows again."""
+    caplog.set_level(logging.WARNING)
+    name = unique()
+    async with (
+        open_proxy(pg_dsn) as proxy,
+        pgbus.open_bus(proxy.dsn, keepalive=1.0) as bus,
+        pg.listen(name) as received,
+    ):
+        bus.add_channel("out", math.inf)
+        bus.add_channel("in", math.inf)
+        await bus.bridge_out("out", name)
+        await bus.bridge_in(name, "in")
+        await bus.send("out", "before")
+        with trio.fail_after(WAIT):
+            assert (await received.receive())[1] == "before"
+            assert (await bus.channel("in").receive()).payload == "before"
+        proxy.stall(new=True)
+        await bus.send("out", "during")
+        # Nothing signals "the bus has noticed": watch what it reports.
+        await until(
+            lambda: not any(b.connected for b in bus.statistics().bridges), "both bridges down"
+        )
+        proxy.resume_new()
+        with trio.fail_after(WAIT):
+            assert (await received.receive())[1] == "during"
+            gap = await bus.channel("in").receive()
+        assert gap == pgbus.Gap(channel=name, reason="reconnect", dropped=None)
+        await bus.send("out", "after")
+        with trio.fail_after(WAIT):
+            later = [(await bus.channel("in").receive()).payload]
+            while later[-1] != "after":
+                later.append((await bus.channel("in").receive()).payload)
+        assert later in (["after"], ["during", "after"])
+    assert "did not answer a keepalive" in warnings_of(caplog) or "half-open" in warnings_of(caplog)
+
+
+async def test_a_long_query_that_the_server_is_running_is_not_aborted(pg_dsn: str) -> None:
+    """The guard asks the server before giving up: a statement still running is left alone."""
+    async with pgbus.open_bus(pg_dsn, keepalive=0.4) as bus, bus.transaction() as tx:
+        assert await tx.fetchval("SELECT 1 FROM pg_sleep(1.0)") == 1
+
+
+async def test_a_stopped_backend_fails_the_statement_within_keepalive(
+    pg: PgHelper, pg_dsn: str
+) -> None:
+    """A backend that stops answering (SIGSTOP) fails the statement; it does not hang."""
+    async with pgbus.open_bus(pg_dsn, keepalive=0.5) as bus:
+        async with bus.transaction() as tx:
+            pid = await tx.fetchval("SELECT pg_backend_pid()")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with (
+                trio.fail_after(WAIT),
+                pytest.raises(pgbus.DatabaseUnavailableError, match="half-open"),
+            ):
+                async with bus.transaction() as tx:
+                    await tx.fetchval("SELECT 1")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    await pg.wait_for_no_backends()
+
+
+# -- a server-wide idle timeout ------------------------------------------------------------------
+
+
+async def test_a_server_wide_idle_session_timeout_does_not_churn_the_bus(
+    pg: PgHelper, pg_dsn: str
+) -> None:
+    """pgbus's own sessions opt out of idle_session_timeout: idle, nothing reconnects."""
+    database = await pg.fetchval("SELECT current_database()")
+    quoted = '"' + database.replace('"', '""') + '"'
+    await pg.execute(f"ALTER DATABASE {quoted} SET idle_session_timeout = '300ms'")
+    try:
+        name = unique()
+        async with pgbus.open_bus(pg_dsn, keepalive=10) as bus:
+            bus.add_channel("in", 10)
+            bus.add_channel("out", 10)
+            await bus.bridge_in(name, "in")
+            await bus.bridge_out("out", name)
+            await trio.sleep(1.0)  # idle for a while: the timeout is what is being tested
+            await bus.send("out", "still here")
+            with trio.fail_after(WAIT):
+                message = await bus.channel("in").receive()
+            assert message == pgbus.Notification(name, "still here", message.pid)
+            assert {b.reconnects for b in bus.statistics().bridges} == {0}
+    finally:
+        await pg.execute(f"ALTER DATABASE {quoted} RESET idle_session_timeout")
+
+
+# -- overflow under bursts -----------------------------------------------------------------------
+
+
+async def test_a_drop_leaves_its_gap_without_waiting_for_more_traffic(
+    pg: PgHelper, pg_dsn: str
+) -> None:
+    """The last drops of a burst are reported as soon as the consumer makes room."""
+    name = unique()
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 2)
+        await bus.bridge_in(name, "in", overflow="drop_newest")
+        await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 100) AS i", name)
+        await until(lambda: bus.statistics().bridges[0].dropped == 98, "98 drops")
+        with trio.fail_after(WAIT):
+            stream = [await bus.channel("in").receive() for _ in range(3)]
+    assert [getattr(m, "payload", None) for m in stream[:2]] == ["1", "2"]
+    assert stream[2] == pgbus.Gap(channel=name, reason="overflow", dropped=98)
+
+
+@pytest.mark.parametrize("overflow", ["block", "drop_newest", "drop_oldest"])
+async def test_each_overflow_policy_accounts_for_every_message_of_a_burst(
+    pg: PgHelper, pg_dsn: str, overflow: str
+) -> None:
+    """A burst of 20,000 into a channel of 50 with a slow consumer: delivered + dropped = sent."""
+    name = unique()
+    sent = 20_000
+    process = psutil.Process()
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 50)
+        await bus.bridge_in(name, "in", overflow=overflow)
+        before = process.memory_info().rss
+        await pg.execute(
+            "SELECT pg_notify($1, i::text) FROM generate_series(1, $2::int) AS i", name, sent
+        )
+        delivered: list[int] = []
+        dropped = 0
+        peak = before
+        with trio.fail_after(WAIT * 2):
+            while len(delivered) + dropped < sent:
+                message = await bus.channel("in").receive()
+                if isinstance(message, pgbus.Gap):
+                    dropped += message.dropped or 0
+                else:
+                    delivered.append(int(message.payload))
+                if len(delivered) % 100 == 0:
+                    await trio.sleep(0.001)  # a slow consumer
+                    peak = max(peak, process.memory_info().rss)
+        stats = bus.statistics().bridges[0]
+    assert delivered == sorted(delivered)  # order kept
+    assert len(delivered) + dropped == sent
+    assert stats.dropped == dropped
+    if overflow == "block":
+        assert delivered == list(range(1, sent + 1))
+    growth = (peak - before) / 2**20
+    assert growth < 50, f"RSS grew by {growth:.1f} MB during the burst"
+    print(f"{overflow}: {len(delivered)} delivered, {dropped} dropped, RSS +{growth:.1f} MB")
+
+
+async def test_a_full_block_channel_is_named_while_it_holds_the_socket(
+    pg: PgHelper, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody reads a full "block" channel: a warning says which one, and for how long."""
+    caplog.set_level(logging.WARNING)
+    name = unique()
+    async with pgbus.open_bus(pg_dsn, keepalive=0.5) as bus:
+        bus.add_channel("held", 2)
+        await bus.bridge_in(name, "held")
+        await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 100) AS i", name)
+        await until(lambda: "has been full for" in warnings_of(caplog), "the warning")
+    assert re.search(
+        rf"inbound channel 'held' \(from Postgres channel '{name}'\) has been full for \d+s",
+        warnings_of(caplog),
+    )
+
+
+# -- signals -------------------------------------------------------------------------------------
+
+
+def bus_config(tmp_path: Path, dsn: str, channel: str, *, delay: float, stop_timeout: float) -> str:
+    config = tmp_path / "bus.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [postgres]
+            dsn = "{dsn}"
+            [supervisor]
+            stop_timeout = {stop_timeout}
+            [channels.in]
+            capacity = 100
+            [[bridge]]
+            postgres = "{channel}"
+            channel = "in"
+            direction = "in"
+            [actors.slow]
+            class = "fixtures_actors.sample:SlowPrinter"
+            inbox = "in"
+            options = {{ delay = {delay} }}
+            """
+        )
+    )
+    return str(config)
+
+
+def printed(lines: list[str]) -> list[int]:
+    return [int(line) for line in lines if line.isdigit()]
+
+
+async def test_sigterm_lets_actors_handle_what_their_inboxes_hold(
+    pg: PgHelper, pg_dsn: str, tmp_path: Path
+) -> None:
+    """20,000 notifications in, SIGTERM: what was read is handled, in order, and exit 0."""
+    name = unique()
+    config = bus_config(tmp_path, pg_dsn, name, delay=0.001, stop_timeout=10)
+    env = pgbus_env(PYTHONPATH=str(ROOT / "tests"))
+    async with running("run", config, env=env) as bus:
+        await bus.expect("stderr", "running;")
+        await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 20000) AS i", name)
+        await bus.expect("stdout", "200")
+        at_signal = len(printed(bus.lines["stdout"]))
+        assert await bus.stop(signal.SIGTERM, timeout=15) == 0
+    handled = printed(bus.lines["stdout"])
+    assert handled == list(range(1, len(handled) + 1))  # nothing skipped, in order
+    assert len(handled) > at_signal  # the inbox was drained after the signal
+    assert "messages left" not in "\n".join(bus.lines["stderr"])
+    await pg.wait_for_no_backends()
+    print(f"SIGTERM: {at_signal} handled before the signal, {len(handled)} in all")
+
+
+async def test_sigterm_past_stop_timeout_says_what_was_left(
+    pg: PgHelper, pg_dsn: str, tmp_path: Path
+) -> None:
+    """An actor too slow for stop_timeout: exit 0 anyway, and one line counts what was left."""
+    name = unique()
+    config = bus_config(tmp_path, pg_dsn, name, delay=0.05, stop_timeout=0.3)
+    env = pgbus_env(PYTHONPATH=str(ROOT / "tests"))
+    async with running("run", config, env=env) as bus:
+        await bus.expect("stderr", "running;")
+        await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 500) AS i", name)
+        await bus.expect("stdout", "3")
+        assert await bus.stop(signal.SIGTERM, timeout=5) == 0
+    line = await bus.expect("stderr", "messages left")
+    assert re.search(r"messages left: \d+ unhandled in 'in' \(actor 'slow'\)", line), line
+    await pg.wait_for_no_backends()
+
+
+def _fault_runs() -> int:
+    return int(os.environ.get("PGBUS_FAULT_RUNS", "24"))
+
+
+async def test_signals_at_random_moments_never_hang_or_print_a_traceback(
+    pg: PgHelper, pg_dsn: str, tmp_path: Path
+) -> None:
+    """SIGINT/SIGTERM/SIGHUP at random moments of start-up and shutdown: a clean exit, always."""
+    name = unique()
+    config = bus_config(tmp_path, pg_dsn, name, delay=0.0, stop_timeout=2)
+    env = pgbus_env(PYTHONPATH=str(ROOT / "tests"))
+    rng = random.Random(int(os.environ.get("PGBUS_FAULT_SEED", "0")) or None)
+    outcomes: dict[str, int] = {}
+    for _ in range(_fault_runs()):
+        first = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+        async with running("run", config, env=env) as bus:
+            await trio.sleep(rng.uniform(0, 1.2))  # a random moment: that is the test
+            bus.process.send_signal(first)
+            if rng.random() < 0.3:  # a second signal while it shuts down
+                await trio.sleep(rng.uniform(0, 0.2))
+                if bus.process.returncode is None:
+                    bus.process.send_signal(rng.choice([signal.SIGINT, signal.SIGTERM]))
+            status = await bus.wait(timeout=15)
+        stderr = "\n".join(bus.lines["stderr"])
+        ours = "/pgbus/" in stderr or any(line.startswith("pgbus") for line in bus.lines["stderr"])
+        if status != 0 or "Traceback" in stderr:
+            # Only a signal that came while the interpreter itself was starting, before any of
+            # pgbus's code ran, may end it otherwise (that traceback has no pgbus frame).
+            assert not ours, (first.name, status, stderr)
+        key = f"{first.name} -> {status}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+    await pg.wait_for_no_backends()
+    print(f"signals at random moments: {outcomes}")
