@@ -506,8 +506,13 @@ class Bus:
             await self._listener_service.stop()
         unhandled = self._supervisor.unhandled()
         await self._supervisor.stop_all(deadline=deadline)
-        for _, service in reversed(self._durable_in):
-            await service.stop()  # acknowledge what was handled, give back the rest
+        for consumer, service in reversed(self._durable_in):
+            # Acknowledge what was handled, give back the rest: let the statement in flight
+            # finish (a cancelled one would take the connection with it).
+            consumer.close()
+            with trio.move_on_at(max(deadline, trio.current_time() + 1.0)):
+                await service.done.wait()
+            await service.stop()
         unpublished = [
             (bridge, await self._stop_outbound(bridge, service, deadline))
             for bridge, service in self._outbound.values()
@@ -594,7 +599,9 @@ class Bus:
 
         async def close() -> None:
             listener.remove_hook(WAKE_CHANNEL, consumer.wake)
-            consumer.finish()
+            consumer.close()
+            with trio.move_on_after(self.supervision.stop_timeout):
+                await service.done.wait()
             await service.stop()
             self._durable_in.remove((consumer, service))
             support.consumers.remove(consumer)

@@ -35,6 +35,9 @@ POLL_EVERY = 1.0
 MAX_CLAIM = 1000
 """The most messages one cycle claims, whatever the channel's capacity."""
 
+GIVE_BACK_TIMEOUT = 5.0
+"""Bound on writing the last acknowledgements and releasing claims when a member stops."""
+
 STATEMENT_TIMEOUT = 30.0
 """Bound on one cycle's round trip (it may wait for another member's claim to commit)."""
 
@@ -125,6 +128,7 @@ class DurableConsumer:
         self._next_reclaim = 0.0  # when to look for due retries and expired leases again
         self._retry_at = math.inf  # the earliest retry this member scheduled
         self._stopping = False
+        self._closing = False
         self.delivered = 0
         self.acked = 0
         self.retried = 0
@@ -168,6 +172,11 @@ class DurableConsumer:
             self._maybe_more = True
             self._work.set()
 
+    def close(self) -> None:
+        """Stop after the statement in flight, if any: `serve` then gives back and returns."""
+        self._stopping = self._closing = True
+        self._work.set()
+
     def finish(self) -> None:
         """Claim nothing more; keep acknowledging until `serve` is cancelled."""
         self._stopping = True
@@ -204,14 +213,15 @@ class DurableConsumer:
                         started = True
                         task_status.started()
                     await self._cycle_forever()
+                    return  # closed: the finally clause gives back what is left
                 except DatabaseUnavailableError as exc:
                     log.warning("%s: %s; reconnecting (nothing is lost)", purpose, exc)
                     self.reconnects += 1
                     await self._drop_connection()
                     await trio.sleep(backoff.next_delay())
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await self._give_back()
+            with trio.CancelScope(shield=True), trio.move_on_after(GIVE_BACK_TIMEOUT):
+                await self._give_back(purpose)
             await self._drop_connection()
 
     async def _connect(self, purpose: str, backoff: Backoff) -> None:
@@ -230,7 +240,7 @@ class DurableConsumer:
 
     async def _cycle_forever(self) -> None:
         next_poll = trio.current_time()
-        while True:
+        while not self._closing:
             room = 0 if self._stopping else self._room()
             now = trio.current_time()
             if now >= self._retry_at:
@@ -371,12 +381,18 @@ class DurableConsumer:
         self.retried += len(retry)
         self.dead += len(dead)
 
-    async def _give_back(self) -> None:
-        """Write pending acknowledgements and failures, and release every unhandled claim."""
-        connection = self._connection
-        if connection is None or connection.closed:
+    async def _give_back(self, purpose: str) -> None:
+        """
+        Write pending acknowledgements and failures, and release every unhandled claim, on a
+        new connection if the last one is gone (a cancelled statement drops its connection).
+        """
+        if not (self._acks or self._fails or self._inflight):
             return
         try:
+            if self._connection is None or self._connection.closed:
+                await self._drop_connection()
+                self._connection = await self._db.connect(purpose)
+            connection = self._connection
             if self._fails:
                 await self._write_failures()
             if self._acks:
