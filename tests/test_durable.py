@@ -481,3 +481,27 @@ async def test_retention_picks_its_batch_once_on_an_unanalyzed_table(pg: PgHelpe
     )
     assert "CTE doomed" in plan
     assert "CTE Scan on doomed" in plan
+
+
+def test_a_claim_finding_its_room_taken_keeps_the_messages() -> None:
+    """Room counted before a claim may be taken by another sender: the claim waits, not fails."""
+    from pgbus._durable._consumer import DurableConsumer
+
+    inbox = pgbus.Channel("in", 2)
+    consumer = DurableConsumer(
+        None,  # type: ignore[arg-type]  # delivering needs no database
+        inbox,
+        "shared",
+        group="g",
+        start="latest",
+        max_attempts=5,
+        retry_after=1.0,
+        lease=30.0,
+        codec="text",
+        retention=3600.0,
+    )
+    inbox.send_nowait("other 0")
+    inbox.send_nowait("other 1")  # full, while a claim counted two free places
+    consumer._deliver([(1, 1, "durable 1"), (2, 1, "durable 2")])
+    assert [m.payload for m in consumer._overflow] == ["durable 1", "durable 2"]
+    assert consumer.holds(consumer._overflow[0])

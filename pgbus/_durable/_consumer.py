@@ -16,6 +16,7 @@ import os
 import random
 import secrets
 import socket
+from collections import deque
 from typing import Any
 
 import trio
@@ -31,6 +32,9 @@ log = logging.getLogger("pgbus.durable")
 
 POLL_EVERY = 1.0
 """The safety net: a member claims at least this often (seconds) even without a wake-up."""
+
+RECHECK_FIRST = 0.002
+"""Seconds before claiming again after a wake-up found nothing (see `_after_claim`)."""
 
 MAX_CLAIM = 1000
 """The most messages one cycle claims, whatever the channel's capacity."""
@@ -123,10 +127,14 @@ class DurableConsumer:
         self._acks: list[tuple[int, int]] = []
         self._fails: list[tuple[int, int, str]] = []
         self._fails_dead: set[int] = set()  # undecodable: dead letters at once
+        self._overflow: deque[DurableMessage] = deque()  # claimed, waiting for channel room
         self._work = trio.Event()
         self._maybe_more = True
         self._next_reclaim = 0.0  # when to look for due retries and expired leases again
         self._retry_at = math.inf  # the earliest retry this member scheduled
+        self._notified = False  # a wake-up for this channel came since the last claim
+        self._recheck_at = math.inf
+        self._rechecks = 0
         self._stopping = False
         self._closing = False
         self.delivered = 0
@@ -169,7 +177,7 @@ class DurableConsumer:
     def wake(self, payload: str) -> None:
         """The listener's hook: messages were published to *payload* ("" after a reconnect)."""
         if payload == self.pg_channel or not payload:
-            self._maybe_more = True
+            self._maybe_more = self._notified = True
             self._work.set()
 
     def close(self) -> None:
@@ -241,19 +249,27 @@ class DurableConsumer:
     async def _cycle_forever(self) -> None:
         next_poll = trio.current_time()
         while not self._closing:
+            while self._overflow:
+                await self.channel.send(self._overflow[0])
+                self._overflow.popleft()
             room = 0 if self._stopping else self._room()
             now = trio.current_time()
             if now >= self._retry_at:
                 self._retry_at = math.inf
                 self._maybe_more = True  # a retry of ours is due: claim it now
+            if now >= self._recheck_at:
+                self._recheck_at = math.inf
+                self._maybe_more = self._notified = True
             want_claim = room > 0 and (self._maybe_more or now >= next_poll)
             if self._fails:
                 await self._write_failures()
             if want_claim or self._acks:
+                notified, self._notified = self._notified, False
                 claimed = await self._claim(room if want_claim else 0)
                 if want_claim:
                     next_poll = trio.current_time() + POLL_EVERY
                     self._maybe_more = claimed >= room
+                    self._after_claim(claimed, notified)
                 # Let the consumers run before the next cycle, so its batch is larger.
                 await trio.lowlevel.checkpoint()
                 continue
@@ -264,9 +280,24 @@ class DurableConsumer:
                 or (not self._stopping and self._maybe_more and self._room())
             ):
                 continue
-            wake_at = min(next_poll, self._retry_at)
+            wake_at = min(next_poll, self._retry_at, self._recheck_at)
             with trio.move_on_at(wake_at if not self._stopping else trio.current_time() + 3600):
                 await self._work.wait()
+
+    def _after_claim(self, claimed: int, notified: bool) -> None:
+        """
+        Woken for a message and found none: look again soon (2 ms, doubling up to the poll).
+
+        A claim sees a message only once every transaction older than it has ended, and any
+        writing transaction in the cluster counts: one still open when the wake-up came would
+        otherwise cost a whole poll interval.
+        """
+        if claimed or not notified:
+            self._rechecks = 0
+            return
+        self._rechecks += 1
+        delay = min(POLL_EVERY, RECHECK_FIRST * 2 ** (self._rechecks - 1))
+        self._recheck_at = trio.current_time() + delay
 
     def _room(self) -> int:
         free = self.prefetch - self.channel.statistics().buffered
@@ -328,8 +359,14 @@ class DurableConsumer:
                 continue
             message = DurableMessage(channel, value, message_id, attempt, self.group, receipt=self)
             inflight[message_id] = attempt
-            send_nowait(message)  # room was counted before claiming
             self.delivered += 1
+            if self._overflow:
+                self._overflow.append(message)
+                continue
+            try:
+                send_nowait(message)  # room was counted before claiming...
+            except trio.WouldBlock:
+                self._overflow.append(message)  # ...unless someone else sent to the channel
 
     async def _write_failures(self) -> None:
         assert self._connection is not None
