@@ -6,6 +6,7 @@ server restarted mid-stream. Consumers are real ``python -m pgbus run`` subproce
 from __future__ import annotations
 
 import math
+import signal
 import socket
 import textwrap
 import uuid
@@ -160,3 +161,31 @@ async def test_server_restart_mid_stream_loses_nothing() -> None:
                 await server.start_server()
     assert received == {str(i) for i in range(1000)}
     print(f"\nserver restart: {deliveries - 1000} duplicate deliveries")
+
+
+async def test_sigterm_gives_back_what_was_claimed_at_once(pg: PgHelper, tmp_path: Path) -> None:
+    """`pgbus run` stopped by SIGTERM exits 0 and leaves every unhandled claim free for others."""
+    channel = f"sigterm-{uuid.uuid4().hex[:8]}"
+    table = f"effects_{uuid.uuid4().hex[:8]}"
+    await pg.execute(f'CREATE TABLE "{table}" (message_id bigint, payload text, pid int)')
+    async with pgbus.open_bus(pg.dsn) as bus, bus.transaction() as tx:
+        for i in range(20):
+            await tx.publish(channel, str(i), durable=True)
+    config = tmp_path / "slow.toml"
+    config.write_text(
+        worker_config(tmp_path, channel, table, exactly_once=False)
+        .read_text()
+        .replace(f"pause = {PAUSE}", "pause = 60")
+        .replace("lease = 2", "lease = 600")
+        + "\n[supervisor]\nstop_timeout = 1\n"
+    )
+    env = pgbus_env(PGBUS_DSN=pg.dsn, PYTHONPATH=str(ROOT / "tests"))
+    async with running("run", str(config), env=env) as worker:
+        await poll_until(pg, f'SELECT count(*) FROM "{table}"', 1)  # handling the first, slowly
+        assert await worker.stop(signal.SIGTERM, timeout=10) == 0
+    rows = await pg.fetch(
+        "SELECT member, available_at <= now() AS free FROM pgbus.deliveries WHERE channel = $1",
+        channel,
+    )
+    assert len(rows) == 20  # nothing acknowledged: the first was cut off mid-handle
+    assert {(r["member"], r["free"]) for r in rows} == {(None, True)}
