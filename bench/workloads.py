@@ -133,5 +133,21 @@ WORKLOADS: dict[str, Workload] = {
             reference="pgqueuer",
             peers=DURABLE_PEERS,
         ),
+        Workload(
+            "W8",
+            "cross-process ask: process A asks an actor in process B, one at a time, p50 / p99",
+            "latency",
+            messages=2_000,
+            warmup=100,
+            default_peers=(REFERENCE, "pgbus"),
+        ),
+        Workload(
+            "W8C",
+            "cross-process asks, 100 in flight, until all are answered",
+            "throughput",
+            messages=20_000,
+            publishers=100,
+            default_peers=(REFERENCE, "pgbus"),
+        ),
     )
 }

@@ -29,10 +29,19 @@ _EXPORTS: dict[str, str] = {  # public name -> the private module defining it
     "open_bus": "_bus",
     "Channel": "_channel",
     "ChannelStatistics": "_channel",
+    "ClusterStatistics": "_cluster",
+    "ClusterStatus": "_cluster",
+    "NodeInfo": "_cluster",
+    "SingletonStatus": "_cluster",
     "MAX_CHANNEL_NAME_BYTES": "_codec",
     "MAX_PAYLOAD_BYTES": "_codec",
     "validate_channel_name": "_codec",
     "ActorFailedError": "_errors",
+    "ActorUnavailableError": "_errors",
+    "MessageNotJSONError": "_errors",
+    "MessageTooLargeError": "_errors",
+    "NodeNameTakenError": "_errors",
+    "RemoteError": "_errors",
     "AskTimeoutError": "_errors",
     "CapacityError": "_errors",
     "ChannelNameError": "_errors",
@@ -69,6 +78,10 @@ if TYPE_CHECKING:
     from ._bus import open_bus as open_bus
     from ._channel import Channel as Channel
     from ._channel import ChannelStatistics as ChannelStatistics
+    from ._cluster import ClusterStatistics as ClusterStatistics
+    from ._cluster import ClusterStatus as ClusterStatus
+    from ._cluster import NodeInfo as NodeInfo
+    from ._cluster import SingletonStatus as SingletonStatus
     from ._codec import MAX_CHANNEL_NAME_BYTES as MAX_CHANNEL_NAME_BYTES
     from ._codec import MAX_PAYLOAD_BYTES as MAX_PAYLOAD_BYTES
     from ._codec import validate_channel_name as validate_channel_name
@@ -77,6 +90,7 @@ if TYPE_CHECKING:
     from ._durable._rules import DurableMessage as DurableMessage
     from ._durable._schema import SchemaError as SchemaError
     from ._errors import ActorFailedError as ActorFailedError
+    from ._errors import ActorUnavailableError as ActorUnavailableError
     from ._errors import AskTimeoutError as AskTimeoutError
     from ._errors import CapacityError as CapacityError
     from ._errors import ChannelNameError as ChannelNameError
@@ -87,10 +101,14 @@ if TYPE_CHECKING:
     from ._errors import DuplicateNameError as DuplicateNameError
     from ._errors import DuplicateNotificationError as DuplicateNotificationError
     from ._errors import LeaseLostError as LeaseLostError
+    from ._errors import MessageNotJSONError as MessageNotJSONError
+    from ._errors import MessageTooLargeError as MessageTooLargeError
     from ._errors import MetricsUnavailableError as MetricsUnavailableError
     from ._errors import NoDatabaseError as NoDatabaseError
+    from ._errors import NodeNameTakenError as NodeNameTakenError
     from ._errors import PayloadTooLargeError as PayloadTooLargeError
     from ._errors import PgbusError as PgbusError
+    from ._errors import RemoteError as RemoteError
     from ._errors import RestartIntensityError as RestartIntensityError
     from ._errors import UnknownActorError as UnknownActorError
     from ._errors import UnknownChannelError as UnknownChannelError
@@ -107,6 +125,7 @@ __all__ = [
     "Actor",
     "ActorFailedError",
     "ActorStatistics",
+    "ActorUnavailableError",
     "AskTimeoutError",
     "Bridge",
     "BridgeStatistics",
@@ -116,6 +135,8 @@ __all__ = [
     "Channel",
     "ChannelNameError",
     "ChannelStatistics",
+    "ClusterStatistics",
+    "ClusterStatus",
     "CodecError",
     "ConfigError",
     "DatabaseError",
@@ -126,13 +147,19 @@ __all__ = [
     "Gap",
     "GroupStatus",
     "LeaseLostError",
+    "MessageNotJSONError",
+    "MessageTooLargeError",
     "MetricsUnavailableError",
     "NoDatabaseError",
+    "NodeInfo",
+    "NodeNameTakenError",
     "Notification",
     "PayloadTooLargeError",
     "PgbusError",
+    "RemoteError",
     "RestartIntensityError",
     "SchemaError",
+    "SingletonStatus",
     "Supervision",
     "Transaction",
     "UnknownActorError",

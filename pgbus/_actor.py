@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import outcome
 import trio
@@ -74,14 +74,18 @@ class Actor:
         await consume(self, self.inbox)
 
 
+class ReplyTo(Protocol):
+    """Where a reply goes: a memory channel of capacity 1, or a remote asker (`_cluster`)."""
+
+    def send_nowait(self, value: outcome.Outcome[Any], /) -> None: ...
+
+
 class Request:
     """An `ask` in flight: the message and where the reply goes (capacity 1, never blocks)."""
 
     __slots__ = ("message", "reply")
 
-    def __init__(
-        self, message: object, reply: trio.MemorySendChannel[outcome.Outcome[Any]]
-    ) -> None:
+    def __init__(self, message: object, reply: ReplyTo) -> None:
         self.message = message
         self.reply = reply
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -16,6 +17,13 @@ import trio
 from ._actor import Actor, Request
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
+from ._cluster import (
+    CLUSTER_CHANNEL,
+    Cluster,
+    ClusterStatistics,
+    ClusterStatus,
+    read_status,
+)
 from ._codec import encode, validate_channel_name
 from ._durable._admin import GroupStatus, group_status
 from ._durable._consumer import DurableConsumer
@@ -43,17 +51,20 @@ from ._durable._rules import (
 from ._durable._support import DurableSupport
 from ._errors import (
     ActorFailedError,
+    ActorUnavailableError,
     AskTimeoutError,
     ConfigError,
     DuplicateNameError,
     DuplicateNotificationError,
     LeaseLostError,
     NoDatabaseError,
+    PgbusError,
     UnknownActorError,
     UnknownChannelError,
     unwrap_group,
 )
 from ._inbound import InboundBridge, Route
+from ._node import default_node_name, validate_node_name
 from ._outbound import OutboundBridge
 from ._pg import Connection, Database, open_database
 from ._supervisor import RESTART_KINDS, ActorSpec, ActorStatistics, Supervision, Supervisor
@@ -75,6 +86,8 @@ class BusStatistics:
     channels: tuple[ChannelStatistics, ...]
     actors: tuple[ActorStatistics, ...]
     bridges: tuple[BridgeStatistics, ...]
+    cluster: ClusterStatistics | None = None
+    """This bus as a node of the cluster, once it has joined."""
 
 
 class _Service:
@@ -129,6 +142,7 @@ class Bus:
         database: Database | None,
         *,
         keepalive: float,
+        node: str | None = None,
         durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
     ) -> None:
         self._nursery = nursery
@@ -145,6 +159,11 @@ class Bus:
         self._durable_max_payload = durable_max_payload
         self._durable: DurableSupport | None = None
         self._durable_in: list[tuple[DurableConsumer, _Service]] = []
+        self._node_name = node
+        self._cluster: Cluster | None = None
+        self._cluster_service: _Service | None = None
+        self._cluster_draft: Cluster | None = None
+        self._cluster_lock = trio.Lock()
 
     # -- channels ----------------------------------------------------------------------------
 
@@ -207,6 +226,8 @@ class Bus:
         inbox_capacity: int | float | None = None,
         restart: str = "permanent",
         options: Mapping[str, Any] | None = None,
+        public: bool = False,
+        singleton: bool = False,
     ) -> None:
         """
         Start a supervised actor, after those already running; returns once ``on_start`` ran.
@@ -214,9 +235,20 @@ class Bus:
         The actor consumes the channel *inbox*; or, with *inbox_capacity*, a new channel named
         after the actor; or nothing (an actor that only produces). *options* are passed to the
         class as keyword arguments, and checked against its signature now.
+
+        With *public*, every node of the cluster reaches it by name (`ask`, `tell`); this bus
+        joins the cluster if it has not yet. With *singleton*, it runs on one node of the
+        cluster at a time: this returns at once, and the actor starts here whenever this node
+        takes the singleton's lock (a singleton with an inbox is public).
         """
-        if self._supervisor.find(name) is not None:
+        if self._supervisor.find(name) is not None or (
+            self._cluster is not None and self._cluster.has_singleton(name)
+        ):
             raise DuplicateNameError("actor", name)
+        if public and inbox is None and inbox_capacity is None:
+            raise ConfigError(f"actor {name!r}: a public actor needs an inbox to be asked.")
+        if (public or singleton) and self._db is None:
+            raise NoDatabaseError()
         if not (isinstance(actor_class, type) and issubclass(actor_class, Actor)):
             raise ConfigError(f"actor {name!r}: {actor_class!r} is not a pgbus.Actor subclass.")
         if restart not in RESTART_KINDS:
@@ -251,7 +283,13 @@ class Bus:
         def factory() -> Actor:
             return first.pop() if first else actor_class(**kwargs)
 
-        await self._supervisor.start(ActorSpec(name, factory, channel, restart))
+        spec = ActorSpec(name, factory, channel, restart)
+        if singleton:
+            (await self._join_cluster()).add_singleton(spec)
+            return
+        await self._supervisor.start(spec)
+        if public:
+            await (await self._join_cluster()).offer(spec)
 
     async def ask(self, actor: str, message: object, *, timeout: float) -> Any:
         """
@@ -265,7 +303,14 @@ class Bus:
         """
         spec = self._supervisor.find(actor)
         if spec is None:
-            raise UnknownActorError(actor)
+            if self._db is None:
+                raise UnknownActorError(actor)
+            deadline = trio.current_time() + timeout
+            with trio.move_on_at(deadline):
+                cluster = await self._join_cluster()
+            if self._cluster is None:
+                raise AskTimeoutError(actor, timeout)
+            return await cluster.ask(actor, message, timeout=timeout, deadline=deadline)
         if spec.inbox is None:
             raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be asked.")
         reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
@@ -278,6 +323,70 @@ class Bus:
         if isinstance(result, outcome.Error):
             raise ActorFailedError(actor, result.error) from result.error
         return result.unwrap()
+
+    async def tell(self, actor: str, message: object) -> None:
+        """
+        Send *message* to *actor*'s inbox without waiting for any reply.
+
+        A local actor: waits while its inbox is full. A public actor on another node: the
+        message (JSON) is queued for sending and this returns; a message the actor's node
+        cannot take is counted and logged there.
+
+        Raises:
+            UnknownActorError: no node runs *actor* (at once).
+            MessageNotJSONError, MessageTooLargeError: before anything is sent.
+        """
+        spec = self._supervisor.find(actor)
+        if spec is None:
+            if self._db is None:
+                raise UnknownActorError(actor)
+            with trio.move_on_after(self._keepalive):
+                cluster = await self._join_cluster()
+            if self._cluster is None:
+                reason = f"the cluster could not be joined within {self._keepalive:g}s"
+                raise ActorUnavailableError(actor, None, reason, while_handling=False)
+            await cluster.tell(actor, message)
+            return
+        if spec.inbox is None:
+            raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be told anything.")
+        await spec.inbox.send(message)
+
+    @property
+    def node(self) -> str | None:
+        """This bus's node name once it has joined the cluster, else None."""
+        return self._cluster.name if self._cluster is not None else None
+
+    async def cluster_status(self) -> ClusterStatus:
+        """The cluster as PostgreSQL sees it now: live nodes, public actors, singletons."""
+        async with self._database().borrow() as connection:
+            return await read_status(connection)
+
+    async def _join_cluster(self) -> Cluster:
+        """Become a node of the cluster (once): listen on this node's channel, then register."""
+        async with self._cluster_lock:
+            if self._cluster is None:
+                # Kept across a cancelled attempt (an ask that timed out while joining), so
+                # the next attempt listens on the same channel instead of adding another.
+                cluster = self._cluster_draft
+                if cluster is None:
+                    name = self._node_name or default_node_name()
+                    cluster = Cluster(self, self._database(), name=name, keepalive=self._keepalive)
+                    if cluster.inbox.name in self._channels:
+                        raise DuplicateNameError("channel", cluster.inbox.name)
+                    self._channels[cluster.inbox.name] = cluster.inbox
+                    self._cluster_draft = cluster
+                await self.bridge_in(cluster.channel, cluster.inbox.name)
+                await self.bridge_in(CLUSTER_CHANNEL, cluster.inbox.name)
+                service = _Service("cluster")
+                try:
+                    await self._nursery.start(service.run, cluster.serve)
+                except BaseExceptionGroup as group:
+                    error = unwrap_group(group, skip_cancelled=False)
+                    if error is group:
+                        raise
+                    raise error from None
+                self._cluster, self._cluster_service = cluster, service
+        return self._cluster
 
     # -- PostgreSQL --------------------------------------------------------------------------
 
@@ -459,6 +568,7 @@ class Bus:
             channels=tuple(c.statistics() for c in self._channels.values()),
             actors=tuple(self._supervisor.statistics()),
             bridges=tuple(bridges),
+            cluster=self._cluster.statistics() if self._cluster is not None else None,
         )
 
     async def _stop_outbound(
@@ -491,6 +601,10 @@ class Bus:
         """
         stop_timeout = self.supervision.stop_timeout
         deadline = trio.current_time() + stop_timeout
+        if self._cluster is not None:
+            # Other nodes send nothing new here; the database gone, so is the node.
+            with trio.move_on_at(deadline), contextlib.suppress(PgbusError):
+                await self._cluster.withdraw()
         if self._listener is not None:
             self._listener.stop_reading()
         for consumer, _ in self._durable_in:
@@ -530,6 +644,10 @@ class Bus:
             parts.append(f"{undelivered} notification(s) read but not delivered")
         if parts:
             log.warning("shutdown after %gs: messages left: %s", stop_timeout, "; ".join(parts))
+        if self._cluster is not None and self._cluster_service is not None:
+            # Replies and tells the actors left, then the node's session ends: its locks go.
+            await self._cluster.flush(max(0.25, deadline - trio.current_time()))
+            await self._cluster_service.stop()
 
     # -- durable channels ---------------------------------------------------------------------
 
@@ -733,6 +851,7 @@ async def open_bus(
     backoff_max: float = _DEFAULT.backoff_max,
     stop_timeout: float = _DEFAULT.stop_timeout,
     keepalive: float = 10.0,
+    node: str | None = None,
     durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
 ) -> AsyncIterator[Bus]:
     """
@@ -743,8 +862,11 @@ async def open_bus(
     The supervisor's policy comes from *strategy*, *max_restarts*, *within_seconds* and the
     backoff values. *keepalive* (seconds) bounds every wait on the network: an idle listening
     connection is checked that often, and a statement or connection that stops answering is
-    detected, aborted and reconnected within it. *durable_max_payload* is the largest durable
-    message, in bytes once encoded (1 MiB).
+    detected, aborted and reconnected within it.
+    In the cluster, asks pending on a node that died fail within *keepalive*, and a singleton
+    moves within it. With *node* (a name), the bus joins the cluster as that node when it
+    opens; without, it joins (as ``"<hostname>:<pid>"``) when it first needs to.
+    *durable_max_payload* is the largest durable message, in bytes once encoded (1 MiB).
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
@@ -755,6 +877,10 @@ async def open_bus(
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
     if not (isinstance(keepalive, int | float) and 0 < keepalive < math.inf):
         raise ConfigError(f"keepalive must be a positive number of seconds (got {keepalive!r}).")
+    if node is not None:
+        validate_node_name(node)
+        if dsn is None and not embedded:
+            raise NoDatabaseError()
     try:
         async with AsyncExitStack() as stack:
             if dsn is None and embedded:
@@ -773,11 +899,14 @@ async def open_bus(
                     supervision,
                     database,
                     keepalive=keepalive,
+                    node=node,
                     durable_max_payload=validate_max_payload(durable_max_payload),
                 )
                 await nursery.start(bus._supervisor.run)
                 drain = True
                 try:
+                    if node is not None:
+                        await bus._join_cluster()
                     yield bus
                 except BaseException as exc:
                     # Leaving on an error: stop at once. On a cancellation (a signal, a

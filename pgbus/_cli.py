@@ -226,6 +226,7 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     )
     _add_codec(listen, "json: print payloads decoded")
     listen.set_defaults(command_function=_listen)
+    _add_cluster_commands(commands, prog)
     add_durable_commands(commands, formatter, prog, _add_dsn, ENV_DSN)
     return parser
 
@@ -565,3 +566,135 @@ def _say(line: str) -> None:
 def _say_error(message: str) -> None:
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     print(f"pgbus: error: {redact_dsn(one_line)}", file=sys.stderr, flush=True)
+
+
+# -- the cluster: status, ask, tell --------------------------------------------------------------
+
+DEFAULT_ASK_TIMEOUT = 10.0
+
+
+def _add_cluster_commands(commands: Any, prog: str) -> None:
+    formatter = _Formatter
+    status = commands.add_parser(
+        "status",
+        help="show the cluster: nodes, public actors, singletons",
+        description="Show the processes of the cluster that share this PostgreSQL (live\n"
+        "sessions only), their public actors and inbound channels, and each singleton\n"
+        "with the node holding it.",
+        epilog=f"example:\n  {prog} status --dsn postgresql://app@db/app --json",
+        formatter_class=formatter,
+    )
+    _add_dsn(status, f"default: {ENV_DSN}")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(command_function=_status)
+
+    for name, verb in (("ask", "ask"), ("tell", "tell")):
+        command = commands.add_parser(
+            name,
+            help=f"{verb} a public actor of the cluster (JSON in"
+            + (", JSON out)" if name == "ask" else ")"),
+            description="Send the JSON message MESSAGE to the public actor ACTOR, wherever it\n"
+            "runs in the cluster"
+            + (", and print its reply as one JSON line." if name == "ask" else "."),
+            epilog=f"example:\n  {prog} {name} billing '{{\"invoice\": 42}}'",
+            formatter_class=formatter,
+        )
+        command.add_argument("actor", metavar="ACTOR", help="the actor's name")
+        command.add_argument("message", metavar="MESSAGE", help="a JSON value")
+        _add_dsn(command, f"default: {ENV_DSN}")
+        if name == "ask":
+            command.add_argument(
+                "--timeout",
+                metavar="SECONDS",
+                type=_positive_seconds,
+                default=DEFAULT_ASK_TIMEOUT,
+                help=f"give up after SECONDS (default: {DEFAULT_ASK_TIMEOUT:g})",
+            )
+        command.set_defaults(command_function=_ask if name == "ask" else _tell)
+
+
+def _status(args: argparse.Namespace) -> int:
+    dsn = _dsn_for_client(args.dsn)
+    found: list[Any] = []
+
+    async def read() -> None:
+        from ._bus import open_bus
+
+        async with open_bus(dsn) as bus:
+            found.append(await bus.cluster_status())
+
+    with _logging_to_stderr("warning"):
+        status = _trio_run(read)
+    if status != EXIT_OK:
+        return status
+    (cluster,) = found
+    if args.json:
+        _print_line(json.dumps(cluster.as_json(), ensure_ascii=False))
+        return EXIT_OK
+    for line in _status_lines(cluster, describe_dsn(dsn)):
+        if not _print_line(line):
+            break
+    return EXIT_OK
+
+
+def _status_lines(cluster: Any, where: str) -> Iterator[str]:
+    nodes = cluster.nodes
+    yield f"cluster at {where}: {len(nodes)} node{'' if len(nodes) == 1 else 's'}"
+    for node in nodes:
+        yield (
+            f"node {node.name!r}: host {node.host}, pid {node.os_pid}, backend {node.pid}, "
+            f"since {node.started}"
+        )
+        yield f"  public actors: {', '.join(node.public) or '-'}"
+        if node.singletons:
+            yield f"  singletons: {', '.join(node.singletons)}"
+        yield f"  inbound channels: {', '.join(map(repr, node.inbound)) or '-'}"
+    for singleton in cluster.singletons:
+        holder = f"held by {singleton.holder!r}" if singleton.holder else "held by nobody"
+        candidates = ", ".join(map(repr, singleton.candidates))
+        yield f"singleton {singleton.name!r}: {holder} (candidates: {candidates})"
+    if cluster.durable is not None:
+        for group in cluster.durable:
+            yield f"durable {json.dumps(group, ensure_ascii=False, default=str)}"
+
+
+def _json_message(text: str) -> Any:
+    try:
+        return json.loads(_checked_utf8(text, "MESSAGE"))
+    except ValueError as exc:
+        raise UsageError(f"MESSAGE is not valid JSON ({exc}); quote strings: '\"text\"'.") from None
+
+
+def _ask(args: argparse.Namespace) -> int:
+    message = _json_message(args.message)
+    dsn = _dsn_for_client(args.dsn)
+    replies: list[Any] = []
+
+    async def ask() -> None:
+        from ._bus import open_bus
+
+        async with open_bus(dsn) as bus:
+            replies.append(await bus.ask(args.actor, message, timeout=args.timeout))
+
+    with _logging_to_stderr("warning"):
+        status = _trio_run(ask)
+    if status == EXIT_OK:
+        _print_line(json.dumps(replies[0], ensure_ascii=False, separators=(",", ":")))
+    return status
+
+
+def _tell(args: argparse.Namespace) -> int:
+    message = _json_message(args.message)
+    dsn = _dsn_for_client(args.dsn)
+
+    async def tell() -> None:
+        from ._bus import open_bus
+
+        async with open_bus(dsn) as bus:
+            await bus.tell(args.actor, message)
+
+    with _logging_to_stderr("warning"):
+        status = _trio_run(tell)
+    if status == EXIT_OK:
+        _say(f"told {args.actor!r} at {describe_dsn(dsn)}")
+    return status

@@ -45,6 +45,7 @@ from ._durable._rules import (
 )
 from ._errors import CapacityError, ChannelNameError, ConfigError
 from ._metrics import parse_listen
+from ._node import node_name_problem
 from ._supervisor import RESTART_KINDS, STRATEGIES
 
 MAX_APPLICATION_NAME_BYTES = 63
@@ -151,6 +152,18 @@ class ActorConfig:
     restart: str = "permanent"
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_options)
     """Keyword arguments for the constructor; a read-only copy."""
+    public: bool = False
+    """Reachable by name from every node of the cluster."""
+    singleton: bool = False
+    """Runs on one node of the cluster at a time."""
+
+
+@attrs.frozen
+class NodeConfig:
+    """The ``[node]`` table: this process as a node of the cluster."""
+
+    name: str | None = None
+    """None: ``"<hostname>:<pid>"``."""
 
 
 @attrs.frozen
@@ -164,6 +177,8 @@ class BusConfig:
     bridges: tuple[BridgeConfig, ...] = ()
     actors: tuple[ActorConfig, ...] = ()
     metrics: MetricsConfig | None = None
+    node: NodeConfig | None = None
+    """The ``[node]`` table, if the file has one (then the bus joins the cluster at start)."""
 
     def with_metrics(self, listen: str, *, origin: str = "--metrics") -> BusConfig:
         """Return a copy serving metrics on *listen* (``run --metrics HOST:PORT``)."""
@@ -196,6 +211,8 @@ class BusConfig:
             f"supervisor: {sv.strategy}, at most {sv.max_restarts} restarts within "
             f"{sv.within_seconds:g}s",
         ]
+        if self.node is not None:
+            lines.append(f"node: {self.node.name or '<hostname>:<pid>'!r}")
         lines += [f"channel {c.name!r}: capacity {_show(c.capacity)}" for c in self.channels]
         for b in self.bridges:
             pg_name, trio_name = f"postgres {b.postgres!r}", f"channel {b.channel!r}"
@@ -208,7 +225,8 @@ class BusConfig:
                 lines.append(f"bridge #{b.index}: {trio_name} -> {pg_name} (out, {b.codec})")
         for a in self.actors:
             inbox = "no inbox" if a.inbox is None else f"inbox {a.inbox!r}"
-            lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}")
+            cluster = ", singleton" if a.singleton else ", public" if a.public else ""
+            lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}{cluster}")
         if self.metrics is not None:
             lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz")
         return "\n".join(lines)
@@ -271,6 +289,7 @@ def parse_config(
     root.no_unknown_keys(_TOP_LEVEL_KEYS, "top-level key")
 
     postgres = _parse_postgres(root.table("postgres", "[postgres]"))
+    node = _parse_node(root.table("node", "[node]")) if "node" in root.data else None
     supervisor = _parse_supervisor(root.table("supervisor", "[supervisor]"))
     channels = tuple(
         _parse_channel(name, table) for name, table in root.tables_of("channels", "[channels.NAME]")
@@ -290,7 +309,7 @@ def parse_config(
             for name, table in root.tables_of("actors", "[actors.NAME]")
         )
     metrics = _parse_metrics(root)
-    return BusConfig(source, postgres, supervisor, channels, bridges, actors, metrics)
+    return BusConfig(source, postgres, supervisor, channels, bridges, actors, metrics, node)
 
 
 def _parse_metrics(root: _Table) -> MetricsConfig | None:
@@ -306,7 +325,7 @@ def _parse_metrics(root: _Table) -> MetricsConfig | None:
     return MetricsConfig(listen)
 
 
-_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors", "metrics")
+_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors", "metrics", "node")
 _MISSING: Any = object()
 _KINDS: dict[str, tuple[type, ...]] = {
     "a string": (str,),
@@ -417,6 +436,16 @@ def _parse_postgres(t: _Table) -> PostgresConfig:
             f"(got {_show(name)}).",
         )
     return PostgresConfig(dsn, name)
+
+
+def _parse_node(t: _Table) -> NodeConfig:
+    t.no_unknown_keys(("name",))
+    name: str | None = t.get("name", "a string", None, hint="a node name")
+    if name is not None:
+        problem = node_name_problem(name)
+        if problem is not None:
+            t.fail("name", problem)
+    return NodeConfig(name)
 
 
 def _parse_supervisor(t: _Table) -> SupervisorConfig:
@@ -576,7 +605,7 @@ _CLASS_PATH = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*:[^\W\d]\w*(\.[^\W\d]\w*)*$
 def _parse_actor(
     name: str, t: _Table, declared: set[str], out_sources: dict[str, int]
 ) -> ActorConfig:
-    t.no_unknown_keys(("class", "inbox", "restart", "options"))
+    t.no_unknown_keys(("class", "inbox", "restart", "options", "public", "singleton"))
     class_path: str = t.get("class", "a string", hint='"package.module:ClassName"')
     if not _CLASS_PATH.match(class_path):
         t.fail("class", f'must look like "package.module:ClassName" (got {_show(class_path)}).')
@@ -589,6 +618,16 @@ def _parse_actor(
             "Give the actor its own channel.",
         )
     restart = t.one_of("restart", RESTART_KINDS, "permanent")
+    singleton: bool = t.get("singleton", "true or false", False)
+    public: bool = t.get("public", "true or false", singleton and inbox is not None)
+    if public and inbox is None:
+        t.fail("public", "needs an inbox: a public actor is asked through it (got true).")
+    if singleton and inbox is not None and not public:
+        t.fail(
+            "public",
+            "cannot be false for a singleton with an inbox: the one node running it serves "
+            "every node (got false).",
+        )
     options: dict[str, Any] = t.get("options", "a table", {}, hint="a table of keyword options")
     actor_class = _import_actor_class(t, class_path)
     try:
@@ -613,7 +652,7 @@ def _parse_actor(
         actor_class(**options)
     except Exception as exc:
         t.fail("options", f"are refused by {actor_class.__name__}: {exc}")
-    return ActorConfig(name, class_path, actor_class, inbox, restart, options)
+    return ActorConfig(name, class_path, actor_class, inbox, restart, options, public, singleton)
 
 
 def _import_actor_class(t: _Table, class_path: str) -> type[Actor]:

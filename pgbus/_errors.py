@@ -40,9 +40,10 @@ class DuplicateNameError(PgbusError, ValueError):
 class UnknownActorError(PgbusError, LookupError):
     """No actor of that name runs on the bus."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, where: str = "on this bus") -> None:
         self.name = name
-        super().__init__(f"no actor named {name!r} on this bus.")
+        self.where = where
+        super().__init__(f"no actor named {name!r} {where}.")
 
 
 class AskTimeoutError(PgbusError, TimeoutError):
@@ -209,6 +210,81 @@ def _report_pgbus_as_module() -> None:
         if not cls.__name__.startswith("_"):
             cls.__module__ = "pgbus"
         pending.extend(cls.__subclasses__())
+
+
+class ActorUnavailableError(PgbusError):
+    """
+    A remote actor that cannot answer: its node's session ended, or the request was lost.
+
+    Raised by ``bus.ask()`` as soon as the cluster knows (within ``keepalive`` seconds), instead
+    of waiting for the ask's whole timeout.
+    """
+
+    def __init__(
+        self, actor: str, node: str | None, reason: str, *, while_handling: bool = True
+    ) -> None:
+        self.actor = actor
+        self.node = node
+        self.reason = reason
+        where = f" on node {node!r}" if node is not None else ""
+        during = " while handling the request" if while_handling else ""
+        super().__init__(f"actor {actor!r}{where} became unavailable ({reason}){during}")
+
+
+class MessageNotJSONError(PgbusError, TypeError):
+    """A message (or a reply) for a remote actor that cannot be encoded as strict JSON."""
+
+    def __init__(self, actor: str, what: str, detail: str) -> None:
+        self.actor = actor
+        self.what = what
+        self.detail = detail
+        super().__init__(
+            f"{what} for remote actor {actor!r} is not JSON-encodable ({detail}); "
+            "only JSON crosses between processes."
+        )
+
+
+class MessageTooLargeError(PgbusError, ValueError):
+    """A request or reply for a remote actor too large for one NOTIFY."""
+
+    def __init__(self, actor: str, what: str, size: int, limit: int) -> None:
+        self.actor = actor
+        self.what = what
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{what} for remote actor {actor!r} is {size} bytes once encoded; a NOTIFY carries "
+            f"at most {limit}. Send a reference (a row id) instead of the data."
+        )
+
+
+class RemoteError(PgbusError):
+    """
+    What a remote actor's ``handle`` raised, as it crossed: its type's name and its message.
+
+    Found as ``ActorFailedError.error`` when the failed actor runs on another node.
+    """
+
+    def __init__(self, type_name: str, message: str, node: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        self.node = node
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+
+    def __repr__(self) -> str:
+        return f"{self.type_name}({self.message!r}) on node {self.node!r}"
+
+
+class NodeNameTakenError(PgbusError):
+    """Another live node of the cluster already has this node's name."""
+
+    def __init__(self, name: str, pid: int) -> None:
+        self.name = name
+        self.pid = pid
+        super().__init__(
+            f"node name {name!r} is taken by a live node (its session is backend {pid}); "
+            "give each process its own [node] name."
+        )
 
 
 _report_pgbus_as_module()

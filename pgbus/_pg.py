@@ -104,13 +104,11 @@ class _ListenerProtocolConnection(asyncpg.Connection):
     while it is still inside the socket read that produced the notification.
     """
 
-    def _process_notification(self, pid: int, channel: str, payload: str) -> None:
-        """Without a sink, notifications are dropped (this connection never LISTENs)."""
-
     def _set_sink(self, sink: NotificationSink) -> None:
-        # An instance attribute shadows the method: the parser calls the sink itself, one
-        # Python call per notification instead of two.
-        self._process_notification = sink  # type: ignore[method-assign,assignment]
+        # An instance attribute shadows asyncpg's method: the parser calls the sink itself, one
+        # Python call per notification, and no loop callback per notification. Without a sink
+        # (the public path), asyncpg's own method hands them to add_listener's callbacks.
+        self._process_notification = sink
 
 
 class _Unanswered(Exception):
@@ -657,3 +655,20 @@ def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
     Every error that matters reaches pgbus through the call that awaited it.
     """
     log.debug("asyncio: %s: %r", context.get("message"), context.get("exception"))
+
+
+async def publish_each(
+    connection: Connection, channels: Sequence[str], payloads: Sequence[str]
+) -> None:
+    """
+    Send ``payloads[i]`` to ``channels[i]`` for every i, in order, in one statement (so one
+    transaction: the caller keeps (channel, payload) pairs distinct, or PostgreSQL merges them).
+    """
+    if len(payloads) == 1:
+        await connection.execute("SELECT pg_notify($1, $2)", channels[0], payloads[0])
+    else:
+        await connection.execute(
+            "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+            channels,
+            payloads,
+        )

@@ -108,6 +108,7 @@ async def _run_bus_serving(
             backoff_initial=sv.backoff_initial,
             backoff_max=sv.backoff_max,
             stop_timeout=sv.stop_timeout,
+            node=config.node.name if config.node is not None and config.node.name else None,
         ) as bus,
         trio.open_nursery() as services,
     ):
@@ -123,6 +124,8 @@ async def _run_bus_serving(
             )
         elif bus.dsn is not None:
             log.info("using PostgreSQL at %s", describe_dsn(bus.dsn))
+        if config.node is not None and bus.node is None:
+            await bus._join_cluster()  # [node] without a name: "<hostname>:<pid>"
         await start_config(bus, config)
         if metrics is not None:
             metrics.starting = False
@@ -189,6 +192,8 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
             inbox=actor.inbox,
             restart=actor.restart,
             options=actor.options,
+            public=actor.public and not actor.singleton,
+            singleton=actor.singleton,
         )
 
 

@@ -214,6 +214,14 @@ class Supervisor:
             for c in self._children
         ]
 
+    async def remove(self, name: str) -> None:
+        """Stop the actor *name* (``on_stop`` runs) and forget it: `find` no longer sees it."""
+        for child in self._children:
+            if child.name == name:
+                await self._stop(child)
+                self._children.remove(child)
+                return
+
     def find(self, name: str) -> ActorSpec | None:
         for child in self._children:
             if child.name == name:

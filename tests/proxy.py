@@ -45,8 +45,10 @@ class Proxy:
         self.port = 0
         self._paths: list[trio.CancelScope] = []
         self._stall_new = False
-        self._stalled: list[trio.Event] = []
         self.accepted = 0
+        self.drop_notifications = False
+        """Forward everything but the server's NotificationResponse messages, as a
+        transaction-pooling proxy does for a LISTEN that has no session of its own."""
 
     @property
     def dsn(self) -> str:
@@ -80,7 +82,8 @@ class Proxy:
                     self._paths.append(path)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_pump, client, server, nursery.cancel_scope)
-                        nursery.start_soon(_pump, server, client, nursery.cancel_scope)
+                        replies = _without_notifications if self.drop_notifications else _pump
+                        nursery.start_soon(replies, server, client, nursery.cancel_scope)
                 if path.cancelled_caught:
                     # Stalled: keep both sockets open and silent until the test ends.
                     await trio.sleep_forever()
@@ -106,3 +109,31 @@ async def open_proxy(dsn: str) -> AsyncIterator[Proxy]:
         proxy.port = listeners[0].socket.getsockname()[1]
         yield proxy
         nursery.cancel_scope.cancel()
+
+
+async def _without_notifications(
+    source: trio.abc.ReceiveStream, sink: trio.abc.SendStream, both: trio.CancelScope
+) -> None:
+    """Server to client, message by message, leaving out NotificationResponse ('A')."""
+    buffer = b""
+    first = True
+    try:
+        while data := await source.receive_some(65536):
+            buffer += data
+            if first and buffer[:1] in (b"N", b"S"):  # the one-byte answer to an SSLRequest
+                await sink.send_all(buffer[:1])
+                buffer = buffer[1:]
+            first = False
+            out = bytearray()
+            while len(buffer) >= 5:
+                length = int.from_bytes(buffer[1:5], "big")
+                if len(buffer) < 1 + length:
+                    break
+                message, buffer = buffer[: 1 + length], buffer[1 + length :]
+                if message[:1] != b"A":
+                    out += message
+            if out:
+                await sink.send_all(bytes(out))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    both.cancel()

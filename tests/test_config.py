@@ -242,7 +242,7 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
         (
             "[logging]\n",
             "bus.toml: unknown top-level key 'logging'; "
-            "allowed: 'postgres', 'supervisor', 'channels', 'bridge', 'actors', 'metrics'.",
+            "allowed: 'postgres', 'supervisor', 'channels', 'bridge', 'actors', 'metrics', 'node'.",
         ),
         (
             "[postgres]\ndns = 'postgresql://h/db'\n",
@@ -268,7 +268,7 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
         (
             f"[actors.echo]\n{ECHO}zzz = 1\n",
             "bus.toml: [actors.echo] unknown key 'zzz'; "
-            "allowed: 'class', 'inbox', 'restart', 'options'.",
+            "allowed: 'class', 'inbox', 'restart', 'options', 'public', 'singleton'.",
         ),
     ],
 )

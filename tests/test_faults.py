@@ -152,6 +152,117 @@ async def test_a_stopped_backend_fails_the_statement_within_keepalive(
     await pg.wait_for_no_backends()
 
 
+async def test_a_listener_that_receives_nothing_says_so(
+    pg: PgHelper, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind a proxy that carries no notifications (transaction pooling), one clear error."""
+    caplog.set_level(logging.WARNING)
+    async with open_proxy(pg_dsn) as proxy:
+        proxy.drop_notifications = True
+        async with pgbus.open_bus(proxy.dsn, keepalive=0.5) as bus:
+            bus.add_channel("in", 10)
+            with trio.move_on_after(1.5):  # bridge_in waits for a listener that receives
+                await bus.bridge_in(unique(), "in")
+            await until(lambda: "receives no notifications" in warnings_of(caplog), "the error")
+    [line] = {
+        r.getMessage() for r in caplog.records if "receives no notifications" in r.getMessage()
+    }
+    assert "transaction-pooling proxy" in line
+    assert "session pooling" in line
+
+
+# -- backends killed under steady load ----------------------------------------------------------
+
+
+def check_stream(stream: list[object], sent: int) -> tuple[int, int, int]:
+    """
+    Every id 1..*sent* was received, or lies inside a reported Gap (after the last id received
+    before the Gap, before the first after it). Returns (lost, duplicates, gaps).
+    """
+    received: list[int] = []
+    gap_after: list[int] = []  # for each Gap: how many ids had been received before it
+    for item in stream:
+        if isinstance(item, pgbus.Gap):
+            gap_after.append(len(received))
+        else:
+            received.append(int(item.payload))  # type: ignore[attr-defined]
+    seen = set(received)
+    duplicates = len(received) - len(seen)
+    missing = sorted(set(range(1, sent + 1)) - seen)
+    for lost in missing:
+        before = max((i for i in seen if i < lost), default=0)
+        after = min((i for i in seen if i > lost), default=sent + 1)
+        explained = any(
+            (k == 0 or received[k - 1] <= before) and (k == len(received) or received[k] >= after)
+            for k in gap_after
+        )
+        assert explained, f"id {lost} is missing and no Gap marks its place"
+    return len(missing), duplicates, len(gap_after)
+
+
+async def relay_under_kills(pg: PgHelper, pg_dsn: str, *, seconds: float, kills: int) -> None:
+    """Steady traffic with unique ids while the listening backend is killed about *kills* times."""
+    name = unique()
+    stream: list[object] = []
+    killed: list[float] = []
+    resumed: list[float] = []
+    async with pgbus.open_bus(pg_dsn, keepalive=2) as bus:
+        bus.add_channel("in", math.inf)
+        await bus.bridge_in(name, "in")
+        sent = 0
+        async with trio.open_nursery() as nursery:
+
+            async def consume() -> None:
+                async for item in bus.channel("in").receiver():
+                    if isinstance(item, pgbus.Gap):
+                        resumed.append(trio.current_time())
+                    stream.append(item)
+
+            nursery.start_soon(consume)
+            deadline = trio.current_time() + seconds
+            kill_every = seconds / (kills + 1)
+            next_kill = trio.current_time() + kill_every
+            while trio.current_time() < deadline:  # traffic goes on while the listener is down
+                sent += 1
+                await pg.execute("SELECT pg_notify($1, $2)", name, str(sent))
+                if trio.current_time() >= next_kill and len(resumed) == len(killed):
+                    next_kill += kill_every * random.uniform(0.5, 1.5)
+                    killed.append(trio.current_time())
+                    await pg.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = 'pgbus:listen' AND datname = current_database()"
+                    )
+            await until(lambda: len(resumed) == len(killed), "the Gap after the last kill")
+            await pg.execute("SELECT pg_notify($1, 'end')", name)
+            await until(lambda: getattr(stream[-1], "payload", None) == "end", "the last message")
+            nursery.cancel_scope.cancel()
+    lost, duplicates, gaps = check_stream(stream[:-1], sent)
+    assert gaps == len(killed)
+    assert duplicates == 0
+    times = sorted(r - k for k, r in zip(killed, resumed, strict=True))
+    print(
+        f"{sent} sent, {len(killed)} kills: lost {lost} (each inside a Gap), {duplicates} "
+        f"duplicates; resumed p50 {times[len(times) // 2] * 1000:.0f} ms, "
+        f"max {times[-1] * 1000:.0f} ms"
+    )
+
+
+async def test_backend_kills_under_steady_load_lose_only_what_gaps_announce(
+    pg: PgHelper, pg_dsn: str
+) -> None:
+    """Ten kills of the listening backend under load: every missing id sits inside a Gap."""
+    await relay_under_kills(pg, pg_dsn, seconds=4, kills=10)
+
+
+@pytest.mark.soak
+async def test_soak_relayed_traffic_while_backends_are_killed_at_random(
+    pg: PgHelper, pg_dsn: str
+) -> None:
+    """Minutes of traffic, kills at random (run with ``-m soak``; PGBUS_SOAK_SECONDS)."""
+    seconds = float(os.environ.get("PGBUS_SOAK_SECONDS", "180"))
+    await relay_under_kills(pg, pg_dsn, seconds=seconds, kills=int(seconds / 3))
+
+
 # -- a server-wide idle timeout ------------------------------------------------------------------
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -210,12 +214,118 @@ async def bounded_memory(args: PeerArgs) -> Result:
     return memory(rss, args.messages, elapsed)
 
 
+@contextlib.asynccontextmanager
+async def ask_server(args: PeerArgs) -> AsyncIterator[None]:
+    """Process B of W8 (`bench.peers.ask_server`), on this process's kind of event loop."""
+    uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.peers.ask_server",
+        "asyncpg-uvloop" if uvloop else "asyncpg",
+        f"--dsn={args.dsn}",
+        f"--channel={args.channel}",
+        f"--application-name={args.application_name}",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), args.timeout)
+        if line != b"ready\n":
+            raise WorkloadError(f"the ask server did not start (said {line!r})")
+        yield
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+class Asker:
+    """Request/reply over NOTIFY: requests carry an id and this caller's reply channel."""
+
+    def __init__(self, args: PeerArgs) -> None:
+        self.requests = f"{args.channel}_req"
+        self.reply_to = f"{args.channel}_reply_{os.getpid()}"
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.ids = itertools.count()
+
+    def on_reply(self, _conn: object, _pid: int, _channel: str, payload: Any) -> None:
+        reply = json.loads(payload)
+        future = self.waiting.pop(reply["id"], None)
+        if future is not None and not future.done():
+            future.set_result(reply["result"])
+
+    async def ask(self, executor: Any, message: Any) -> Any:
+        id = next(self.ids)
+        future = self.waiting[id] = asyncio.get_running_loop().create_future()
+        request = json.dumps({"id": id, "reply_to": self.reply_to, "msg": message})
+        await executor.execute(ASYNCPG_NOTIFY, self.requests, request)
+        return await future
+
+
+async def cross_process_ask(args: PeerArgs) -> Result:
+    """W8: ask process B one request at a time; each round trip timed."""
+    asker = Asker(args)
+    round_trips: list[float] = []
+    async with ask_server(args), connected(args) as listener, connected(args) as sender:
+        await listener.add_listener(asker.reply_to, asker.on_reply)
+        async with deadline(args, "asks", lambda: len(round_trips)):
+            for i in range(args.warmup + args.messages):
+                start = clock()
+                reply = await asker.ask(sender, i)
+                elapsed = clock() - start
+                if reply != i:
+                    raise WorkloadError(f"ask {i}: got {reply!r} back")
+                if i >= args.warmup:
+                    round_trips.append(elapsed)
+    return latency(round_trips)
+
+
+async def concurrent_asks(args: PeerArgs) -> Result:
+    """W8C: *publishers* tasks each ask process B in turn; until every ask has its reply."""
+    asker = Asker(args)
+    per_task = args.messages // args.publishers
+    replies: list[Any] = []
+    async with (
+        ask_server(args),
+        connected(args) as listener,
+        asyncpg.create_pool(
+            args.dsn,
+            max_size=10,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"application_name": args.application_name},
+        ) as pool,
+    ):
+        await listener.add_listener(asker.reply_to, asker.on_reply)
+
+        async def ask_in_turn(task: int) -> None:
+            for j in range(per_task):
+                replies.append(await asker.ask(pool, task * per_task + j))
+
+        async with deadline(args, "asks", lambda: len(replies)):
+            start = clock()
+            async with asyncio.TaskGroup() as tasks:
+                for task in range(args.publishers):
+                    tasks.create_task(ask_in_turn(task))
+            elapsed = clock() - start
+    if sorted(replies) != list(range(per_task * args.publishers)):
+        raise WorkloadError("the replies differ from the requests")
+    return throughput(len(replies), elapsed)
+
+
 WORKLOADS: dict[str, Callable[[PeerArgs], Coroutine[Any, Any, Result]]] = {
     "W1": inbound_burst,
     "W2": sequential_publish,
     "W3": ping_pong,
     "W4": concurrent_publish,
     "W5": bounded_memory,
+    "W8": cross_process_ask,
+    "W8C": concurrent_asks,
 }
 
 

@@ -22,6 +22,7 @@ from trio_asyncio import aio_as_trio
 
 from ._protocol import (
     PeerArgs,
+    PeerUnavailableError,
     Result,
     WorkloadError,
     check_payloads,
@@ -237,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one workload under ``trio.run`` with a trio-asyncio loop open."""
 
     async def workload(args: PeerArgs) -> Result:
+        if args.workload not in WORKLOADS:
+            raise PeerUnavailableError(f"{args.workload} is written for asyncpg-asyncio and pgbus")
         async with trio_asyncio.open_loop():
             return await WORKLOADS[args.workload](args)
 

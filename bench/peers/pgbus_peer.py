@@ -19,7 +19,9 @@ If ``pgbus.open_bus`` is missing (an older pgbus), the peer reports itself unava
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import psutil
@@ -240,12 +242,99 @@ async def bounded_memory(args: PeerArgs) -> Result:
     return memory(rss, args.messages, elapsed)
 
 
+@contextlib.asynccontextmanager
+async def ask_server(args: PeerArgs) -> AsyncIterator[None]:
+    """Process B of W8: a node with the public actor ``<channel>_echo``."""
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "bench.peers.ask_server",
+            "pgbus",
+            f"--dsn={args.dsn}",
+            f"--channel={args.channel}",
+            "--application-name=pgbus-bench",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        said = b""
+        with trio.fail_after(args.timeout):
+            while not said.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                if not chunk:
+                    break
+                said += chunk
+        if said != b"ready\n":
+            raise WorkloadError(f"the ask server did not start (said {said!r})")
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.terminate()
+            with trio.move_on_after(30):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def cross_process_ask(args: PeerArgs) -> Result:
+    """W8: ``bus.ask`` the public actor of process B, one at a time; each round trip timed."""
+    round_trips: list[float] = []
+    echo = f"{args.channel}_echo"
+    async with (
+        ask_server(args),
+        pgbus.open_bus(args.dsn, node=f"{args.channel}-a", application_name="pgbus-bench") as bus,
+    ):
+        with deadline(args, "asks", lambda: len(round_trips)):
+            for i in range(args.warmup + args.messages):
+                start = clock()
+                reply = await bus.ask(echo, i, timeout=args.timeout)
+                elapsed = clock() - start
+                if reply != i:
+                    raise WorkloadError(f"ask {i}: got {reply!r} back")
+                if i >= args.warmup:
+                    round_trips.append(elapsed)
+    return latency(round_trips)
+
+
+async def concurrent_asks(args: PeerArgs) -> Result:
+    """W8C: *publishers* tasks each ``bus.ask`` process B in turn; until every ask is answered."""
+    per_task = args.messages // args.publishers
+    replies: list[Any] = []
+    echo = f"{args.channel}_echo"
+    async with (
+        ask_server(args),
+        pgbus.open_bus(args.dsn, node=f"{args.channel}-a", application_name="pgbus-bench") as bus,
+    ):
+        await bus.ask(echo, -1, timeout=args.timeout)  # the registry read, outside the clock
+
+        async def ask_in_turn(task: int) -> None:
+            for j in range(per_task):
+                replies.append(await bus.ask(echo, task * per_task + j, timeout=args.timeout))
+
+        with deadline(args, "asks", lambda: len(replies)):
+            start = clock()
+            async with trio.open_nursery() as nursery:
+                for task in range(args.publishers):
+                    nursery.start_soon(ask_in_turn, task)
+            elapsed = clock() - start
+    if sorted(replies) != list(range(per_task * args.publishers)):
+        raise WorkloadError("the replies differ from the requests")
+    return throughput(len(replies), elapsed)
+
+
 WORKLOADS: dict[str, Callable[[PeerArgs], Coroutine[Any, Any, Result]]] = {
     "W1": inbound_burst,
     "W2": sequential_publish,
     "W3": ping_pong,
     "W4": concurrent_publish,
     "W5": bounded_memory,
+    "W8": cross_process_ask,
+    "W8C": concurrent_asks,
     **DURABLE_WORKLOADS,
 }
 

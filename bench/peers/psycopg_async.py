@@ -22,6 +22,7 @@ from psycopg import sql
 from ._asyncio_tools import background
 from ._protocol import (
     PeerArgs,
+    PeerUnavailableError,
     Result,
     WorkloadError,
     check_payloads,
@@ -228,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one workload on a fresh asyncio event loop."""
 
     def run(args: PeerArgs) -> Result:
+        if args.workload not in WORKLOADS:
+            raise PeerUnavailableError(f"{args.workload} is written for asyncpg-asyncio and pgbus")
         return asyncio.run(WORKLOADS[args.workload](args))
 
     return run_peer("psycopg", run, argv)
