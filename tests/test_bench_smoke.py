@@ -16,7 +16,7 @@ async def test_bench_runs_every_peer_and_workload_at_tiny_scale(pg_dsn: str, tmp
     results = tmp_path / "bench.json"
     command = [sys.executable, "-m", "bench", "--dsn", pg_dsn, "--scale", "0.01", "--repeat", "1"]
     command += ["--peers", "asyncpg_asyncio,asyncpg_uvloop,psycopg,naive_trio,pgbus"]
-    command += ["--json", str(results), "--timeout", "60", "--only", "W1,W2,W3,W4,W5"]
+    command += ["--json", str(results), "--timeout", "60", "--only", "W1,W2,W3,W4,W5,W8,W8C"]
     with trio.fail_after(300):
         done = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
     output = done.stdout.decode()
