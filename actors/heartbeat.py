@@ -19,6 +19,8 @@ class Heartbeat(pgbus.Actor):
     Counting starts again at 1 after a restart.
     """
 
+    channel_options = ("to",)
+
     def __init__(self, to: str, every: float = 1.0, message: str = "tick") -> None:
         if not isinstance(to, str) or not to:
             raise ValueError(f"'to' must be a non-empty channel name (got {to!r}).")

@@ -18,6 +18,8 @@ class Relay(pgbus.Actor):
     `pgbus.Gap` carries no payload: it is logged as a warning and nothing is forwarded.
     """
 
+    channel_options = ("to",)
+
     def __init__(self, to: str) -> None:
         if not isinstance(to, str) or not to:
             raise ValueError(f"'to' must be a non-empty channel name (got {to!r}).")

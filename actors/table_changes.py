@@ -180,6 +180,8 @@ class TableChanges(pgbus.Actor):
     mixed case, spaces and quotes are fine.
     """
 
+    channel_options = ("to",)
+
     def __init__(
         self,
         table: str,
@@ -197,7 +199,7 @@ class TableChanges(pgbus.Actor):
         if channel is None:
             where = self.table if self.schema == "public" else f"{self.schema}.{self.table}"
             channel = _fit("pgbus_changes_", where)
-        self.channel = _channel_name(channel)
+        self.channel = pgbus.validate_channel_name(channel)
         self.function = _fit("pgbus_notify_", self.table)
         if not isinstance(durable, bool):
             raise ValueError(f"'durable' must be true or false (got {durable!r}).")  # noqa: TRY004
@@ -261,24 +263,6 @@ def _identifier(option: str, value: object) -> str:
         raise ValueError(
             f"'{option}' must be at most {MAX_IDENTIFIER_BYTES} bytes, or PostgreSQL would "
             f"truncate it (got {value!r}, {size} bytes)."
-        )
-    return value
-
-
-def _channel_name(value: object) -> str:
-    """*value* if it is a channel name PostgreSQL uses exactly, else `pgbus.ChannelNameError`."""
-    if not isinstance(value, str):
-        raise pgbus.ChannelNameError(repr(value), "must be a string")
-    if not value:
-        raise pgbus.ChannelNameError(value, "must not be empty")
-    if "\x00" in value:
-        raise pgbus.ChannelNameError(value, "must not contain NUL characters")
-    size = len(value.encode())
-    if size > MAX_IDENTIFIER_BYTES:
-        raise pgbus.ChannelNameError(
-            value,
-            f"is {size} bytes; PostgreSQL allows at most {MAX_IDENTIFIER_BYTES} "
-            "(LISTEN would silently truncate it)",
         )
     return value
 

@@ -12,6 +12,8 @@ import pgbus
 class Shout(pgbus.Actor):
     """Upper-case each payload and send it to the channel named by the option *to*."""
 
+    channel_options = ("to",)  # options that name channels: `check` makes sure they exist
+
     def __init__(self, to: str) -> None:
         self.to = to
 

@@ -1,24 +1,17 @@
-"""``python -m pgbus`` and the ``pgbus`` script: quiet on a signal from the first moment."""
+"""``python -m pgbus`` and the ``pgbus`` script: no signal is lost or fatal from the start."""
 
-import signal
 import sys
 
-
-def _stop_before_the_bus_runs(signum: int, _frame: object) -> None:
-    # Until the bus installs its own handlers, nothing runs that needs a graceful stop.
-    raise SystemExit(0)
+from ._signals import ignore_stop_signals, remember_early_signals
 
 
 def run() -> None:
-    """Install the early signal handlers, then import and run the command line."""
-    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop_signal, _stop_before_the_bus_runs)
+    """Note early signals, then import and run the command line (which acts on them)."""
+    remember_early_signals()
     from ._cli import main  # after the handlers, on purpose: importing takes a while
 
     status = main()
-    # Done: a signal now must not kill the interpreter while it tears itself down.
-    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop_signal, signal.SIG_IGN)
+    ignore_stop_signals()
     sys.exit(status)
 
 

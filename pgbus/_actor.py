@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import outcome
 import trio
 
 from ._durable._rules import DurableMessage
+from ._errors import ActorOptionsError
 
 if TYPE_CHECKING:
     from ._bus import Bus
@@ -42,6 +46,11 @@ class Actor:
     """The actor's name on the bus; stable across restarts."""
     inbox: Channel | None
     """The channel this actor consumes, or None for an actor that only produces."""
+    channel_options: ClassVar[tuple[str, ...]] = ()
+    """
+    The constructor's options whose values name bus channels (``Heartbeat``'s ``to``).
+    ``pgbus check`` and `Bus.spawn` make sure each names a channel that exists.
+    """
 
     async def on_start(self) -> None:
         """Called once per (re)start, before any message is handled."""
@@ -153,3 +162,64 @@ async def _handle_durable(actor: Actor, handle: Any, message: DurableMessage) ->
         )
         return
     message._receipt.handled(message)
+
+
+def check_actor_options(
+    name: str,
+    actor_class: type[Actor],
+    options: Mapping[str, Any],
+    channels: Collection[str] | None = None,
+    *,
+    channels_where: str = "",
+) -> Actor:
+    """
+    Check *options* against *actor_class* and return a first instance built with them.
+
+    The options must bind to the constructor's signature; the constructor must accept them
+    (constructors stay free of side effects, so building one early is harmless); and, when
+    *channels* is given, each option the class names in `Actor.channel_options` (given, or a
+    string default) must name one of *channels* (*channels_where* completes "is not a channel",
+    e.g. ``" declared under [channels]"``). The TOML loader and `Bus.spawn` both call this, so
+    a bad option fails before any task starts, never as a restart loop.
+
+    Raises:
+        ActorOptionsError: with ``key`` (``"options"`` or ``"options.to"``) and ``rule``.
+    """
+    cls = actor_class.__name__
+    try:
+        signature: inspect.Signature | None = inspect.signature(actor_class)
+    except (TypeError, ValueError):  # no introspectable signature: the constructor will tell
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError as exc:
+            shown = signature.replace(
+                parameters=[
+                    p.replace(annotation=inspect.Parameter.empty)
+                    for p in signature.parameters.values()
+                ],
+                return_annotation=inspect.Signature.empty,
+            )
+            raise ActorOptionsError(name, "options", f"do not fit {cls}{shown}: {exc}.") from None
+    try:
+        first = actor_class(**options)
+    except Exception as exc:
+        raise ActorOptionsError(name, "options", f"are refused by {cls}: {exc}") from None
+    if channels is not None:
+        for option in actor_class.channel_options:
+            value = options.get(option, _default_of(signature, option))
+            if isinstance(value, str) and value not in channels:
+                close = difflib.get_close_matches(value, sorted(channels), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else "."
+                raise ActorOptionsError(
+                    name, f"options.{option}", f"{value!r} is not a channel{channels_where}{hint}"
+                )
+    return first
+
+
+def _default_of(signature: inspect.Signature | None, option: str) -> object:
+    parameter = None if signature is None else signature.parameters.get(option)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -14,7 +13,7 @@ import attrs
 import outcome
 import trio
 
-from ._actor import Actor, Request
+from ._actor import Actor, Request, check_actor_options
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
 from ._cluster import (
@@ -25,6 +24,7 @@ from ._cluster import (
     read_status,
 )
 from ._codec import encode, validate_channel_name
+from ._dsn import check_dsn, check_keepalive
 from ._durable._admin import GroupStatus, group_status
 from ._durable._consumer import DurableConsumer
 from ._durable._publish import DurableOutboundBridge
@@ -256,29 +256,18 @@ class Bus:
             raise ConfigError(
                 f"actor {name!r}: restart must be one of {allowed} (got {restart!r})."
             )
-        kwargs = dict(options or {})
-        try:
-            inspect.signature(actor_class).bind(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(
-                f"actor {name!r}: options do not fit {actor_class.__name__}: {exc}."
-            ) from None
         if inbox is not None and inbox_capacity is not None:
             raise ConfigError(f"actor {name!r}: give inbox or inbox_capacity, not both.")
+        kwargs = dict(options or {})
+        # The first instance is built now: options the constructor refuses, or an option that
+        # names a channel the bus does not have, fail this call, before any task starts,
+        # instead of sending the actor into a restart loop.
+        first = [check_actor_options(name, actor_class, kwargs, self._channels)]
         channel = None
         if inbox is not None:
             channel = self.channel(inbox)
         elif inbox_capacity is not None:
             channel = self.add_channel(name, inbox_capacity)
-
-        # The first instance is built now: options the constructor refuses fail this call,
-        # before any task starts, instead of sending the actor into a restart loop.
-        try:
-            first = [actor_class(**kwargs)]
-        except Exception as exc:
-            raise ConfigError(
-                f"actor {name!r}: {actor_class.__name__} refused its options: {exc}"
-            ) from None
 
         def factory() -> Actor:
             return first.pop() if first else actor_class(**kwargs)
@@ -870,13 +859,14 @@ async def open_bus(
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
+    if dsn is not None:
+        check_dsn(dsn)
     supervision = Supervision(
         strategy, max_restarts, within_seconds, backoff_initial, backoff_max, stop_timeout
     )
     if not (isinstance(application_name, str) and application_name.startswith("pgbus")):
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
-    if not (isinstance(keepalive, int | float) and 0 < keepalive < math.inf):
-        raise ConfigError(f"keepalive must be a positive number of seconds (got {keepalive!r}).")
+    keepalive = check_keepalive(keepalive)
     if node is not None:
         validate_node_name(node)
         if dsn is None and not embedded:

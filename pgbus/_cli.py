@@ -23,14 +23,15 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import __version__
-from ._codec import CODECS, MAX_PAYLOAD_BYTES, encode, validate_channel_name
-from ._config import BusConfig, _dsn_problem, load_config
-from ._dsn import describe_dsn, redact_dsn
+from . import __version__, _signals
+from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel_name
+from ._config import BusConfig, load_config
+from ._dsn import check_dsn, describe_dsn, redact_dsn
 from ._durable._cli import add_durable_commands
 from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES
-from ._errors import ConfigError, PgbusError, unwrap_group
+from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
 from ._logs import LOG_FORMATS, formatter
+from ._signals import STOP_SIGNALS
 
 ENV_DSN = "PGBUS_DSN"
 _EXAMPLE_DSN = "postgresql://postgres@localhost/postgres"
@@ -321,10 +322,11 @@ def _notify(args: argparse.Namespace) -> int:
     message: Any = text
     if args.codec == "json":
         try:
-            message = json.loads(text)
-        except ValueError as exc:
+            message = decoder("json")(channel, text)
+        except CodecError as exc:
             raise UsageError(
-                f"PAYLOAD is not valid JSON ({exc}); pass --codec text to send it as it is."
+                f"PAYLOAD {exc.detail.removeprefix('payload ')}; "
+                "pass --codec text to send it as it is."
             ) from None
     limit = MAX_DURABLE_PAYLOAD_BYTES if args.durable else MAX_PAYLOAD_BYTES
     try:
@@ -361,9 +363,10 @@ async def _print_notifications(
 ) -> None:
     from ._bus import open_bus
     from ._inbound import Gap
-    from ._run import STOP_SIGNALS
 
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if _signals.early:  # one came before this receiver was in place
+            return
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
@@ -448,10 +451,10 @@ def _dsn_for_client(dsn_option: str | None, config_path: str | None = None) -> s
             "no PostgreSQL to connect to: pass --dsn postgresql://user@host/db, set "
             f"{ENV_DSN}, or name a config file with --config."
         )
-    problem = _dsn_problem(dsn)
-    if problem is not None:
-        raise UsageError(f"{origin} {problem}")
-    return dsn
+    try:
+        return check_dsn(dsn)
+    except SettingError as exc:
+        raise UsageError(f"{origin} {exc.rule}") from None
 
 
 def _payload_from_stdin() -> str:
@@ -509,8 +512,6 @@ def _trio_run(
         error = unwrap_group(exc, skip_cancelled=True)
         if isinstance(error, KeyboardInterrupt):
             return 130
-        if isinstance(error, SystemExit):  # a signal before the bus installed its handlers
-            return error.code if isinstance(error.code, int) else EXIT_OK
         if not isinstance(error, Exception):
             raise
         if debug and say_error is None:

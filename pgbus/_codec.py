@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from ._errors import ChannelNameError, CodecError, PayloadTooLargeError
@@ -31,7 +32,10 @@ def validate_channel_name(name: object) -> str:
         raise ChannelNameError(name, "must not be empty")
     if "\x00" in name:
         raise ChannelNameError(name, "must not contain NUL characters")
-    size = len(name.encode())
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ChannelNameError(name, "must be valid UTF-8 (it holds a lone surrogate)") from None
     if size > MAX_CHANNEL_NAME_BYTES:
         raise ChannelNameError(
             name,
@@ -47,12 +51,20 @@ def quote_ident(name: str) -> str:
 
 
 def payload_size(payload: str) -> int:
-    """The payload's size in bytes in the server encoding (pgbus connects with UTF-8)."""
+    """
+    The payload's size in bytes in the server encoding (pgbus connects with UTF-8).
+
+    Raises:
+        UnicodeEncodeError: *payload* holds a lone surrogate; `check_payload` turns that into
+            a `CodecError`.
+    """
     # ASCII-only strings are their own UTF-8 length; skip the encode for them.
     return len(payload) if payload.isascii() else len(payload.encode())
 
 
-def check_payload(channel: str, payload: str, limit: int = MAX_PAYLOAD_BYTES) -> str:
+def check_payload(
+    channel: str, payload: str, codec: str = "text", limit: int = MAX_PAYLOAD_BYTES
+) -> str:
     """
     Return *payload*, or raise if PostgreSQL would refuse it.
 
@@ -60,20 +72,60 @@ def check_payload(channel: str, payload: str, limit: int = MAX_PAYLOAD_BYTES) ->
 
     Raises:
         PayloadTooLargeError: more than *limit* bytes in UTF-8 (8000 or more for NOTIFY).
-        CodecError: a NUL character, which PostgreSQL text cannot hold.
+        CodecError: a lone surrogate (not UTF-8) or a NUL character, which PostgreSQL text
+            cannot hold.
     """
-    size = payload_size(payload)
+    try:
+        size = payload_size(payload)
+    except UnicodeEncodeError as exc:
+        raise CodecError(channel, codec, _lone_surrogate(payload, exc.start)) from None
     if size > limit:
         raise PayloadTooLargeError(channel, size, limit, durable=limit != MAX_PAYLOAD_BYTES)
     if "\x00" in payload:
         raise CodecError(
-            channel, "text", "payload contains a NUL character, which PostgreSQL refuses"
+            channel, codec, "payload contains a NUL character, which PostgreSQL refuses"
         )
     return payload
 
 
-_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_json_decode = json.JSONDecoder().decode
+def _lone_surrogate(text: str, index: int) -> str:
+    return (
+        f"payload holds a lone surrogate (U+{ord(text[index]):04X} at index {index}), "
+        "which is not valid UTF-8 and which PostgreSQL refuses"
+    )
+
+
+class _Refused(ValueError):
+    """Raised from inside the JSON decoder's hooks for what PostgreSQL's jsonb refuses."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Refused(f"payload holds {name}, which is not JSON and which PostgreSQL's jsonb refuses")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0:  # inf - inf is nan; finite - itself is 0
+        raise _Refused(
+            f"payload holds the number {_shorten(text)}, too large for a double "
+            "(it would become Infinity, which PostgreSQL's jsonb refuses)"
+        )
+    return value
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# allow_nan=False: NaN and +-Infinity are not JSON, and jsonb refuses them.
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_json_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+# The escapes that decode to what jsonb refuses: a surrogate half (alone, it is not UTF-8) or NUL.
+# Raw text from PostgreSQL can hold neither, so only payloads holding such an escape are walked.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
+# In JSON text a backslash appears only in an escape: an odd run of them before u0000 is one.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_NESTED_TOO_DEEPLY = "payload is nested too deeply for Python's JSON decoder"
 
 
 def _encode_text(channel: str, message: object) -> str:
@@ -86,16 +138,74 @@ def _encode_text(channel: str, message: object) -> str:
 
 def _encode_json(channel: str, message: object) -> str:
     try:
-        return _json_encoder.encode(message)
-    except (TypeError, ValueError) as exc:
-        raise CodecError(channel, "json", f"cannot encode payload as JSON: {exc}") from None
+        text = _json_encoder.encode(message)
+    except RecursionError:
+        raise CodecError(channel, "json", _NESTED_TOO_DEEPLY) from None
+    except ValueError as exc:
+        detail = str(exc)
+        if "Out of range float" in detail:
+            detail = "NaN and Infinity are not JSON, and PostgreSQL's jsonb refuses them"
+        raise CodecError(channel, "json", f"cannot encode payload as JSON: {detail}") from None
+    except Exception as exc:  # TypeError, or whatever a dict or list subclass raises
+        raise CodecError(
+            channel, "json", f"cannot encode payload as JSON: {_one_line(exc)}"
+        ) from None
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise CodecError(channel, "json", _lone_surrogate(text, exc.start)) from None
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise CodecError(
+            channel, "json", "payload holds a NUL character, which PostgreSQL's jsonb refuses"
+        )
+    return text
 
 
 def _decode_json(channel: str, payload: str) -> Any:
     try:
-        return _json_decode(payload)
+        value = _json_decode(payload)
+    except _Refused as exc:
+        raise CodecError(channel, "json", str(exc)) from None
+    except RecursionError:
+        raise CodecError(channel, "json", _NESTED_TOO_DEEPLY) from None
     except ValueError as exc:
         raise CodecError(channel, "json", f"payload is not valid JSON ({exc})") from None
+    if "\\u" in payload and _SUSPECT_ESCAPE.search(payload):
+        problem = _jsonb_string_problem(value)
+        if problem is not None:
+            raise CodecError(channel, "json", problem)
+    return value
+
+
+def _jsonb_string_problem(value: Any) -> str | None:
+    """What makes a string (or key) in the decoded *value* one jsonb refuses, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            strings: Iterable[str] = (item,)
+        elif isinstance(item, dict):
+            strings = item.keys()
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+            continue
+        else:
+            continue
+        for text in strings:
+            if "\x00" in text:
+                return "payload holds \\u0000 (NUL), which PostgreSQL's jsonb refuses"
+            try:
+                text.encode()
+            except UnicodeEncodeError as exc:
+                return _lone_surrogate(text, exc.start).replace("payload", "payload string", 1)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _decode_text(channel: str, payload: str) -> Any:
@@ -118,7 +228,7 @@ def decoder(codec: str) -> Decoder:
 
 def encode(channel: str, message: object, codec: str, limit: int = MAX_PAYLOAD_BYTES) -> str:
     """Encode *message* for *channel* and check its size: what every send path does."""
-    return check_payload(channel, encoder(codec)(channel, message), limit)
+    return check_payload(channel, encoder(codec)(channel, message), codec, limit)
 
 
 def _checked(codec: str) -> str:

@@ -13,7 +13,6 @@ import datetime
 import difflib
 import importlib
 import importlib.util
-import inspect
 import math
 import os
 import re
@@ -26,11 +25,11 @@ from typing import Any, NoReturn
 
 import attrs
 
-from ._actor import Actor
+from ._actor import Actor, check_actor_options
 from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
 from ._channel import Capacity, validate_capacity
 from ._codec import CODECS, validate_channel_name
-from ._dsn import redact_dsn
+from ._dsn import DEFAULT_KEEPALIVE, check_dsn, check_keepalive, redact_dsn
 from ._durable._rules import (
     DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
@@ -42,11 +41,19 @@ from ._durable._rules import (
     validate_group,
     validate_prefetch,
     validate_retention,
+    validate_seconds,
 )
-from ._errors import CapacityError, ChannelNameError, ConfigError
+from ._errors import (
+    ActorOptionsError,
+    CapacityError,
+    ChannelNameError,
+    ConfigError,
+    SettingError,
+)
 from ._metrics import parse_listen
 from ._node import node_name_problem
-from ._supervisor import RESTART_KINDS, STRATEGIES
+from ._rules import check_choice
+from ._supervisor import RESTART_KINDS, Supervision
 
 MAX_APPLICATION_NAME_BYTES = 63
 """NAMEDATALEN - 1: PostgreSQL truncates a longer ``application_name``."""
@@ -82,18 +89,12 @@ class PostgresConfig:
 
     dsn: str | None = None
     application_name: str = APPLICATION_NAME_PREFIX
+    keepalive: float = DEFAULT_KEEPALIVE
+    """Seconds: an idle connection is checked that often; a stalled one is noticed within it."""
 
 
-@attrs.frozen
-class SupervisorConfig:
-    """The ``[supervisor]`` table: restart strategy, intensity, backoff and stop timeout."""
-
-    strategy: str = "one_for_one"
-    max_restarts: int = 3
-    within_seconds: float = 5.0
-    backoff_initial: float = 0.1
-    backoff_max: float = 5.0
-    stop_timeout: float = 5.0
+SupervisorConfig = Supervision
+"""The ``[supervisor]`` table is `pgbus.Supervision` itself: one schema, one set of rules."""
 
 
 @attrs.frozen
@@ -172,7 +173,7 @@ class BusConfig:
 
     source: str
     postgres: PostgresConfig = attrs.field(factory=PostgresConfig)
-    supervisor: SupervisorConfig = attrs.field(factory=SupervisorConfig)
+    supervisor: Supervision = attrs.field(factory=Supervision)
     channels: tuple[ChannelConfig, ...] = ()
     bridges: tuple[BridgeConfig, ...] = ()
     actors: tuple[ActorConfig, ...] = ()
@@ -194,10 +195,44 @@ class BusConfig:
         ``PGBUS_DSN``. *origin* names the DSN's source in the `ConfigError` a bad DSN raises.
         """
         if dsn is not None:
-            problem = _dsn_problem(dsn)
-            if problem is not None:
-                raise ConfigError(f"{origin} {problem}")
+            try:
+                check_dsn(dsn)
+            except SettingError as exc:
+                raise SettingError(origin, exc.rule) from None
         return attrs.evolve(self, postgres=attrs.evolve(self.postgres, dsn=dsn))
+
+    def warnings(self) -> tuple[str, ...]:
+        """
+        What is legal but likely wrong, one sentence each: today, a channel fed by an inbound
+        bridge that nothing consumes (no actor's inbox, no "out" bridge, no actor option that
+        names it). `summary` lists them and ``pgbus run`` logs them.
+        """
+        consumed = {a.inbox for a in self.actors} | {
+            b.channel for b in self.bridges if b.direction == "out"
+        }
+        for actor in self.actors:
+            consumed.update(
+                value
+                for option, value in actor.options.items()
+                if option in actor.actor_class.channel_options and isinstance(value, str)
+            )
+        feeders: dict[str, list[BridgeConfig]] = {}
+        for bridge in self.bridges:
+            if bridge.direction == "in" and bridge.channel not in consumed:
+                feeders.setdefault(bridge.channel, []).append(bridge)
+        capacities = {c.name: c.capacity for c in self.channels}
+        found = []
+        for channel, bridges in feeders.items():
+            fed_by = "[[bridge]] " + ", ".join(f"#{b.index}" for b in bridges)
+            if capacities.get(channel) == math.inf:
+                then = 'it grows without bound (capacity "inf")'
+            elif any(b.overflow == "block" for b in bridges):
+                then = 'once full it stops every inbound bridge of the bus (overflow "block")'
+            else:
+                policies = " and ".join(sorted({f'"{b.overflow}"' for b in bridges}))
+                then = f"once full, its notifications are dropped (overflow {policies})"
+            found.append(f"channel {channel!r} is fed by {fed_by} but nothing consumes it; {then}")
+        return tuple(found)
 
     def summary(self) -> str:
         """A short human summary, several lines, with any password in the DSN redacted."""
@@ -207,7 +242,9 @@ class BusConfig:
         lines = [
             f"{self.source}: {_count(self.channels, 'channel')}, {_count(self.bridges, 'bridge')}, "
             f"{_count(self.actors, 'actor')}",
-            f"postgres: {where} (application_name {pg.application_name!r})",
+            f"postgres: {where} (application_name {pg.application_name!r}"
+            + ("" if pg.keepalive == DEFAULT_KEEPALIVE else f", keepalive {pg.keepalive:g}s")
+            + ")",
             f"supervisor: {sv.strategy}, at most {sv.max_restarts} restarts within "
             f"{sv.within_seconds:g}s",
         ]
@@ -229,6 +266,7 @@ class BusConfig:
             lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}{cluster}")
         if self.metrics is not None:
             lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz")
+        lines += [f"warning: {warning}" for warning in self.warnings()]
         return "\n".join(lines)
 
 
@@ -283,8 +321,12 @@ def parse_config(
     """
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigFileError(source, "", None, f"invalid TOML: {exc}") from None
+    except RecursionError:  # tables or arrays nested some hundreds deep
+        raise ConfigFileError(
+            source, "", None, "invalid TOML: nested too deeply for Python's TOML reader."
+        ) from None
+    except ValueError as exc:  # TOMLDecodeError, or int() refusing over 4300 digits
+        raise ConfigFileError(source, "", None, f"invalid TOML: {_one_line_text(exc)}") from None
     root = _Table(source, "", data)
     root.no_unknown_keys(_TOP_LEVEL_KEYS, "top-level key")
 
@@ -373,18 +415,13 @@ class _Table:
         return value
 
     def one_of(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
-        allowed = "one of " + ", ".join(map(repr, choices))
-        value: str = self.get(key, "a string", default, hint=allowed)
-        if value not in choices:
-            self.fail(key, f"must be {allowed} (got {_show(value)}).")
-        return value
-
-    def seconds(self, key: str, default: float) -> float:
-        hint = "a number of seconds > 0"
-        value = float(self.get(key, "a number", default, hint=hint))
-        if not (0 < value < math.inf):
-            self.fail(key, f"must be {hint} (got {_show(value)}).")
-        return value
+        """The value at *key*, by the rule the Python API uses (`_rules.check_choice`)."""
+        if key not in self.data and default is _MISSING:
+            self.fail(key, f"is required (one of {', '.join(map(repr, choices))}).")
+        try:
+            return check_choice(key, self.data.get(key, default), choices)
+        except SettingError as exc:
+            self.fail(key, exc.describe(_show))
 
     def table(self, key: str, example: str) -> _Table:
         value = self.get(key, "a table", {}, hint=f"a table, written {example}")
@@ -415,13 +452,16 @@ class _Table:
 
 
 def _parse_postgres(t: _Table) -> PostgresConfig:
-    t.no_unknown_keys(("dsn", "application_name"))
+    t.no_unknown_keys(("dsn", "application_name", "keepalive"))
     dsn: str | None = t.get("dsn", "a string", None)
     if dsn is not None:
-        problem = _dsn_problem(dsn)
-        if problem is not None:
-            t.fail("dsn", problem)
+        try:
+            check_dsn(dsn)
+        except SettingError as exc:
+            t.fail("dsn", exc.rule)
     name: str = t.get("application_name", "a string", APPLICATION_NAME_PREFIX)
+    if "\x00" in name:
+        t.fail("application_name", f"must not contain NUL characters (got {_show(name)}).")
     if not name.startswith(APPLICATION_NAME_PREFIX):
         t.fail(
             "application_name",
@@ -435,7 +475,11 @@ def _parse_postgres(t: _Table) -> PostgresConfig:
             f"is {size} bytes; PostgreSQL keeps at most {MAX_APPLICATION_NAME_BYTES} "
             f"(got {_show(name)}).",
         )
-    return PostgresConfig(dsn, name)
+    try:
+        keepalive = check_keepalive(t.data.get("keepalive", DEFAULT_KEEPALIVE))
+    except SettingError as exc:
+        t.fail("keepalive", exc.describe(_show))
+    return PostgresConfig(dsn, name, keepalive)
 
 
 def _parse_node(t: _Table) -> NodeConfig:
@@ -448,27 +492,12 @@ def _parse_node(t: _Table) -> NodeConfig:
     return NodeConfig(name)
 
 
-def _parse_supervisor(t: _Table) -> SupervisorConfig:
-    d = SupervisorConfig()
-    t.no_unknown_keys(attrs.fields_dict(SupervisorConfig))
-    max_restarts: int = t.get("max_restarts", "an integer", d.max_restarts, hint="an integer >= 0")
-    if max_restarts < 0:
-        t.fail("max_restarts", f"must be an integer >= 0 (got {max_restarts}).")
-    config = SupervisorConfig(
-        strategy=t.one_of("strategy", STRATEGIES, d.strategy),
-        max_restarts=max_restarts,
-        within_seconds=t.seconds("within_seconds", d.within_seconds),
-        backoff_initial=t.seconds("backoff_initial", d.backoff_initial),
-        backoff_max=t.seconds("backoff_max", d.backoff_max),
-        stop_timeout=t.seconds("stop_timeout", d.stop_timeout),
-    )
-    if config.backoff_initial > config.backoff_max:
-        t.fail(
-            "backoff_initial",
-            f"must not exceed backoff_max (got {config.backoff_initial:g} > "
-            f"{config.backoff_max:g}).",
-        )
-    return config
+def _parse_supervisor(t: _Table) -> Supervision:
+    t.no_unknown_keys(attrs.fields_dict(Supervision))
+    try:
+        return Supervision(**t.data)
+    except SettingError as exc:
+        t.fail(exc.key, exc.describe(_show))
 
 
 _CAPACITY_RULE = '0, a positive integer or "inf"'
@@ -566,7 +595,7 @@ def _parse_durable(
     max_attempts: int = t.get("max_attempts", "an integer", d.max_attempts, hint="an integer >= 1")
     if max_attempts < 1:
         t.fail("max_attempts", f"must be an integer >= 1 (got {max_attempts}).")
-    retention = t.seconds("retention", d.retention)
+    retention = _durable_seconds(t, "retention", d.retention)
     try:
         validate_retention(retention)
     except ConfigError:
@@ -583,10 +612,21 @@ def _parse_durable(
         group=group,
         start=start,
         max_attempts=max_attempts,
-        retry_after=t.seconds("retry_after", d.retry_after),
-        lease=t.seconds("lease", d.lease),
+        retry_after=_durable_seconds(t, "retry_after", d.retry_after),
+        lease=_durable_seconds(t, "lease", d.lease),
         retention=retention,
     )
+
+
+def _durable_seconds(t: _Table, key: str, default: float) -> float:
+    """A durable duration key, checked by the rule `Bus.bridge_in` applies."""
+    if key not in t.data:
+        return default
+    value = t.data[key]
+    try:
+        return validate_seconds(key, value)
+    except ConfigError:
+        t.fail(key, f"must be a number of seconds > 0 (got {_show(value)}).")
 
 
 def _declared_channel(t: _Table, key: str, declared: set[str], *, required: bool) -> str | None:
@@ -631,27 +671,11 @@ def _parse_actor(
     options: dict[str, Any] = t.get("options", "a table", {}, hint="a table of keyword options")
     actor_class = _import_actor_class(t, class_path)
     try:
-        signature = inspect.signature(actor_class)
-    except (TypeError, ValueError):  # no introspectable signature: the constructor will tell
-        pass
-    else:
-        try:
-            signature.bind(**options)
-        except TypeError as exc:
-            shown = signature.replace(
-                parameters=[
-                    p.replace(annotation=inspect.Parameter.empty)
-                    for p in signature.parameters.values()
-                ],
-                return_annotation=inspect.Signature.empty,
-            )
-            t.fail("options", f"do not fit {actor_class.__name__}{shown}: {exc}.")
-    # Build one instance now, so an option the constructor refuses (every = 0) is a config
-    # error at `check`, not a restart loop at `run`. Constructors must stay free of side effects.
-    try:
-        actor_class(**options)
-    except Exception as exc:
-        t.fail("options", f"are refused by {actor_class.__name__}: {exc}")
+        check_actor_options(
+            name, actor_class, options, declared, channels_where=" declared under [channels]"
+        )
+    except ActorOptionsError as exc:
+        t.fail(exc.key, exc.rule)
     return ActorConfig(name, class_path, actor_class, inbox, restart, options, public, singleton)
 
 
@@ -738,16 +762,6 @@ def _importable(*directories: Path) -> Iterator[None]:
                 sys.path.remove(entry)
 
 
-def _dsn_problem(dsn: str) -> str | None:
-    """Why *dsn* is not a PostgreSQL DSN (the rest of a sentence starting "dsn"), or None."""
-    if dsn.startswith(("postgresql://", "postgres://")) or ("=" in dsn and "://" not in dsn):
-        return None
-    return (
-        "must be a URL starting with postgresql:// or postgres://, or a libpq "
-        f"key=value string (got {_show(redact_dsn(dsn))})."
-    )
-
-
 def _toml_key(key: str) -> str:
     """*key* as written in a TOML table header: bare when it can be, else quoted."""
     if re.fullmatch(r"[A-Za-z0-9_-]+", key):
@@ -767,9 +781,17 @@ def _show(value: object) -> str:
         return "an array"
     if isinstance(value, datetime.date | datetime.time):
         return value.isoformat()
+    if isinstance(value, int) and not -(10**30) < value < 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    if isinstance(value, str) and len(value) > 200:
+        return repr(value[:60]) + f" ... ({len(value)} characters)"
     return repr(value)
 
 
+def _one_line_text(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = _one_line_text(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,21 +1,29 @@
-"""DSN helpers: passwords never reach a log line or an error message."""
+"""
+The one DSN rule (`check_dsn`), and DSN helpers: passwords never reach a log line or an error
+message (`redact_dsn`, `describe_dsn`).
+"""
 
 from __future__ import annotations
 
+import difflib
 import re
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlsplit
+
+from ._errors import SettingError
+from ._rules import check_seconds
 
 REDACTED = "***"
 _DEFAULT_PORT = 5432
 
 
 _URI_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*://")
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:ssl)?password=)([^&#]*)")
+# A query password runs to the next "&key=" or the end: a raw '#' or '&' in it is still secret.
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:ssl)?password=)((?:[^&]|&(?![^&=]*=))*)")
 _KV_PAIR = re.compile(r"([A-Za-z_]\w*)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)")
 # An unquoted password runs to the next "key=": libpq would reject "password=a b", but "b" is
-# still part of the secret.
+# still part of the secret; so does what follows a quoted one without a space.
 _KV_SECRET = re.compile(
-    r"(?i)\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*(?:\s+(?![A-Za-z_]\w*\s*=)\S+)*)"
+    r"(?i)\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?\S*|\S*(?:\s+(?![A-Za-z_]\w*\s*=)\S+)*)"
 )
 
 
@@ -40,22 +48,24 @@ def redact_dsn(dsn: str) -> str:
 
 
 def _userinfo_end(rest: str) -> int | None:
-    """Index of the ``@`` ending the userinfo of a URI (*rest* follows ``scheme://``)."""
+    """
+    Index of the ``@`` ending the userinfo of a URI (*rest* follows ``scheme://``).
+
+    A URI parser ends the authority at the first ``/``, ``?`` or ``#``, but a password may
+    hold any of them, and ``@`` too: when a ``:`` comes before the last ``@``, everything up to
+    that ``@`` is taken as userinfo (a ``@`` in a query value then hides more than needed).
+    """
+    last = rest.rfind("@")
+    colon = rest.find(":")
+    if last != -1 and colon != -1 and colon < last:
+        return last
     authority_end = len(rest)
     for delimiter in "/?#":
         index = rest.find(delimiter)
         if index != -1:
             authority_end = min(authority_end, index)
     at = rest.rfind("@", 0, authority_end)
-    if at != -1:
-        return at
-    # A URI parser would end the authority at a raw '/', '?' or '#' inside a password, but the
-    # password is still in the text: treat everything up to the last '@' as userinfo.
-    at = rest.rfind("@")
-    colon = rest.find(":")
-    if at != -1 and colon != -1 and colon < at:
-        return at
-    return None
+    return at if at != -1 else None
 
 
 def _redact_query_value(match: re.Match[str]) -> str:
@@ -133,13 +143,19 @@ def _uri_parts(rest: str) -> tuple[list[str], list[str], str]:
     return hosts, ports, database
 
 
-def _kv_parts(dsn: str) -> tuple[list[str], list[str], str]:
+def _kv_settings(dsn: str) -> dict[str, str]:
+    """The settings of a libpq ``key=value`` string, quotes and escapes removed."""
     settings: dict[str, str] = {}
     for match in _KV_PAIR.finditer(dsn):
         value = match.group(2)
         if value.startswith("'"):
             value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
         settings[match.group(1).lower()] = value
+    return settings
+
+
+def _kv_parts(dsn: str) -> tuple[list[str], list[str], str]:
+    settings = _kv_settings(dsn)
     if not settings:
         raise ValueError("no key=value pairs")
     host = settings.get("host") or settings.get("hostaddr") or ""
@@ -147,3 +163,262 @@ def _kv_parts(dsn: str) -> tuple[list[str], list[str], str]:
     hosts = host.split(",") if host else []
     ports = port.split(",") if port else []
     return hosts, ports, settings.get("dbname", "")
+
+
+# -- connection settings -----------------------------------------------------------------------
+
+DEFAULT_KEEPALIVE = 10.0
+"""Seconds: how often an idle connection is checked, and the bound on every wait on it."""
+
+
+def check_keepalive(keepalive: object) -> float:
+    """
+    Return *keepalive* as float seconds if it is a finite number > 0, else raise `SettingError`
+    (``key == "keepalive"``). The rule of ``open_bus(keepalive=...)`` and ``[postgres] keepalive``.
+    """
+    return check_seconds("keepalive", keepalive)
+
+
+# -- the one DSN rule --------------------------------------------------------------------------
+
+DSN_SCHEMES = ("postgresql://", "postgres://")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+"""asyncpg's ``sslmode`` values (libpq's, spelled with hyphens)."""
+_SSL_NEGOTIATIONS = ("postgres", "direct")
+_TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+_GSSLIBS = ("gssapi", "sspi")
+_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+_CHOICES = {
+    "sslmode": SSL_MODES,
+    "sslnegotiation": _SSL_NEGOTIATIONS,
+    "target_session_attrs": _TARGET_SESSION_ATTRS,
+    "gsslib": _GSSLIBS,
+    "ssl_min_protocol_version": _TLS_VERSIONS,
+    "ssl_max_protocol_version": _TLS_VERSIONS,
+}
+# What asyncpg reads from the query string itself; any other key is sent to the server as a
+# setting (``?application_name=x``), where an unknown name fails the connection.
+_DRIVER_PARAMETERS = (
+    "host",
+    "port",
+    "dbname",
+    "database",
+    "user",
+    "password",
+    "passfile",
+    "service",
+    "sslcert",
+    "sslkey",
+    "sslrootcert",
+    "sslcrl",
+    "sslpassword",
+    "krbsrvname",
+    *_CHOICES,
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_PERCENT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+_IPV6 = re.compile(r"\[([^\[\]]+)\](?::(.*))?")
+_MAX_PORT = 65535
+_URI_EXAMPLE = "postgresql://user:password@host:5432/dbname?sslmode=require"
+
+
+def check_dsn(dsn: object) -> str:
+    """
+    Return *dsn* if pgbus's driver (asyncpg) can connect with it, else raise `SettingError`.
+
+    Accepted: a URI ``postgresql://`` or ``postgres://``, with ports 1..65535, closed IPv6
+    brackets, valid percent-escapes, no NUL, and driver parameters (``sslmode``,
+    ``target_session_attrs``, ...) that asyncpg accepts. A libpq ``key=value`` string is
+    refused with its URI form. The rule raised (``exc.key == "dsn"``, ``exc.rule``) never holds
+    the password. Does no I/O and reads no environment variable.
+    """
+    if not isinstance(dsn, str):
+        raise SettingError("dsn", f"must be a string (got {type(dsn).__name__}).")
+    if not dsn:
+        raise SettingError("dsn", f"must not be empty; write it as {_URI_EXAMPLE!r}.")
+    problem = _dsn_problem(dsn)
+    if problem is not None:
+        raise SettingError("dsn", f"{problem} (got {_shown(dsn)}).")
+    return dsn
+
+
+def _shown(dsn: str) -> str:
+    text = redact_dsn(dsn)
+    if len(text) > 200:
+        text = text[:150] + f"... ({len(text)} characters)"
+    return repr(text)
+
+
+def _dsn_problem(dsn: str) -> str | None:
+    """Why asyncpg could not use *dsn* (the rest of a sentence starting "dsn"), or None."""
+    try:
+        dsn.encode()
+    except UnicodeEncodeError:
+        return "must be valid UTF-8 (it holds a lone surrogate)"
+    if "\x00" in dsn:
+        return "must not contain NUL characters"
+    if _CONTROL.search(dsn):
+        return "must not contain control characters (a line break, a tab...)"
+    if dsn != dsn.strip():
+        return "must not start or end with spaces"
+    if not dsn.startswith(DSN_SCHEMES):
+        if "://" not in dsn and "=" in dsn:
+            return (
+                "must be a URI: pgbus's driver, asyncpg, does not read libpq key=value strings; "
+                f"write it as {_as_uri(dsn)!r}"
+            )
+        return "must be a URI starting with postgresql:// or postgres://, e.g. " + repr(
+            _URI_EXAMPLE
+        )
+    if "#" in dsn:
+        return "must not contain '#' (asyncpg would cut the DSN there; write it %23)"
+    bad = _BAD_PERCENT.search(dsn)
+    if bad is not None:
+        return (
+            f"has an invalid percent-escape {dsn[bad.start() : bad.start() + 3]!r}; "
+            "write '%' itself as %25"
+        )
+    for run in _PERCENT_RUN.findall(dsn):
+        try:
+            unquote_to_bytes(run).decode()
+        except UnicodeDecodeError:
+            return f"has percent-escapes that are not UTF-8 ({run!r})"
+        if "%00" in run:
+            return "must not contain NUL characters (%00)"
+    try:
+        parts = urlsplit(dsn)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        return f"cannot be parsed ({exc}); an IPv6 address is written [::1]"
+    rest = dsn.split("://", 1)[1]
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0]
+    if authority.count("@") > 1:
+        return "has more than one '@' before the host; write '@' in a user name or password as %40"
+    hostspec = authority.rpartition("@")[2]
+    query, problem = _query(parts.query)
+    if problem is not None:
+        return problem
+    if hostspec and ("host" in query or "port" in query):
+        given = "?host=" if "host" in query else "?port="
+        return (
+            f"has {given} as well as a host before the path, and asyncpg then ignores {given}; "
+            "write host:port before the path (postgresql://user@host:5433/db)"
+        )
+    hosts: list[str] = []
+    ports: list[str] = []
+    if hostspec:
+        problem = _hostlist(hostspec, hosts, ports, unquoted=True)
+        if problem is not None:
+            return problem
+    if "host" in query:
+        hosts = []
+        query_ports: list[str] = []
+        problem = _hostlist(query["host"], hosts, query_ports, unquoted=False)
+        if problem is not None:
+            return f"?host= {problem.removeprefix('has ')}"
+        ports = query_ports if any(query_ports) else ports
+    if "port" in query:
+        ports = query["port"].split(",")
+        if "" in ports:
+            return f"has ?port={query['port']!r}; each port is a whole number from 1 to {_MAX_PORT}"
+    for port in ports:
+        problem = _port_problem(port)
+        if problem is not None:
+            if "@" in rest[len(authority) :]:
+                problem += "; a '/' or '?' in a password must be written %2F or %3F"
+            return problem
+    if len(ports) > 1 and len(ports) != max(len(hosts), 1):
+        return f"gives {len(ports)} ports for {len(hosts)} hosts (one port, or one per host)"
+    return _parameters_problem(query)
+
+
+def _query(text: str) -> tuple[dict[str, str], str | None]:
+    """The query's parameters as asyncpg reads them (last one wins), or why it cannot."""
+    if not text:
+        return {}, None
+    fields = text.split("&")
+    for index, field in enumerate(fields):
+        if "=" not in field:
+            after_secret = index and "password=" in fields[index - 1].lower()
+            shown = "" if after_secret else f" ({unquote(field)!r})"  # it may be a password's
+            return {}, (
+                f"has a query part without '='{shown}; parameters are written "
+                "?key=value&key=value (a '&' in a value is written %26)"
+            )
+    return dict(parse_qsl(text, keep_blank_values=False)), None
+
+
+def _hostlist(spec: str, hosts: list[str], ports: list[str], *, unquoted: bool) -> str | None:
+    """Append each host and port of a comma-separated *spec* (asyncpg's parsing), or say why."""
+    for item in spec.split(","):
+        if not item:
+            return "has an empty host in its host list"
+        if item.startswith("["):
+            match = _IPV6.fullmatch(item)
+            if match is None:
+                return (
+                    f"has a broken IPv6 address {item!r}; write it in closed brackets, "
+                    "[2001:db8::1] or [2001:db8::1]:5432"
+                )
+            host, port = match.group(1), match.group(2) or ""
+        elif item.startswith("/"):
+            host, port = item, ""
+        else:
+            host, _, port = item.partition(":")
+        hosts.append(unquote(host) if unquoted else host)
+        ports.append(unquote(port) if unquoted else port)
+    return None
+
+
+def _port_problem(port: str) -> str | None:
+    if port == "":
+        return None
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= _MAX_PORT:
+        return f"has port {port!r}; a port is a whole number from 1 to {_MAX_PORT}"
+    return None
+
+
+def _parameters_problem(query: dict[str, str]) -> str | None:
+    for key, allowed in _CHOICES.items():
+        value = query.get(key)
+        if value is not None and value not in allowed:
+            return f"has {key}={value!r}; asyncpg accepts " + ", ".join(allowed)
+    if query.get("sslnegotiation") == "direct" and query.get("sslmode") not in SSL_MODES[3:]:
+        return "has sslnegotiation=direct, which needs sslmode=require, verify-ca or verify-full"
+    for key in query:
+        if key in _DRIVER_PARAMETERS:
+            continue
+        close = difflib.get_close_matches(key, _DRIVER_PARAMETERS, n=1, cutoff=0.8)
+        if close:
+            return (
+                f"has an unknown parameter {key!r} (asyncpg would send it to the server as a "
+                f"setting); did you mean {close[0]!r}?"
+            )
+    return None
+
+
+def _as_uri(dsn: str) -> str:
+    """The URI form of a libpq ``key=value`` string, the password redacted, for messages."""
+    settings = _kv_settings(dsn)
+    user = quote(settings.pop("user", ""), safe="")
+    if settings.pop("password", ""):
+        user += f":{REDACTED}"
+    host = settings.pop("host", "") or settings.pop("hostaddr", "")
+    query: dict[str, str] = {}
+    if host.startswith("/"):
+        query["host"] = host
+        host = ""
+    elif ":" in host:
+        host = f"[{host}]"
+    port = settings.pop("port", "")
+    if port and not query:
+        host += f":{port}"
+    elif port:
+        query["port"] = port
+    database = quote(settings.pop("dbname", ""), safe="")
+    settings.pop("hostaddr", None)
+    query.update(settings)
+    uri = f"postgresql://{user + '@' if user else ''}{host}/{database}"
+    if query:
+        uri += "?" + "&".join(f"{k}={quote(v, safe='/')}" for k, v in query.items())
+    return uri

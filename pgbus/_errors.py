@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+_NO_VALUE: object = object()
+
 
 class PgbusError(Exception):
     """Base class of every error pgbus raises on purpose."""
@@ -9,6 +13,39 @@ class PgbusError(Exception):
 
 class ConfigError(PgbusError):
     """A configuration value breaks a rule; the message names where, the rule and the value."""
+
+
+class SettingError(ConfigError, ValueError):
+    """
+    One setting breaks its rule. The message is ``f"{key} {rule}"``; the structured parts let
+    the configuration file name the same rule in its own form (``bus.toml: [table] key rule``)
+    and the command line name the option (``--dsn rule``).
+    """
+
+    def __init__(self, key: str, rule: str, *, value: object = _NO_VALUE, prefix: str = "") -> None:
+        self.key = key
+        """The setting, as the Python API names it: ``dsn``, ``max_restarts``."""
+        self.requirement = rule
+        """The rule alone, ``must be an integer >= 0`` (with *value*), or the whole sentence."""
+        self.value = value
+        """The bad value, when the rule is about one value (else a private marker)."""
+        self.rule = self.describe(repr)
+        """The rest of the sentence, bad value included: ``must be an integer >= 0 (got -1).``"""
+        super().__init__(f"{prefix}{key} {self.rule}")
+
+    def describe(self, show: Callable[[object], str]) -> str:
+        """The rule with the bad value written by *show* (the TOML loader writes ``true``)."""
+        if self.value is _NO_VALUE:
+            return self.requirement
+        return f"{self.requirement} (got {show(self.value)})."
+
+
+class ActorOptionsError(SettingError):
+    """An actor's options that its class refuses: ``actor 'beat': options.to 'x' is ...``."""
+
+    def __init__(self, actor: str, key: str, rule: str) -> None:
+        self.actor = actor
+        super().__init__(key, rule, prefix=f"actor {actor!r}: ")
 
 
 class CapacityError(ConfigError, ValueError):

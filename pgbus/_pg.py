@@ -148,6 +148,10 @@ class Connection:
         self.fast_notifications = fast
         """True when the parser hands notifications straight to the sink."""
         self._plain_listeners: dict[str, Any] = {}
+        protocol = getattr(raw, "_protocol", None)
+        self._waiter_callback: Any = (
+            getattr(protocol, "_on_waiter_completed", None) if fast else None
+        )
         if fast and self._transport is not None:
             read_ready: Any = getattr(self._transport, "_read_ready", None)
             sock = self._transport.get_extra_info("socket")
@@ -263,7 +267,15 @@ class Connection:
                     if awaited is None:  # a bare yield (asyncio.sleep(0)): just reschedule
                         await trio.lowlevel.checkpoint()
                     else:
-                        await self._wait(_as_future(awaited), pump)
+                        future = _as_future(awaited)
+                        if self._waiter_callback is not None:
+                            # asyncpg's protocol schedules this on the loop when the reply
+                            # completes the future; it only matters for asyncio cancellation
+                            # (a cancelled statement here aborts the connection instead), and
+                            # each run would wake trio-asyncio's loop task: one task switch
+                            # per statement, on the latency path.
+                            future.remove_done_callback(self._waiter_callback)
+                        await self._wait(future, pump)
                     awaited = coroutine.send(None)
             else:
                 task = self._loop.create_task(coroutine)

@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
 
+from . import _signals
 from ._bus import Bus, BusStatistics, open_bus
 from ._config import BusConfig
 from ._dsn import describe_dsn, redact_dsn
 from ._metrics import MetricsServer
+from ._signals import STOP_SIGNALS
 
 log = logging.getLogger("pgbus")
-
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def run_config(
@@ -54,6 +54,9 @@ async def run_config(
         async with trio.open_nursery() as nursery:
             stop = trio.CancelScope()
             nursery.start_soon(_stop_on_signal, signals, stop, config.supervisor.stop_timeout)
+            if _signals.early:  # one came before these handlers were in place
+                log.info("%s received: stopping", signal.Signals(_signals.early[0]).name)
+                stop.cancel()
             with stop:
                 await _run_bus(config, stats_every=stats_every, report=report)
             nursery.cancel_scope.cancel()
@@ -108,6 +111,7 @@ async def _run_bus_serving(
             backoff_initial=sv.backoff_initial,
             backoff_max=sv.backoff_max,
             stop_timeout=sv.stop_timeout,
+            keepalive=pg.keepalive,
             node=config.node.name if config.node is not None and config.node.name else None,
         ) as bus,
         trio.open_nursery() as services,

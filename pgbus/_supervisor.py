@@ -13,7 +13,8 @@ import attrs
 import trio
 
 from ._actor import Actor
-from ._errors import ConfigError, RestartIntensityError
+from ._errors import RestartIntensityError, SettingError
+from ._rules import check_choice, check_count, check_seconds
 
 if TYPE_CHECKING:
     from ._bus import Bus
@@ -25,21 +26,16 @@ STRATEGIES: tuple[str, ...] = ("one_for_one", "one_for_all", "rest_for_one")
 RESTART_KINDS: tuple[str, ...] = ("permanent", "transient", "temporary")
 
 
-def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))} (got {value!r}).")
-
-
-def _positive(name: str, value: object, *, zero: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or value < 0 or (value == 0 and not zero):  # type: ignore[operator]
-        rule = "a number >= 0" if zero else "a number > 0"
-        raise ConfigError(f"{name} must be {rule} (got {value!r}).")
-
-
 @attrs.frozen
 class Supervision:
-    """How the bus's supervisor restarts failed actors."""
+    """
+    How the bus's supervisor restarts failed actors; also the schema of ``[supervisor]``.
+
+    Every value is checked here, for ``open_bus`` and the TOML loader alike.
+
+    Raises:
+        SettingError: (a `ConfigError`) naming the key, the rule and the bad value.
+    """
 
     strategy: str = "one_for_one"
     """``one_for_one``: restart the failed actor; ``one_for_all``: restart every actor;
@@ -54,16 +50,16 @@ class Supervision:
     """How long an actor's ``on_stop`` may take before it is abandoned."""
 
     def __attrs_post_init__(self) -> None:
-        _one_of("strategy", self.strategy, STRATEGIES)
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int):
-            raise ConfigError(f"max_restarts must be an integer >= 0 (got {self.max_restarts!r}).")
-        _positive("max_restarts", self.max_restarts, zero=True)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_count("max_restarts", self.max_restarts)
         for name in ("within_seconds", "backoff_initial", "backoff_max", "stop_timeout"):
-            _positive(name, getattr(self, name))
+            # Stored as float: 5 in a file or a call means 5.0 seconds.
+            object.__setattr__(self, name, check_seconds(name, getattr(self, name)))
         if self.backoff_initial > self.backoff_max:
-            raise ConfigError(
-                f"backoff_initial ({self.backoff_initial:g}) must not exceed "
-                f"backoff_max ({self.backoff_max:g})."
+            raise SettingError(
+                "backoff_initial",
+                f"must not exceed backoff_max (got {self.backoff_initial:g} > "
+                f"{self.backoff_max:g}).",
             )
 
 

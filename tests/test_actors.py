@@ -204,7 +204,9 @@ async def test_spawn_with_wrong_options_names_the_actor(
     async with pgbus.open_bus() as bus:
         with pytest.raises(pgbus.ConfigError) as caught:
             await bus.spawn(Greeter, name="greeter", inbox_capacity=1, options=options)
-        assert str(caught.value) == f"actor 'greeter': options do not fit Greeter: {problem}."
+        assert str(caught.value) == (
+            f"actor 'greeter': options do not fit Greeter(greeting, punctuation='!'): {problem}."
+        )
         assert bus.statistics().actors == ()
         assert "greeter" not in bus.channels
 

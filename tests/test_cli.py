@@ -168,8 +168,9 @@ def test_a_bad_dsn_option_is_refused_without_its_password(
     """A DSN that is not PostgreSQL's: exit 2, the password redacted."""
     assert main(["run", QUICKSTART, "--dsn", "mysql://app:s3cret@db/app"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
-        "pgbus: error: --dsn must be a URL starting with postgresql:// or postgres://, or a "
-        "libpq key=value string (got 'mysql://app:***@db/app')."
+        "pgbus: error: --dsn must be a URI starting with postgresql:// or postgres://, e.g. "
+        "'postgresql://user:password@host:5432/dbname?sslmode=require' "
+        "(got 'mysql://app:***@db/app')."
     )
 
 
@@ -386,3 +387,19 @@ def servers_using(directory: str) -> list[int]:
         if directory in " ".join(process.info["cmdline"] or ()):
             pids.append(process.pid)
     return pids
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ("[" * 5000 + "]" * 5000, "PAYLOAD is nested too deeply for Python's JSON decoder"),
+        ("NaN", "PAYLOAD holds NaN, which is not JSON and which PostgreSQL's jsonb refuses"),
+        ('"\\ud800"', "PAYLOAD string holds a lone surrogate (U+D800 at index 0)"),
+    ],
+)
+def test_notify_json_codec_refuses_what_jsonb_would(
+    capsys: pytest.CaptureFixture[str], payload: str, problem: str
+) -> None:
+    """--codec json checks PAYLOAD with the strict codec: exit 2, one line, no traceback."""
+    assert main(["notify", "orders", payload, "--codec", "json", "--dsn", "postgresql://x/y"]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"pgbus: error: {problem}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import pgbus
 from pgbus import ConfigError
 from pgbus._config import (
     ActorConfig,
@@ -124,14 +125,14 @@ def test_with_dsn_overrides_the_file() -> None:
     assert other.postgres == PostgresConfig("postgres://b@elsewhere/db", "pgbus-x")
     assert config.postgres.dsn == "postgresql://a@h/db"
     assert other.with_dsn(None).postgres.dsn is None
-    assert other.with_dsn("host=/tmp dbname=x").postgres.dsn == "host=/tmp dbname=x"
+    assert other.with_dsn("postgresql:///x?host=/tmp").postgres.dsn == "postgresql:///x?host=/tmp"
 
 
 def test_with_dsn_refuses_a_bad_dsn_without_its_password() -> None:
     """A bad override is named by its origin and its password is redacted."""
     message = (
-        "--dsn must be a URL starting with postgresql:// or postgres://, or a libpq "
-        "key=value string (got 'mysql://u:***@h/db')."
+        "--dsn must be a URI starting with postgresql:// or postgres://, e.g. "
+        "'postgresql://user:password@host:5432/dbname?sslmode=require' (got 'mysql://u:***@h/db')."
     )
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         parse("").with_dsn("mysql://u:pw@h/db", origin="--dsn")
@@ -418,7 +419,7 @@ def test_choices_are_listed(text: str, message: str) -> None:
         ),
         (
             "[supervisor]\nwithin_seconds = 0\n",
-            "bus.toml: [supervisor] within_seconds must be a number of seconds > 0 (got 0.0).",
+            "bus.toml: [supervisor] within_seconds must be a number of seconds > 0 (got 0).",
         ),
         (
             "[supervisor]\nstop_timeout = inf\n",
@@ -711,39 +712,6 @@ def test_application_name_fits_postgres() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "dsn",
-    [
-        "postgresql://user@host:5432/db",
-        "postgres://user:pw@host/db?sslmode=require",
-        "postgresql:///db?host=/var/run/postgresql",
-        "host=localhost port=5432 dbname=db",
-    ],
-)
-def test_valid_dsns(dsn: str) -> None:
-    """URLs with either scheme and libpq key=value strings are accepted as written."""
-    assert parse(f'[postgres]\ndsn = "{dsn}"\n').postgres.dsn == dsn
-
-
-@pytest.mark.parametrize(
-    ("dsn", "shown"),
-    [
-        ("mysql://root:hunter2@db/app", "'mysql://root:***@db/app'"),
-        ("localhost", "'localhost'"),
-        ("", "''"),
-        ("http://x?password=hunter2", "'http://x?password=***'"),
-    ],
-)
-def test_bad_dsn_is_refused_without_its_password(dsn: str, shown: str) -> None:
-    """A DSN that is neither a postgres URL nor key=value is refused; its password is redacted."""
-    error = assert_refused(
-        f'[postgres]\ndsn = "{dsn}"\n',
-        "bus.toml: [postgres] dsn must be a URL starting with postgresql:// or postgres://, or "
-        f"a libpq key=value string (got {shown}).",
-    )
-    assert "hunter2" not in str(error)
-
-
 # --- names ---------------------------------------------------------------------------------------
 
 
@@ -772,3 +740,210 @@ def test_quoted_table_names_are_shown_quoted() -> None:
         'bus.toml: [channels."my orders"] capacity must be 0, a positive integer or "inf" '
         "(got -1).",
     )
+
+
+# --- keepalive -----------------------------------------------------------------------------------
+
+
+def test_keepalive_defaults_to_ten_seconds_and_can_be_set() -> None:
+    """[postgres] keepalive is a number of seconds; the default is open_bus's."""
+    assert parse("").postgres.keepalive == 10.0
+    config = parse("[postgres]\nkeepalive = 2\n")
+    assert config.postgres.keepalive == 2.0
+    assert "(application_name 'pgbus', keepalive 2s)" in config.summary()
+    assert parse("[postgres]\nkeepalive = 0.25\n").postgres.keepalive == 0.25
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("0", "0"),
+        ("-1.5", "-1.5"),
+        ("inf", "inf"),
+        ("nan", "nan"),
+        ('"10"', "'10'"),
+        ("true", "true"),
+        ("1" + "0" * 400, "an integer of 401 digits"),
+    ],
+)
+def test_keepalive_must_be_positive_seconds(value: str, shown: str) -> None:
+    """A keepalive that is not a finite number > 0 is one line naming the key."""
+    assert_refused(
+        f"[postgres]\nkeepalive = {value}\n",
+        f"bus.toml: [postgres] keepalive must be a number of seconds > 0 (got {shown}).",
+    )
+
+
+async def test_open_bus_follows_the_same_keepalive_rule() -> None:
+    """open_bus(keepalive=...) refuses what the file refuses, in the same words."""
+    with pytest.raises(
+        ConfigError, match=r"^keepalive must be a number of seconds > 0 \(got 0\)\.$"
+    ):
+        async with pgbus.open_bus(keepalive=0):
+            pass
+
+
+# --- options that name channels ------------------------------------------------------------------
+
+TICKS = "[channels.ticks]\ncapacity = 10\n"
+
+
+@pytest.mark.parametrize(
+    ("class_path", "options"),
+    [
+        ("pgbus.actors.heartbeat:Heartbeat", "{ to = 'tick', every = 1.0 }"),
+        ("pgbus.actors.relay:Relay", "{ to = 'tick' }"),
+        ("pgbus.actors.table_changes:TableChanges", "{ to = 'tick', table = 'orders' }"),
+    ],
+)
+def test_ready_made_actors_name_their_channel_options(class_path: str, options: str) -> None:
+    """Heartbeat, Relay and TableChanges declare `to`: check refuses an undeclared channel."""
+    assert_refused(
+        f'{TICKS}[actors.a]\nclass = "{class_path}"\noptions = {options}\n',
+        "bus.toml: [actors.a] options.to 'tick' is not a channel declared under [channels]; "
+        "did you mean 'ticks'?",
+    )
+
+
+def test_a_declared_channel_option_passes() -> None:
+    """An option naming a declared channel is accepted as written."""
+    config = parse(
+        f'{TICKS}[actors.a]\nclass = "pgbus.actors.heartbeat:Heartbeat"\n'
+        'options = { to = "ticks" }\n'
+    )
+    assert config.actors[0].options == {"to": "ticks"}
+
+
+def test_a_channel_option_left_at_its_default_is_checked_too() -> None:
+    """A default value in the constructor names a channel as much as a given one."""
+    assert_refused(
+        f'{TICKS}[actors.f]\nclass = "fixtures_actors.sample:Fanout"\n'
+        'options = { to = "ticks" }\n',
+        "bus.toml: [actors.f] options.audit 'audit' is not a channel declared under [channels].",
+    )
+    parse(
+        f"{TICKS}[channels.audit]\ncapacity = 1\n"
+        '[actors.f]\nclass = "fixtures_actors.sample:Fanout"\noptions = { to = "ticks" }\n'
+    )
+
+
+def test_check_actor_options_is_the_rule_spawn_and_the_file_share() -> None:
+    """check_actor_options binds, builds a first instance and checks channel options."""
+    from fixtures_actors.sample import Echo, Fanout
+
+    from pgbus._actor import check_actor_options
+    from pgbus._errors import ActorOptionsError
+
+    first = check_actor_options("f", Fanout, {"to": "a"}, {"a", "audit"})
+    assert (type(first), first.to, first.audit) == (Fanout, "a", "audit")
+    assert check_actor_options("f", Fanout, {"to": "nope"}).to == "nope"  # no channels: no check
+    with pytest.raises(ActorOptionsError) as caught:
+        check_actor_options("f", Fanout, {"to": "audi"}, {"a", "audit"})
+    assert (caught.value.actor, caught.value.key) == ("f", "options.to")
+    assert str(caught.value) == (
+        "actor 'f': options.to 'audi' is not a channel; did you mean 'audit'?"
+    )
+    with pytest.raises(ActorOptionsError, match=r"^actor 'e': options do not fit Echo\(to, "):
+        check_actor_options("e", Echo, {"too": 1})
+
+
+# --- warnings ------------------------------------------------------------------------------------
+
+
+def bridge_in(postgres: str, channel: str, overflow: str = "block") -> str:
+    return (
+        f'[[bridge]]\npostgres = "{postgres}"\nchannel = "{channel}"\ndirection = "in"\n'
+        f'overflow = "{overflow}"\n'
+    )
+
+
+def test_an_inbound_channel_nothing_consumes_is_a_warning() -> None:
+    """A channel only an inbound bridge touches fills up and stalls the bus: check says so."""
+    config = parse(f"{ORDERS}{bridge_in('orders_pg', 'orders')}")
+    expected = (
+        "channel 'orders' is fed by [[bridge]] #1 but nothing consumes it; once full it stops "
+        'every inbound bridge of the bus (overflow "block")'
+    )
+    assert config.warnings() == (expected,)
+    assert config.summary().splitlines()[-1] == f"warning: {expected}"
+
+
+def test_the_warning_names_what_happens_when_full() -> None:
+    """With a drop policy the notifications are dropped; with capacity inf memory grows."""
+    config = parse(
+        f'{ORDERS}[channels.all]\ncapacity = "inf"\n'
+        + bridge_in("a", "orders", "drop_newest")
+        + bridge_in("b", "all")
+        + bridge_in("c", "orders", "drop_oldest")
+    )
+    assert config.warnings() == (
+        "channel 'orders' is fed by [[bridge]] #1, #3 but nothing consumes it; once full, its "
+        'notifications are dropped (overflow "drop_newest" and "drop_oldest")',
+        "channel 'all' is fed by [[bridge]] #2 but nothing consumes it; it grows without bound "
+        '(capacity "inf")',
+    )
+
+
+@pytest.mark.parametrize(
+    "consumer",
+    [
+        '[actors.sink]\nclass = "fixtures_actors.sample:Sink"\ninbox = "orders"\n',
+        '[[bridge]]\npostgres = "again"\nchannel = "orders"\ndirection = "out"\n',
+        '[channels.x]\ncapacity = 1\n[actors.relay]\nclass = "pgbus.actors.relay:Relay"\n'
+        'inbox = "x"\noptions = { to = "orders" }\n',
+    ],
+    ids=["inbox", "out bridge", "channel option"],
+)
+def test_a_consumed_inbound_channel_is_no_warning(consumer: str) -> None:
+    """An actor's inbox, an out bridge or an actor option naming the channel all count."""
+    config = parse(f"{ORDERS}{bridge_in('orders_pg', 'orders')}{consumer}")
+    assert config.warnings() == ()
+    assert "warning" not in config.summary()
+
+
+def test_check_prints_the_warning_and_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The warning is part of check's summary; the exit status stays 0."""
+    from pgbus._cli import main
+
+    path = tmp_path / "bus.toml"
+    path.write_text(f"{ORDERS}{bridge_in('orders_pg', 'orders')}", encoding="utf-8")
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("warning: channel 'orders' is fed by [[bridge]] #1")
+
+
+# --- one set of rules for the file and the Python API ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "toml", "python"),
+    [
+        ("strategy", '"all"', "all"),
+        ("max_restarts", "-1", -1),
+        ("max_restarts", "2.5", 2.5),
+        ("within_seconds", "nan", math.nan),
+        ("within_seconds", "0", 0),
+        ("backoff_max", "inf", math.inf),
+        ("stop_timeout", "1" + "0" * 400, 10**400),
+        ("stop_timeout", '"5"', "5"),
+    ],
+)
+def test_supervision_is_the_schema_of_the_supervisor_table(
+    key: str, toml: str, python: object
+) -> None:
+    """[supervisor] and pgbus.Supervision refuse the same values with the same rule."""
+    with pytest.raises(pgbus.ConfigError) as in_python:
+        pgbus.Supervision(**{key: python})  # type: ignore[arg-type]
+    with pytest.raises(ConfigFileError) as in_file:
+        parse(f"[supervisor]\n{key} = {toml}\n")
+    rule = str(in_python.value).removeprefix(f"{key} ").split(" (got ")[0]
+    assert str(in_file.value).startswith(f"bus.toml: [supervisor] {key} {rule} (got ")
+
+
+def test_supervision_keeps_seconds_as_floats() -> None:
+    """5 seconds written as an integer is 5.0, in the file and in Python."""
+    assert pgbus.Supervision(within_seconds=5).within_seconds == 5.0
+    assert isinstance(parse("[supervisor]\nwithin_seconds = 5\n").supervisor.within_seconds, float)
+    assert SupervisorConfig is pgbus.Supervision

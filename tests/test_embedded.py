@@ -1,5 +1,5 @@
 """
-The PostgreSQL provisioning layer: embedded servers, DSN redaction, the test fixtures.
+The PostgreSQL provisioning layer: embedded servers and the test fixtures.
 
 Embedded servers here are real (about a second each) and checked with psutil: when a context exits,
 no postgres process for its data directory may remain, and the directory must be gone.
@@ -24,7 +24,6 @@ import trio_asyncio
 
 import pgbus
 import pgbus._embedded
-from pgbus._dsn import describe_dsn, redact_dsn
 from pgbus._embedded import embedded_postgres_sync, open_embedded_postgres
 from pgbus.testing import ENV_BACKEND, ENV_DSN, HELPER_APPLICATION_NAME, postgres_dsn
 
@@ -239,55 +238,6 @@ async def test_failed_start_raises_and_stops_the_half_started_server(
     (root,) = made_directories
     assert not root.exists()
     assert postgres_processes(root / "data") == []
-
-
-# --- DSN redaction --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("dsn", "expected"),
-    [
-        ("postgresql://user:secret@db.example.com:5432/app", "postgresql://user:***@db.example.com:5432/app"),
-        ("postgres://user:s%40cr%2Fet@host/app", "postgres://user:***@host/app"),
-        ("postgresql://user:p@ss@host/app", "postgresql://user:***@host/app"),
-        ("postgresql://user:pa/ss?x@host/app", "postgresql://user:***@host/app"),
-        ("postgresql://user:secret@[::1]:5433/app", "postgresql://user:***@[::1]:5433/app"),
-        ("postgresql://user@[2001:db8::7]/app?sslmode=require", "postgresql://user@[2001:db8::7]/app?sslmode=require"),
-        ("postgresql://user@host/app?sslmode=require&password=secret&application_name=x", "postgresql://user@host/app?sslmode=require&password=***&application_name=x"),
-        ("postgresql://host/app?password=secret", "postgresql://host/app?password=***"),
-        ("postgresql://user:secret@h1:5432,h2:5433/app", "postgresql://user:***@h1:5432,h2:5433/app"),
-        ("postgresql://user@host:5432/app", "postgresql://user@host:5432/app"),
-        ("postgresql://postgres@/postgres?host=/tmp/pg&port=5432", "postgresql://postgres@/postgres?host=/tmp/pg&port=5432"),
-        ("host=db user=app password=secret dbname=app", "host=db user=app password=*** dbname=app"),
-        ("host=db password = 'se cr\\'et' dbname=app", "host=db password=*** dbname=app"),
-        ("host=db PASSWORD=secret", "host=db PASSWORD=***"),
-        ("host=db sslpassword=secret dbname=app", "host=db sslpassword=*** dbname=app"),
-        ("host=db user=app dbname=app", "host=db user=app dbname=app"),
-    ],
-)  # fmt: skip
-def test_redact_dsn_hides_every_password(dsn: str, expected: str) -> None:
-    """redact_dsn() replaces the password, wherever it is written, with ***."""
-    assert redact_dsn(dsn) == expected
-    assert "secret" not in redact_dsn(dsn)
-
-
-@pytest.mark.parametrize(
-    ("dsn", "expected"),
-    [
-        ("postgresql://user:secret@db.example.com:5433/app", "db.example.com:5433/app"),
-        ("postgresql://user@db.example.com/app", "db.example.com:5432/app"),
-        ("postgresql://user:secret@[::1]:5433/app", "[::1]:5433/app"),
-        ("postgresql://user:pa/ss@host/app", "host:5432/app"),
-        ("postgresql://h1:5432,h2:5433/app", "h1:5432,h2:5433/app"),
-        ("postgresql://postgres@/postgres?host=/tmp/pg", "socket /tmp/pg (database postgres)"),
-        ("postgresql:///app", "localhost:5432/app"),
-        ("host=db port=6432 password=secret dbname=app", "db:6432/app"),
-        ("not a dsn", "PostgreSQL (unparsable DSN)"),
-    ],
-)  # fmt: skip
-def test_describe_dsn_names_the_server_without_secrets(dsn: str, expected: str) -> None:
-    """describe_dsn() gives host:port/db (or the socket) and never the password."""
-    assert describe_dsn(dsn) == expected
 
 
 # --- the test fixtures ----------------------------------------------------------------------------

@@ -81,7 +81,7 @@ class DurableOutboundBridge(OutboundBridge):
     def _add(self, batch: list[str], message: object) -> None:
         try:
             payload = self._encode(self.pg_channel, message)
-            batch.append(check_payload(self.pg_channel, payload, self.max_payload))
+            batch.append(check_payload(self.pg_channel, payload, self.codec, self.max_payload))
         except PgbusError as exc:
             self.rejected += 1
             log.error(

@@ -33,6 +33,20 @@ def not_a_class() -> None:
     """A function, where a class is expected."""
 
 
+class Fanout(pgbus.Actor):
+    """Names two channels in its options, one with a default: both are checked."""
+
+    channel_options = ("to", "audit")
+
+    def __init__(self, to: str, audit: str = "audit") -> None:
+        self.to = to
+        self.audit = audit
+
+    async def handle(self, message: Any) -> None:
+        await self.send(self.to, message)
+        await self.send(self.audit, message)
+
+
 class SlowPrinter(pgbus.Actor):
     """Prints each notification's payload on a line of its own, flushed, after *delay* seconds."""
 
