@@ -19,7 +19,8 @@ class Printer(pgbus.Actor):
     Print each message as one JSON line, flushed, to stdout (or *stream*).
 
     A `pgbus.Notification` prints as ``{"channel", "payload", "pid"}``; a `pgbus.Gap` as
-    ``{"channel", "gap", "dropped"}`` (``gap`` is its reason); any other message as
+    ``{"channel", "gap", "dropped"}`` (``gap`` is its reason); a `pgbus.DurableMessage` as
+    ``{"channel", "payload", "id", "attempt"}`` (acknowledged once printed); any other message as
     ``{"channel", "payload"}`` with this actor's inbox as the channel. Whatever JSON cannot
     represent is printed as its ``repr``, never dropped. Writing blocks the bus while the stream
     does (a terminal or pipe that stops reading stalls it).
@@ -74,6 +75,13 @@ def format_line(message: object, channel: str) -> str:
         record = {"channel": message.channel, "payload": message.payload, "pid": message.pid}
     elif isinstance(message, pgbus.Gap):
         record = {"channel": message.channel, "gap": message.reason, "dropped": message.dropped}
+    elif isinstance(message, pgbus.DurableMessage):
+        record = {
+            "channel": message.channel,
+            "payload": message.payload,
+            "id": message.id,
+            "attempt": message.attempt,
+        }
     else:
         record = {"channel": channel, "payload": message}
     try:

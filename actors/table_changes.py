@@ -78,6 +78,33 @@ BEGIN
 END
 """
 
+# The durable mode's body: the event is stored in pgbus's durable table in the row change's own
+# transaction (so it commits or rolls back with it), whole, then a wake-up is sent. %1$L is the
+# channel, twice.
+_DURABLE_FUNCTION_BODY = """
+DECLARE
+    seq bigint;
+    event text;
+BEGIN
+    seq := coalesce(nullif(current_setting('pgbus.change_seq', true), ''), '0')::bigint + 1;
+    PERFORM set_config('pgbus.change_seq', seq::text, true);
+    IF TG_LEVEL = 'STATEMENT' THEN
+        event := json_build_object(
+            'op', TG_OP, 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
+            'xid', txid_current(), 'seq', seq, 'new', NULL, 'old', NULL)::text;
+    ELSE
+        event := json_build_object(
+            'op', TG_OP, 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
+            'xid', txid_current(), 'seq', seq,
+            'new', CASE WHEN TG_OP <> 'DELETE' THEN row_to_json(NEW) END,
+            'old', CASE WHEN TG_OP <> 'INSERT' THEN row_to_json(OLD) END)::text;
+    END IF;
+    INSERT INTO pgbus.messages (channel, payload) VALUES (%1$L, event);
+    PERFORM pg_notify('pgbus_durable', %1$L);
+    RETURN NULL;
+END
+"""
+
 _FIND_TABLE = """
 SELECT c.relkind::text
   FROM pg_catalog.pg_class c
@@ -141,6 +168,13 @@ class TableChanges(pgbus.Actor):
     is disconnected are lost to it; a `pgbus.Gap` in *to* marks the place. The triggers stay
     installed when the actor stops (a restart reinstalls them in place).
 
+    With ``durable = true`` the trigger stores each event, whole (no 8000-byte limit, so never
+    ``truncated``), in pgbus's durable channel *channel*, in the same transaction as the row
+    change, and the actor joins that channel as consumer group *group* (default: the actor's
+    name): events arrive in *to* (a channel of positive capacity) as `pgbus.DurableMessage`,
+    nothing is lost while the bus is down, and the consumer of *to* acknowledges each event by
+    handling it. Writers of the table then need the right to insert into ``pgbus.messages``.
+
     The bus's connection needs the right to create a trigger on the table (owner, or the
     TRIGGER privilege) and a function in its schema. Every name is used exactly as given:
     mixed case, spaces and quotes are fine.
@@ -149,7 +183,13 @@ class TableChanges(pgbus.Actor):
     channel_options = ("to",)
 
     def __init__(
-        self, table: str, to: str, channel: str | None = None, schema: str = "public"
+        self,
+        table: str,
+        to: str,
+        channel: str | None = None,
+        schema: str = "public",
+        durable: bool = False,
+        group: str | None = None,
     ) -> None:
         self.table = _identifier("table", table)
         self.schema = _identifier("schema", schema)
@@ -161,10 +201,24 @@ class TableChanges(pgbus.Actor):
             channel = _fit("pgbus_changes_", where)
         self.channel = pgbus.validate_channel_name(channel)
         self.function = _fit("pgbus_notify_", self.table)
+        if not isinstance(durable, bool):
+            raise ValueError(f"'durable' must be true or false (got {durable!r}).")  # noqa: TRY004
+        if group is not None and not durable:
+            raise ValueError("'group' applies only with durable = true.")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise ValueError(f"'group' must be a non-empty string (got {group!r}).")
+        self.durable = durable
+        self.group = group
 
     async def on_start(self) -> None:
-        # Listen first: every change committed once the trigger exists is then delivered.
-        await self.bus.bridge_in(self.channel, self.to, codec="json")
+        # Listen (or join the group) first: every change committed once the trigger exists is
+        # then delivered.
+        if self.durable:
+            await self.bus.bridge_in(
+                self.channel, self.to, codec="json", durable=True, group=self.group or self.name
+            )
+        else:
+            await self.bus.bridge_in(self.channel, self.to, codec="json")
         await self.install()
 
     async def install(self) -> None:
@@ -186,7 +240,7 @@ class TableChanges(pgbus.Actor):
                 self.schema,
                 self.table,
                 self.function,
-                _FUNCTION_BODY,
+                _DURABLE_FUNCTION_BODY if self.durable else _FUNCTION_BODY,
                 self.channel,
                 TRIGGER,
                 TRUNCATE_TRIGGER,

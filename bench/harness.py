@@ -70,9 +70,12 @@ def _names(
 
 def peers_for(workload: Workload, args: argparse.Namespace) -> list[str]:
     """The peers that run *workload*: those asked for, or the workload's default set."""
+    peers = list(args.peers)
+    if workload.peers is not None:
+        peers = [p for p in peers if p in workload.peers]
     if args.peers_given or workload.default_peers is None:
-        return list(args.peers)
-    return [p for p in args.peers if p in workload.default_peers]
+        return peers
+    return [p for p in peers if p in workload.default_peers]
 
 
 @attrs.define
@@ -205,11 +208,13 @@ def _notes(
     results: Results,
 ) -> list[str]:
     notes = [
-        f"Ratios are against {PEERS[REFERENCE].label} in this run: higher is better for "
-        "msg/s, lower for µs. W5 shows RSS growth of the consuming process (lower is better)."
+        f"Ratios are against {PEERS[REFERENCE].label} in this run (W6, W7: against "
+        f"{PEERS['pgqueuer'].label}): higher is better for msg/s, lower for µs. W5 shows RSS "
+        "growth of the consuming process (lower is better)."
     ]
-    if REFERENCE not in args.peers:
-        notes.append(f"No ratios: the reference, {REFERENCE}, was not among --peers.")
+    for reference in dict.fromkeys(w.reference for w in workloads):
+        if reference not in args.peers:
+            notes.append(f"No ratios: the reference, {reference}, was not among --peers.")
     for workload in workloads:
         if workload.default_peers is not None and not args.peers_given:
             labels = ", ".join(PEERS[p].label for p in workload.default_peers)

@@ -12,7 +12,7 @@ import psutil
 
 from .peers import PEERS
 from .runner import RunOutcome
-from .workloads import REFERENCE, Sizes, Workload
+from .workloads import Sizes, Workload
 
 TIMES = "\N{MULTIPLICATION SIGN}"
 
@@ -72,11 +72,11 @@ def table(
     header = ["workload", *(PEERS[p].label for p in peers)]
     rows = [header, ["---"] * len(header)]
     for workload in workloads:
-        reference = cells.get((workload.name, REFERENCE))
+        reference = cells.get((workload.name, workload.reference))
         row = [f"{workload.name} {workload.title} ({_size(workload, sizes[workload.name])})"]
         for peer in peers:
             cell = cells.get((workload.name, peer))
-            row.append(_cell(workload, cell, None if peer == REFERENCE else reference))
+            row.append(_cell(workload, cell, None if peer == workload.reference else reference))
         rows.append(row)
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 

@@ -31,6 +31,10 @@ class Workload:
     """W5: how many RSS samples to take along the way (every ``messages // samples``)."""
     default_peers: tuple[str, ...] | None = None
     """Peers run when ``--peers`` is not given; None means all."""
+    reference: str = "asyncpg_asyncio"
+    """The peer this workload's ratios are against."""
+    peers: tuple[str, ...] | None = None
+    """The only peers that implement this workload (None: every peer); others are not run."""
 
     def sizes(self, scale: float) -> Sizes:
         """The sizes of one run at *scale* (``1.0`` is full size), never below a useful minimum."""
@@ -63,7 +67,10 @@ class Sizes:
 
 
 REFERENCE = "asyncpg_asyncio"
-"""Every ratio is against this peer, measured in the same run."""
+"""Ratios of W1-W5 are against this peer, measured in the same run."""
+
+DURABLE_PEERS = ("pgqueuer", "procrastinate", "bare_queue", "pgbus")
+"""The peers of the durable workloads (W6, W7), whose reference is pgqueuer."""
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -104,6 +111,27 @@ WORKLOADS: dict[str, Workload] = {
             # Memory is pgbus's claim to check; the reference is the yardstick. The other peers
             # implement W5 too (pass --peers to include them) but would double the run time.
             default_peers=(REFERENCE, "pgbus"),
+        ),
+        Workload(
+            "W6",
+            "durable throughput: published by one process, handled by a group of 4 worker "
+            "processes, until all are acknowledged",
+            "throughput",
+            messages=100_000,
+            reference="pgqueuer",
+            peers=DURABLE_PEERS,
+            # procrastinate does about 500 jobs/s here: 100k would take minutes per run. Name it
+            # with --peers (and a --scale) to include it.
+            default_peers=("pgqueuer", "bare_queue", "pgbus"),
+        ),
+        Workload(
+            "W7",
+            "durable latency: one message at a time, publish -> handle, p50 / p99",
+            "latency",
+            messages=1_000,
+            warmup=50,
+            reference="pgqueuer",
+            peers=DURABLE_PEERS,
         ),
         Workload(
             "W8",

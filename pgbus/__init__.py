@@ -58,6 +58,11 @@ _EXPORTS: dict[str, str] = {  # public name -> the private module defining it
     "UnknownActorError": "_errors",
     "UnknownChannelError": "_errors",
     "Gap": "_inbound",
+    "DurableMessage": "_durable._rules",
+    "MAX_DURABLE_PAYLOAD_BYTES": "_durable._rules",
+    "GroupStatus": "_durable._admin",
+    "SchemaError": "_durable._schema",
+    "LeaseLostError": "_errors",
     "Notification": "_inbound",
     "ActorStatistics": "_supervisor",
     "Supervision": "_supervisor",
@@ -80,6 +85,10 @@ if TYPE_CHECKING:
     from ._codec import MAX_CHANNEL_NAME_BYTES as MAX_CHANNEL_NAME_BYTES
     from ._codec import MAX_PAYLOAD_BYTES as MAX_PAYLOAD_BYTES
     from ._codec import validate_channel_name as validate_channel_name
+    from ._durable._admin import GroupStatus as GroupStatus
+    from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES as MAX_DURABLE_PAYLOAD_BYTES
+    from ._durable._rules import DurableMessage as DurableMessage
+    from ._durable._schema import SchemaError as SchemaError
     from ._errors import ActorFailedError as ActorFailedError
     from ._errors import ActorUnavailableError as ActorUnavailableError
     from ._errors import AskTimeoutError as AskTimeoutError
@@ -91,6 +100,7 @@ if TYPE_CHECKING:
     from ._errors import DatabaseUnavailableError as DatabaseUnavailableError
     from ._errors import DuplicateNameError as DuplicateNameError
     from ._errors import DuplicateNotificationError as DuplicateNotificationError
+    from ._errors import LeaseLostError as LeaseLostError
     from ._errors import MessageNotJSONError as MessageNotJSONError
     from ._errors import MessageTooLargeError as MessageTooLargeError
     from ._errors import MetricsUnavailableError as MetricsUnavailableError
@@ -110,6 +120,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_CHANNEL_NAME_BYTES",
+    "MAX_DURABLE_PAYLOAD_BYTES",
     "MAX_PAYLOAD_BYTES",
     "Actor",
     "ActorFailedError",
@@ -132,7 +143,10 @@ __all__ = [
     "DatabaseUnavailableError",
     "DuplicateNameError",
     "DuplicateNotificationError",
+    "DurableMessage",
     "Gap",
+    "GroupStatus",
+    "LeaseLostError",
     "MessageNotJSONError",
     "MessageTooLargeError",
     "MetricsUnavailableError",
@@ -144,6 +158,7 @@ __all__ = [
     "PgbusError",
     "RemoteError",
     "RestartIntensityError",
+    "SchemaError",
     "SingletonStatus",
     "Supervision",
     "Transaction",

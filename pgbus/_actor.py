@@ -5,17 +5,21 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import logging
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import outcome
 import trio
 
+from ._durable._rules import DurableMessage
 from ._errors import ActorOptionsError
 
 if TYPE_CHECKING:
     from ._bus import Bus
     from ._channel import Channel
+
+log = logging.getLogger("pgbus.durable")
 
 # How many queued messages an actor handles before it yields to the scheduler. Draining without a
 # checkpoint per message is what makes a burst cheap; the bound keeps other tasks fair.
@@ -121,6 +125,8 @@ async def consume(actor: Actor, inbox: Channel) -> None:
                 budget = DRAIN_BATCH
         if type(message) is Request:
             await _answer(handle, message)
+        elif type(message) is DurableMessage:
+            await _handle_durable(actor, handle, message)
         else:
             await handle(message)
 
@@ -132,6 +138,30 @@ async def _answer(handle: Any, request: Request) -> None:
         request.answer(outcome.Error(exc))
         raise
     request.answer(outcome.Value(result))
+
+
+async def _handle_durable(actor: Actor, handle: Any, message: DurableMessage) -> None:
+    """
+    Handle a durable message: returning acknowledges it, raising schedules its retry.
+
+    A failure here is the message's, not the actor's: it is logged with the traceback and
+    retried per the bridge's policy (then dead-lettered), and the actor keeps running.
+    A cancelled handle neither acknowledges nor fails: the bridge gives the message back.
+    """
+    try:
+        await handle(message)
+    except Exception as exc:
+        message._receipt.failed(message, exc)
+        log.error(
+            "actor %r: durable message %d of %r failed (attempt %d)",
+            actor.name,
+            message.id,
+            message.channel,
+            message.attempt,
+            exc_info=True,
+        )
+        return
+    message._receipt.handled(message)
 
 
 def check_actor_options(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -25,6 +25,30 @@ from ._cluster import (
 )
 from ._codec import encode, validate_channel_name
 from ._dsn import check_dsn, check_keepalive
+from ._durable._admin import GroupStatus, group_status
+from ._durable._consumer import DurableConsumer
+from ._durable._publish import DurableOutboundBridge
+from ._durable._publish import ack_in_transaction as durable_ack_in_transaction
+from ._durable._publish import store as durable_store
+from ._durable._publish import store_in_transaction as durable_store_in_transaction
+from ._durable._publish import wake as durable_wake
+from ._durable._rules import (
+    DEFAULT_LEASE,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RETENTION,
+    DEFAULT_RETRY_AFTER,
+    DEFAULT_START,
+    MAX_DURABLE_PAYLOAD_BYTES,
+    WAKE_CHANNEL,
+    DurableMessage,
+    validate_group,
+    validate_max_attempts,
+    validate_max_payload,
+    validate_retention,
+    validate_seconds,
+    validate_start,
+)
+from ._durable._support import DurableSupport
 from ._errors import (
     ActorFailedError,
     ActorUnavailableError,
@@ -32,6 +56,7 @@ from ._errors import (
     ConfigError,
     DuplicateNameError,
     DuplicateNotificationError,
+    LeaseLostError,
     NoDatabaseError,
     PgbusError,
     UnknownActorError,
@@ -118,6 +143,7 @@ class Bus:
         *,
         keepalive: float,
         node: str | None = None,
+        durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
     ) -> None:
         self._nursery = nursery
         self.supervision = supervision
@@ -130,6 +156,9 @@ class Bus:
         self._listener_lock = trio.Lock()
         self._outbound: dict[str, tuple[OutboundBridge, _Service]] = {}
         self._sends = 0
+        self._durable_max_payload = durable_max_payload
+        self._durable: DurableSupport | None = None
+        self._durable_in: list[tuple[DurableConsumer, _Service]] = []
         self._node_name = node
         self._cluster: Cluster | None = None
         self._cluster_service: _Service | None = None
@@ -373,9 +402,19 @@ class Bus:
         codec: str = "text",
         overflow: str = "block",
         ignore_own: bool = False,
+        durable: bool = False,
+        group: str | None = None,
+        start: str = DEFAULT_START,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retry_after: float = DEFAULT_RETRY_AFTER,
+        lease: float = DEFAULT_LEASE,
+        retention: float = DEFAULT_RETENTION,
     ) -> Bridge:
         """
         Deliver notifications sent to the Postgres channel *postgres* into *channel*.
+
+        With ``durable=True``, join consumer *group* of the durable channel *postgres* instead
+        (see `_bridge_in_durable`): messages arrive as `DurableMessage`.
 
         Each arrives as a `Notification` with its payload decoded by *codec*. When *channel* is
         full, *overflow* decides: ``block`` (stop reading; PostgreSQL holds the backlog),
@@ -384,6 +423,17 @@ class Bus:
         Returns once the bus is listening (waiting for the server if need be). Bridging the
         same pair again with the same options does nothing.
         """
+        if durable:
+            if overflow != "block" or ignore_own:
+                raise ConfigError(
+                    "a durable inbound bridge never drops: overflow and ignore_own "
+                    "do not apply to it."
+                )
+            return await self._bridge_in_durable(
+                postgres, channel, codec, group, start, max_attempts, retry_after, lease, retention
+            )
+        if group is not None:
+            raise ConfigError("group applies only to durable bridges (durable=True).")
         database = self._database()
         route = Route(postgres, self.channel(channel), codec, overflow, ignore_own)
         async with self._listener_lock:
@@ -403,9 +453,14 @@ class Bus:
             return set()
         return await self._listener.server_channels()
 
-    async def bridge_out(self, channel: str, postgres: str, *, codec: str = "text") -> Bridge:
+    async def bridge_out(
+        self, channel: str, postgres: str, *, codec: str = "text", durable: bool = False
+    ) -> Bridge:
         """
         Publish every message sent to *channel* to the Postgres channel *postgres*.
+
+        With ``durable=True``, store them in the durable channel *postgres* instead: one INSERT
+        and one wake-up per batch, payloads up to ``durable_max_payload`` bytes.
 
         The bridge becomes *channel*'s consumer. Messages are encoded by *codec*; one that is
         too large or cannot be encoded is refused with a logged error and counted in
@@ -415,7 +470,14 @@ class Bus:
         source = self.channel(channel)
         if channel in self._outbound:
             raise ConfigError(f"channel {channel!r} already has an outbound bridge.")
-        bridge = OutboundBridge(database, source, postgres, codec)
+        bridge: OutboundBridge
+        if durable:
+            await self._durable_support().ensure_schema()
+            bridge = DurableOutboundBridge(
+                database, source, postgres, codec, self._durable_max_payload
+            )
+        else:
+            bridge = OutboundBridge(database, source, postgres, codec)
         service = _Service(f"publish {postgres}")
         self._outbound[channel] = (bridge, service)
         await self._nursery.start(service.run, bridge.serve)
@@ -426,31 +488,61 @@ class Bus:
 
         return Bridge(f"{channel!r} -> {postgres!r}", close)
 
-    async def notify(self, postgres: str, message: object, *, codec: str = "text") -> None:
+    async def notify(
+        self, postgres: str, message: object, *, codec: str = "text", durable: bool = False
+    ) -> None:
         """
         Send one notification now, outside any transaction.
+
+        With ``durable=True``, store *message* in the durable channel *postgres* instead
+        (returns once it is committed).
 
         Raises:
             PayloadTooLargeError, CodecError, ChannelNameError: before anything is sent.
         """
+        if durable:
+            payload = encode(
+                validate_channel_name(postgres), message, codec, self._durable_max_payload
+            )
+            await self._durable_support().ensure_schema()
+            async with self._database().borrow() as connection:
+                await durable_store(connection, postgres, [payload])
+            return
         payload = encode(validate_channel_name(postgres), message, codec)
         database = self._database()
         async with database.borrow() as connection:
             await database.publish(connection, postgres, [payload])
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
+    async def transaction(self, *, ack: DurableMessage | None = None) -> AsyncIterator[Transaction]:
         """
         A database transaction whose `Transaction.publish` calls are delivered at COMMIT.
 
         The block commits when it ends normally and rolls back on an exception or a
         cancellation: then nothing it published is ever delivered.
+
+        With *ack*, the durable message is acknowledged in this transaction: the block's writes
+        and the acknowledgement commit together or not at all (exactly-once effects). Its
+        delivery row is locked from the start, so no other member can take it meanwhile.
+
+        Raises:
+            LeaseLostError: on entry, if this bridge no longer holds *ack* (its lease expired
+                and another member claimed it, or it was acknowledged already).
         """
         database = self._database()
-        async with database.borrow() as connection, connection.transaction():
-            tx = Transaction(database, connection)
-            yield tx
-            await tx._flush()
+        if ack is not None:
+            await self._durable_support().ensure_schema()
+        async with database.borrow() as connection:
+            async with connection.transaction():
+                tx = Transaction(
+                    database, connection, self._durable_max_payload, self._durable_support
+                )
+                if ack is not None:
+                    await _ack_in(connection, ack)
+                yield tx
+                await tx._flush()
+            if ack is not None:
+                ack._receipt.acked_elsewhere(ack)
 
     # -- introspection and shutdown ----------------------------------------------------------
 
@@ -460,6 +552,7 @@ class Bus:
         if self._listener is not None:
             bridges += self._listener.statistics()
         bridges += [bridge.statistics() for bridge, _ in self._outbound.values()]
+        bridges += [consumer.statistics() for consumer, _ in self._durable_in]
         return BusStatistics(
             channels=tuple(c.statistics() for c in self._channels.values()),
             actors=tuple(self._supervisor.statistics()),
@@ -503,6 +596,8 @@ class Bus:
                 await self._cluster.withdraw()
         if self._listener is not None:
             self._listener.stop_reading()
+        for consumer, _ in self._durable_in:
+            consumer.finish()  # claim nothing more; actors handle what their inboxes hold
         if drain:
             await self._supervisor.stop_producers()
             with trio.move_on_at(deadline):
@@ -514,6 +609,13 @@ class Bus:
             await self._listener_service.stop()
         unhandled = self._supervisor.unhandled()
         await self._supervisor.stop_all(deadline=deadline)
+        for consumer, service in reversed(self._durable_in):
+            # Acknowledge what was handled, give back the rest: let the statement in flight
+            # finish (a cancelled one would take the connection with it).
+            consumer.close()
+            with trio.move_on_at(max(deadline, trio.current_time() + 1.0)):
+                await service.done.wait()
+            await service.stop()
         unpublished = [
             (bridge, await self._stop_outbound(bridge, service, deadline))
             for bridge, service in self._outbound.values()
@@ -536,13 +638,141 @@ class Bus:
             await self._cluster.flush(max(0.25, deadline - trio.current_time()))
             await self._cluster_service.stop()
 
+    # -- durable channels ---------------------------------------------------------------------
+
+    def _durable_support(self) -> DurableSupport:
+        if self._durable is None:
+            self._durable = DurableSupport(self._database(), self._durable_max_payload)
+        return self._durable
+
+    async def _bridge_in_durable(
+        self,
+        postgres: str,
+        channel: str,
+        codec: str,
+        group: str | None,
+        start: str,
+        max_attempts: int,
+        retry_after: float,
+        lease: float,
+        retention: float,
+    ) -> Bridge:
+        """
+        Join consumer *group* of the durable channel *postgres*, delivering into *channel*.
+
+        Each group gets every message (published after the group first joined, with
+        ``start="latest"``, or every one still kept, with ``"earliest"``); inside a group each
+        message goes to one member at a time, in (transaction, id) order for a single member.
+        The bridge never claims more than *channel* can hold (its capacity is the prefetch).
+        An actor's ``handle`` returning acknowledges the message; raising retries it after
+        *retry_after* seconds, doubling per attempt with jitter, and after *max_attempts*
+        attempts it becomes a dead letter. A claim not acknowledged within *lease* seconds
+        goes back to the group. A group not seen for *retention* seconds is retired.
+        Returns once the group is joined.
+        """
+        if group is None:
+            raise ConfigError("a durable inbound bridge needs a group (group=...).")
+        support = self._durable_support()
+        consumer = DurableConsumer(
+            self._database(),
+            self.channel(channel),
+            postgres,
+            group=validate_group(group),
+            start=validate_start(start),
+            max_attempts=validate_max_attempts(max_attempts),
+            retry_after=validate_seconds("retry_after", retry_after),
+            lease=validate_seconds("lease", lease),
+            codec=codec,
+            retention=validate_retention(retention),
+        )
+        for existing, _ in self._durable_in:
+            if existing.pg_channel == postgres and existing.channel is consumer.channel:
+                if existing.settings() == consumer.settings():
+                    return Bridge(f"{postgres!r} -> {channel!r} (durable, {group!r})", _nothing)
+                raise ConfigError(
+                    f"durable channel {postgres!r} is already bridged into {channel!r} with "
+                    "other options."
+                )
+        await support.ensure_schema()
+        listener = await self._get_listener()
+        await listener.add_hook(WAKE_CHANNEL, consumer.wake)
+        service = _Service(f"durable {postgres}/{group}")
+        await self._nursery.start(service.run, consumer.serve)
+        self._durable_in.append((consumer, service))
+        support.consumers.append(consumer)
+        if not support.janitor_started:
+            support.janitor_started = True
+            await self._nursery.start(support.serve_janitor)
+
+        async def close() -> None:
+            listener.remove_hook(WAKE_CHANNEL, consumer.wake)
+            consumer.close()
+            with trio.move_on_after(self.supervision.stop_timeout):
+                await service.done.wait()
+            await service.stop()
+            self._durable_in.remove((consumer, service))
+            support.consumers.remove(consumer)
+
+        return Bridge(f"{postgres!r} -> {channel!r} (durable, {group!r})", close)
+
+    async def _get_listener(self) -> InboundBridge:
+        """The bus's listening connection, started if need be."""
+        database = self._database()
+        async with self._listener_lock:
+            if self._listener is None:
+                listener = InboundBridge(database, keepalive=self._keepalive)
+                service = _Service("listener")
+                await self._nursery.start(service.run, listener.serve)
+                self._listener, self._listener_service = listener, service
+        return self._listener
+
+    def ack(self, message: DurableMessage) -> None:
+        """
+        Acknowledge *message* (for consumers that are not actors; actors need not call it).
+
+        Does not wait: acknowledgements are written in batches by the bridge, within one round
+        trip. One still unwritten when the process dies is lost, and the message comes again.
+        """
+        message._receipt.handled(message)
+
+    def nack(self, message: DurableMessage, error: BaseException | str | None = None) -> None:
+        """Give *message* back for a retry (or to the dead letters after its last attempt)."""
+        message._receipt.failed(message, error)
+
+    async def durable_groups(self, channel: str | None = None) -> list[GroupStatus]:
+        """Each consumer group (of *channel*, or of all): lag, in-flight, dead letters."""
+        await self._durable_support().ensure_schema()
+        async with self._database().borrow() as connection:
+            return await group_status(connection, channel)
+
+
+async def _nothing() -> None:
+    pass
+
+
+async def _ack_in(connection: Connection, message: DurableMessage) -> None:
+    receipt = message._receipt
+    if not receipt.holds(message) or not await durable_ack_in_transaction(
+        connection, message.id, message.group, receipt.member, message.attempt
+    ):
+        raise LeaseLostError(message.channel, message.group, message.id)
+
 
 class Transaction:
     """A database transaction opened by `Bus.transaction`."""
 
-    def __init__(self, database: Database, connection: Connection) -> None:
+    def __init__(
+        self,
+        database: Database,
+        connection: Connection,
+        durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
+        durable_support: Callable[[], DurableSupport] | None = None,
+    ) -> None:
         self._db = database
         self._connection = connection
+        self._durable_support = durable_support
+        self._durable_max_payload = durable_max_payload
+        self._woken: dict[str, None] = {}  # durable channels stored to: woken before COMMIT
         self._pending: dict[str, dict[str, None]] = {}  # channel -> payloads, in order
 
     async def execute(self, sql: str, *args: Any) -> str:
@@ -557,15 +787,31 @@ class Transaction:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self._connection.fetchval(sql, *args)
 
-    async def publish(self, postgres: str, message: object, *, codec: str = "text") -> None:
+    async def publish(
+        self, postgres: str, message: object, *, codec: str = "text", durable: bool = False
+    ) -> None:
         """
         Publish *message* to the Postgres channel *postgres* when (and only if) this commits.
+
+        With ``durable=True`` the message is stored in the durable channel *postgres* at once,
+        inside this transaction (the outbox pattern): consumers see it from COMMIT on, never
+        after ROLLBACK. Repeating a payload is fine then. The first durable use of a bus
+        creates pgbus's schema if need be (on a connection of its own).
 
         Raises:
             PayloadTooLargeError, CodecError, ChannelNameError: at once.
             DuplicateNotificationError: the same payload was already published to that channel
                 in this transaction; PostgreSQL would deliver it once.
         """
+        if durable:
+            payload = encode(
+                validate_channel_name(postgres), message, codec, self._durable_max_payload
+            )
+            if self._durable_support is not None:
+                await self._durable_support().ensure_schema()
+            await durable_store_in_transaction(self._connection, postgres, [payload])
+            self._woken[postgres] = None
+            return
         payload = encode(validate_channel_name(postgres), message, codec)
         payloads = self._pending.setdefault(postgres, {})
         if payload in payloads:
@@ -576,6 +822,9 @@ class Transaction:
         for channel, payloads in self._pending.items():
             await self._db.publish(self._connection, channel, list(payloads))
         self._pending.clear()
+        if self._woken:
+            await durable_wake(self._connection, list(self._woken))
+            self._woken.clear()
 
 
 @asynccontextmanager
@@ -593,6 +842,7 @@ async def open_bus(
     keepalive: float = 10.0,
     supervision: Supervision | None = None,
     node: str | None = None,
+    durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
 ) -> AsyncIterator[Bus]:
     """
     Open a bus; leaving the block stops everything it started, in order.
@@ -607,6 +857,7 @@ async def open_bus(
     In the cluster, asks pending on a node that died fail within *keepalive*, and a singleton
     moves within it. With *node* (a name), the bus joins the cluster as that node when it
     opens; without, it joins (as ``"<hostname>:<pid>"``) when it first needs to.
+    *durable_max_payload* is the largest durable message, in bytes once encoded (1 MiB).
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
@@ -636,7 +887,14 @@ async def open_bus(
                     open_database(dsn, application_name, keepalive=keepalive)
                 )
             async with trio.open_nursery() as nursery:
-                bus = Bus(nursery, supervision, database, keepalive=keepalive, node=node)
+                bus = Bus(
+                    nursery,
+                    supervision,
+                    database,
+                    keepalive=keepalive,
+                    node=node,
+                    durable_max_payload=validate_max_payload(durable_max_payload),
+                )
                 await nursery.start(bus._supervisor.run)
                 drain = True
                 try:

@@ -27,6 +27,8 @@ from . import __version__, _signals
 from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel_name
 from ._config import BusConfig, load_config
 from ._dsn import check_dsn, describe_dsn, redact_dsn
+from ._durable._cli import add_durable_commands
+from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES
 from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
 from ._logs import LOG_FORMATS, formatter
 from ._signals import STOP_SIGNALS
@@ -195,6 +197,11 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     _add_dsn(notify, f"default: {ENV_DSN}, else --config's [postgres] dsn")
     _add_config(notify)
     _add_codec(notify, "json: PAYLOAD must be JSON and is sent compacted")
+    notify.add_argument(
+        "--durable",
+        action="store_true",
+        help="store it in the durable channel CHANNEL instead (payloads up to 1 MiB)",
+    )
     notify.set_defaults(command_function=_notify)
 
     listen = commands.add_parser(
@@ -221,6 +228,7 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     _add_codec(listen, "json: print payloads decoded")
     listen.set_defaults(command_function=_listen)
     _add_cluster_commands(commands, prog)
+    add_durable_commands(commands, formatter, prog, _add_dsn, ENV_DSN)
     return parser
 
 
@@ -320,23 +328,27 @@ def _notify(args: argparse.Namespace) -> int:
                 f"PAYLOAD {exc.detail.removeprefix('payload ')}; "
                 "pass --codec text to send it as it is."
             ) from None
+    limit = MAX_DURABLE_PAYLOAD_BYTES if args.durable else MAX_PAYLOAD_BYTES
     try:
-        size = len(encode(channel, message, args.codec).encode())
+        size = len(encode(channel, message, args.codec, limit).encode())
     except PgbusError as exc:  # too large, or a NUL character
         raise UsageError(str(exc)) from None
     dsn = _dsn_for_client(args.dsn, args.config)
     with _logging_to_stderr("warning"):
-        status = _trio_run(partial(_send_one, dsn, channel, message, args.codec))
+        status = _trio_run(partial(_send_one, dsn, channel, message, args.codec, args.durable))
     if status == EXIT_OK:
-        _say(f"sent {size} bytes to {channel!r} at {describe_dsn(dsn)}")
+        what = "stored" if args.durable else "sent"
+        _say(f"{what} {size} bytes to {channel!r} at {describe_dsn(dsn)}")
     return status
 
 
-async def _send_one(dsn: str, channel: str, message: object, codec: str) -> None:
+async def _send_one(
+    dsn: str, channel: str, message: object, codec: str, durable: bool = False
+) -> None:
     from ._bus import open_bus
 
     async with open_bus(dsn) as bus:
-        await bus.notify(channel, message, codec=codec)
+        await bus.notify(channel, message, codec=codec, durable=durable)
 
 
 def _listen(args: argparse.Namespace) -> int:

@@ -62,12 +62,16 @@ def payload_size(payload: str) -> int:
     return len(payload) if payload.isascii() else len(payload.encode())
 
 
-def check_payload(channel: str, payload: str, codec: str = "text") -> str:
+def check_payload(
+    channel: str, payload: str, codec: str = "text", limit: int = MAX_PAYLOAD_BYTES
+) -> str:
     """
     Return *payload*, or raise if PostgreSQL would refuse it.
 
+    *limit* is NOTIFY's (the default) or a durable channel's (see ``pgbus._durable``).
+
     Raises:
-        PayloadTooLargeError: 8000 bytes or more in UTF-8.
+        PayloadTooLargeError: more than *limit* bytes in UTF-8 (8000 or more for NOTIFY).
         CodecError: a lone surrogate (not UTF-8) or a NUL character, which PostgreSQL text
             cannot hold.
     """
@@ -75,8 +79,8 @@ def check_payload(channel: str, payload: str, codec: str = "text") -> str:
         size = payload_size(payload)
     except UnicodeEncodeError as exc:
         raise CodecError(channel, codec, _lone_surrogate(payload, exc.start)) from None
-    if size > MAX_PAYLOAD_BYTES:
-        raise PayloadTooLargeError(channel, size, MAX_PAYLOAD_BYTES)
+    if size > limit:
+        raise PayloadTooLargeError(channel, size, limit, durable=limit != MAX_PAYLOAD_BYTES)
     if "\x00" in payload:
         raise CodecError(
             channel, codec, "payload contains a NUL character, which PostgreSQL refuses"
@@ -222,9 +226,9 @@ def decoder(codec: str) -> Decoder:
     return _decode_json if _checked(codec) == "json" else _decode_text
 
 
-def encode(channel: str, message: object, codec: str) -> str:
+def encode(channel: str, message: object, codec: str, limit: int = MAX_PAYLOAD_BYTES) -> str:
     """Encode *message* for *channel* and check its size: what every send path does."""
-    return check_payload(channel, encoder(codec)(channel, message), codec)
+    return check_payload(channel, encoder(codec)(channel, message), codec, limit)
 
 
 def _checked(codec: str) -> str:

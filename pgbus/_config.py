@@ -30,6 +30,19 @@ from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
 from ._channel import Capacity, validate_capacity
 from ._codec import CODECS, validate_channel_name
 from ._dsn import DEFAULT_KEEPALIVE, check_dsn, check_keepalive, redact_dsn
+from ._durable._rules import (
+    DEFAULT_LEASE,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RETENTION,
+    DEFAULT_RETRY_AFTER,
+    DEFAULT_START,
+    MIN_RETENTION,
+    START_POSITIONS,
+    validate_group,
+    validate_prefetch,
+    validate_retention,
+    validate_seconds,
+)
 from ._errors import (
     ActorOptionsError,
     CapacityError,
@@ -105,6 +118,20 @@ class BridgeConfig:
     codec: str = "text"
     overflow: str = "block"
     ignore_own: bool = False
+    durable: DurableBridgeConfig | None = None
+    """Set for a durable bridge (``durable = true``): its group options (in) or defaults (out)."""
+
+
+@attrs.frozen
+class DurableBridgeConfig:
+    """The durable keys of a ``[[bridge]]``; *group* is None for an "out" bridge."""
+
+    group: str | None = None
+    start: str = DEFAULT_START
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_after: float = DEFAULT_RETRY_AFTER
+    lease: float = DEFAULT_LEASE
+    retention: float = DEFAULT_RETENTION
 
 
 @attrs.frozen
@@ -226,7 +253,9 @@ class BusConfig:
         lines += [f"channel {c.name!r}: capacity {_show(c.capacity)}" for c in self.channels]
         for b in self.bridges:
             pg_name, trio_name = f"postgres {b.postgres!r}", f"channel {b.channel!r}"
-            if b.direction == "in":
+            if b.durable is not None:
+                lines.append(_durable_summary(b))
+            elif b.direction == "in":
                 extra = f", overflow {b.overflow}" + (", ignore_own" if b.ignore_own else "")
                 lines.append(f"bridge #{b.index}: {pg_name} -> {trio_name} (in, {b.codec}{extra})")
             else:
@@ -239,6 +268,19 @@ class BusConfig:
             lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz")
         lines += [f"warning: {warning}" for warning in self.warnings()]
         return "\n".join(lines)
+
+
+def _durable_summary(b: BridgeConfig) -> str:
+    d = b.durable
+    assert d is not None
+    pg_name, trio_name = f"durable {b.postgres!r}", f"channel {b.channel!r}"
+    if b.direction == "out":
+        return f"bridge #{b.index}: {trio_name} -> {pg_name} (out, {b.codec})"
+    return (
+        f"bridge #{b.index}: {pg_name} -> {trio_name} (in, {b.codec}, group {d.group!r}, "
+        f"start {d.start}, max_attempts {d.max_attempts}, retry_after {d.retry_after:g}s, "
+        f"lease {d.lease:g}s, retention {d.retention:g}s)"
+    )
 
 
 def _count(items: tuple[object, ...], noun: str) -> str:
@@ -296,8 +338,9 @@ def parse_config(
     )
     declared = {c.name for c in channels}
     out_sources: dict[str, int] = {}  # channel -> the "out" bridge that consumes it
+    capacities = {c.name: c.capacity for c in channels}
     bridges = tuple(
-        _parse_bridge(index, table, declared, out_sources)
+        _parse_bridge(index, table, declared, out_sources, capacities)
         for index, table in enumerate(root.array_of_tables("bridge"), start=1)
     )
 
@@ -474,9 +517,15 @@ def _parse_channel(name: str, t: _Table) -> ChannelConfig:
 
 
 def _parse_bridge(
-    index: int, t: _Table, declared: set[str], out_sources: dict[str, int]
+    index: int,
+    t: _Table,
+    declared: set[str],
+    out_sources: dict[str, int],
+    capacities: Mapping[str, Capacity] | None = None,
 ) -> BridgeConfig:
-    t.no_unknown_keys(("postgres", "channel", "direction", "codec", "overflow", "ignore_own"))
+    t.no_unknown_keys(
+        ("postgres", "channel", "direction", "codec", "overflow", "ignore_own", *_DURABLE_KEYS)
+    )
     postgres: str = t.get("postgres", "a string", hint="a PostgreSQL channel name")
     try:
         validate_channel_name(postgres)
@@ -501,9 +550,83 @@ def _parse_bridge(
                     'applies only to "in" bridges (Postgres -> Trio); '
                     'remove it from this "out" bridge.',
                 )
+    durable: bool = t.get("durable", "true or false", False)
+    if durable:
+        config = _parse_durable(t, direction, (capacities or {}).get(channel, math.inf), channel)
+        return BridgeConfig(index, postgres, channel, direction, codec, durable=config)
+    for key in _DURABLE_KEYS[1:]:
+        if key in t.data:
+            t.fail(key, "applies only to durable bridges; add durable = true or remove it.")
     overflow = t.one_of("overflow", OVERFLOW_POLICIES, "block")
     ignore_own: bool = t.get("ignore_own", "true or false", False)
     return BridgeConfig(index, postgres, channel, direction, codec, overflow, ignore_own)
+
+
+_DURABLE_KEYS = ("durable", "group", "start", "max_attempts", "retry_after", "lease", "retention")
+
+
+def _parse_durable(
+    t: _Table, direction: str, capacity: Capacity, channel: str
+) -> DurableBridgeConfig:
+    """The durable keys of a bridge, checked with the validators `Bus.bridge_in` uses."""
+    if direction == "out":
+        for key in _DURABLE_KEYS[1:]:
+            if key in t.data:
+                t.fail(
+                    key,
+                    'applies only to durable "in" bridges (consumers); '
+                    'remove it from this "out" bridge.',
+                )
+        return DurableBridgeConfig()
+    for key in ("overflow", "ignore_own"):
+        if key in t.data:
+            t.fail(key, "does not apply to a durable bridge (it never drops); remove it.")
+    if "group" not in t.data:
+        t.fail("group", 'is required for a durable "in" bridge (the consumer group it joins).')
+    d = DurableBridgeConfig()
+    try:
+        group = validate_group(t.data["group"], "must be")
+    except ConfigError:
+        t.fail(
+            "group",
+            f"must be a non-empty string of at most 63 bytes (got {_show(t.data['group'])}).",
+        )
+    start = t.one_of("start", START_POSITIONS, d.start)
+    max_attempts: int = t.get("max_attempts", "an integer", d.max_attempts, hint="an integer >= 1")
+    if max_attempts < 1:
+        t.fail("max_attempts", f"must be an integer >= 1 (got {max_attempts}).")
+    retention = _durable_seconds(t, "retention", d.retention)
+    try:
+        validate_retention(retention)
+    except ConfigError:
+        t.fail("retention", f"must be at least {MIN_RETENTION:g} seconds (got {_show(retention)}).")
+    try:
+        validate_prefetch(channel, capacity)
+    except ConfigError:
+        t.fail(
+            "channel",
+            f'{channel!r} has capacity {_show(capacity)}; a durable "in" bridge claims at '
+            "most what its channel holds, so it needs a positive integer capacity.",
+        )
+    return DurableBridgeConfig(
+        group=group,
+        start=start,
+        max_attempts=max_attempts,
+        retry_after=_durable_seconds(t, "retry_after", d.retry_after),
+        lease=_durable_seconds(t, "lease", d.lease),
+        retention=retention,
+    )
+
+
+def _durable_seconds(t: _Table, key: str, default: float) -> float:
+    """A durable duration key, checked by the rule `Bus.bridge_in` applies."""
+    if key not in t.data:
+        return default
+    value = t.data[key]
+    try:
+        return validate_seconds(key, value)
+    except ConfigError:
+        t.fail(key, f"must be a number of seconds > 0 (got {_show(value)}).")
 
 
 def _declared_channel(t: _Table, key: str, declared: set[str], *, required: bool) -> str | None:

@@ -127,16 +127,23 @@ class ChannelNameError(PgbusError, ValueError):
 
 
 class PayloadTooLargeError(PgbusError, ValueError):
-    """An encoded payload at or over PostgreSQL's 8000-byte NOTIFY limit."""
+    """An encoded payload over its limit: NOTIFY's (under 8000 bytes) or a durable channel's."""
 
-    def __init__(self, channel: str, size: int, limit: int) -> None:
+    def __init__(self, channel: str, size: int, limit: int, *, durable: bool = False) -> None:
         self.channel = channel
         self.size = size
         self.limit = limit
-        super().__init__(
-            f"payload for channel {channel!r} is {size} bytes once encoded; PostgreSQL accepts "
-            f"at most {limit}. Send a reference (a row id) instead of the data."
-        )
+        if durable:
+            rule = (
+                f"durable channels accept at most {limit} (open_bus durable_max_payload). "
+                "Send a reference (a row id) instead of the data."
+            )
+        else:
+            rule = (
+                f"PostgreSQL accepts at most {limit}. Send a reference (a row id) instead of "
+                "the data."
+            )
+        super().__init__(f"payload for channel {channel!r} is {size} bytes once encoded; {rule}")
 
 
 class CodecError(PgbusError, ValueError):
@@ -212,6 +219,20 @@ def unwrap_group(error: BaseException, *, skip_cancelled: bool) -> BaseException
             return error
         error = rest.exceptions[0]
     return error
+
+
+class LeaseLostError(PgbusError):
+    """A durable message this member no longer holds: its lease expired, or it was acknowledged."""
+
+    def __init__(self, channel: str, group: str, message_id: int) -> None:
+        self.channel = channel
+        self.group = group
+        self.message_id = message_id
+        super().__init__(
+            f"durable message {message_id} of {channel!r} is no longer held by this member of "
+            f"group {group!r} (its lease expired and another member took it, or it was "
+            "acknowledged already); nothing was committed."
+        )
 
 
 class MetricsUnavailableError(ConfigError):

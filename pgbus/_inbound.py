@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -196,6 +197,7 @@ class InboundBridge:
         self._lock = trio.Lock()  # one statement at a time on the connection
         self._blocked: tuple[Route, float] | None = None  # the full route holding the socket
         self._commands: set[trio.CancelScope] = set()  # LISTEN/UNLISTEN awaiting their reply
+        self._hooks: dict[str, list[Callable[[str], None]]] = {}  # pgbus's own wake-ups
         self._nursery: trio.Nursery | None = None
         self._probe_channel = ""
         self._probe_sent = 0
@@ -210,7 +212,7 @@ class InboundBridge:
     @property
     def channels(self) -> set[str]:
         """The Postgres channels this listener is (or will be, once connected) listening on."""
-        return set(self._routes)
+        return set(self._routes) | set(self._hooks)
 
     @property
     def connected(self) -> bool:
@@ -262,7 +264,7 @@ class InboundBridge:
                     f"{route.channel.name!r} with other options ({existing.settings()})."
                 )
         routes.append(route)
-        if len(routes) == 1:
+        if len(routes) == 1 and route.pg_channel not in self._hooks:
             try:
                 await self._command(route.pg_channel, listen=True)
             except DatabaseError:
@@ -271,7 +273,7 @@ class InboundBridge:
 
     async def remove_route(self, route: Route) -> None:
         """Stop delivering *route* (UNLISTEN when it was the channel's last route)."""
-        if self._drop_route(route):
+        if self._drop_route(route) and route.pg_channel not in self._hooks:
             await self._command(route.pg_channel, listen=False)
 
     def _drop_route(self, route: Route) -> bool:
@@ -340,6 +342,10 @@ class InboundBridge:
     # -- the hot path -----------------------------------------------------------------------
 
     def _sink(self, pid: int, pg_channel: str, payload: str) -> None:
+        hooks = self._hooks.get(pg_channel)
+        if hooks is not None:
+            for hook in hooks:
+                hook(payload)
         routes = self._routes.get(pg_channel)
         if routes is None:
             if pg_channel == self._probe_channel:
@@ -471,6 +477,7 @@ class InboundBridge:
                         continue
                     if not first:
                         self._announce_gaps(mark)
+                        self._call_hooks("")
                     first = False
                     self._listening.set()
                     task_status.started()
@@ -497,7 +504,7 @@ class InboundBridge:
         try:
             with trio.CancelScope(shield=True), trio.fail_after(self.keepalive):
                 async with self._lock:
-                    await connection.listen([self._probe_channel, *self._routes])
+                    await connection.listen([self._probe_channel, *sorted(self.channels)])
         except (DatabaseUnavailableError, trio.TooSlowError):
             return False
         with trio.CancelScope(shield=True):
@@ -603,3 +610,32 @@ class InboundBridge:
                 return float(await connection.fetchval("SELECT pg_notification_queue_usage()"))
         except DatabaseUnavailableError:
             return None
+
+    # -- hooks: pgbus's own wake-ups (durable channels) ---------------------------------------
+
+    async def add_hook(self, pg_channel: str, hook: Callable[[str], None]) -> None:
+        """
+        Call *hook(payload)* for each notification on *pg_channel* (LISTEN if new), and
+        ``hook("")`` after each reconnect (notifications may have been missed meanwhile).
+
+        The hook runs inside the socket read: it must be quick and must not raise.
+        """
+        hooks = self._hooks.setdefault(pg_channel, [])
+        hooks.append(hook)
+        if len(hooks) == 1 and pg_channel not in self._routes:
+            try:
+                await self._command(pg_channel, listen=True)
+            except DatabaseError:
+                self._hooks.pop(pg_channel, None)
+                raise
+
+    def remove_hook(self, pg_channel: str, hook: Callable[[str], None]) -> None:
+        """Stop calling *hook* (the channel stays LISTENed: an extra wake-up costs nothing)."""
+        hooks = self._hooks.get(pg_channel, [])
+        if hook in hooks:
+            hooks.remove(hook)
+
+    def _call_hooks(self, payload: str) -> None:
+        for hooks in self._hooks.values():
+            for hook in hooks:
+                hook(payload)

@@ -148,7 +148,21 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
     # anything, so a reply to what an actor sends from on_start is never missed. Meanwhile
     # notifications wait in the bounded channels (or in PostgreSQL, with overflow "block").
     for bridge in config.bridges:
-        if bridge.direction == "in":
+        if bridge.direction == "in" and bridge.durable is not None:
+            d = bridge.durable
+            await bus.bridge_in(
+                bridge.postgres,
+                bridge.channel,
+                codec=bridge.codec,
+                durable=True,
+                group=d.group,
+                start=d.start,
+                max_attempts=d.max_attempts,
+                retry_after=d.retry_after,
+                lease=d.lease,
+                retention=d.retention,
+            )
+        elif bridge.direction == "in":
             await bus.bridge_in(
                 bridge.postgres,
                 bridge.channel,
@@ -161,7 +175,12 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
     # forever if the bridge came after it.
     for bridge in config.bridges:
         if bridge.direction == "out":
-            await bus.bridge_out(bridge.channel, bridge.postgres, codec=bridge.codec)
+            await bus.bridge_out(
+                bridge.channel,
+                bridge.postgres,
+                codec=bridge.codec,
+                durable=bridge.durable is not None,
+            )
     # Actors last, in file order: that order is what rest_for_one restarts and what shutdown
     # reverses.
     for actor in config.actors:

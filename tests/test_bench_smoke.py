@@ -16,7 +16,7 @@ async def test_bench_runs_every_peer_and_workload_at_tiny_scale(pg_dsn: str, tmp
     results = tmp_path / "bench.json"
     command = [sys.executable, "-m", "bench", "--dsn", pg_dsn, "--scale", "0.01", "--repeat", "1"]
     command += ["--peers", "asyncpg_asyncio,asyncpg_uvloop,psycopg,naive_trio,pgbus"]
-    command += ["--json", str(results), "--timeout", "60"]
+    command += ["--json", str(results), "--timeout", "60", "--only", "W1,W2,W3,W4,W5,W8,W8C"]
     with trio.fail_after(300):
         done = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
     output = done.stdout.decode()
@@ -29,4 +29,22 @@ async def test_bench_runs_every_peer_and_workload_at_tiny_scale(pg_dsn: str, tmp
     unavailable = {(c["workload"], c["peer"]) for c in cells if "unavailable" in c}
     assert unavailable == {(w, p) for w in ("W8", "W8C") for p in ("psycopg", "naive_trio")}
     failed = [(c["workload"], c["peer"], c["errors"]) for c in cells if c["errors"]]
+    assert failed == []
+
+
+async def test_bench_runs_the_durable_workloads_at_tiny_scale(pg_dsn: str, tmp_path) -> None:
+    """W6 and W7 at --scale 0.01: every durable peer completes, and checks its messages."""
+    results = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "bench", "--dsn", pg_dsn, "--scale", "0.01", "--repeat", "1"]
+    command += ["--only", "W6,W7", "--peers", "pgqueuer,procrastinate,bare_queue,pgbus"]
+    command += ["--json", str(results), "--timeout", "60"]
+    with trio.fail_after(300):
+        done = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
+    output = done.stdout.decode()
+    assert done.returncode == 0, output
+    cells = json.loads(results.read_text())["medians"]
+    assert {(c["workload"], c["peer"]) for c in cells} == {
+        (w, p) for w in ("W6", "W7") for p in ("pgqueuer", "procrastinate", "bare_queue", "pgbus")
+    }
+    failed = [(c["workload"], c["peer"], c["errors"]) for c in cells if c["ok_runs"] != c["runs"]]
     assert failed == []

@@ -212,7 +212,7 @@ async def test_help_examples_of_notify_and_listen_work_as_written(pg: PgHelper) 
 
 def readme_cli_rows() -> dict[str, str]:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| `python -m pgbus (\w+) ([^`]*)` \|", readme, flags=re.M)
+    rows = re.findall(r"^\| `python -m pgbus ([\w-]+) ([^`]*)` \|", readme, flags=re.M)
     return dict(rows)
 
 

@@ -27,6 +27,9 @@ PEERS: dict[str, Peer] = {
         Peer("asyncpg_uvloop", "asyncpg uvloop", "bench.peers.asyncpg_uvloop"),
         Peer("psycopg", "psycopg 3", "bench.peers.psycopg_async"),
         Peer("naive_trio", "naive Trio", "bench.peers.naive_trio"),
+        Peer("pgqueuer", "pgqueuer", "bench.peers.pgqueuer_peer"),
+        Peer("procrastinate", "procrastinate", "bench.peers.procrastinate_peer"),
+        Peer("bare_queue", "bare SKIP LOCKED queue", "bench.peers.bare_queue"),
         Peer("pgbus", "pgbus", "bench.peers.pgbus_peer"),
     )
 }

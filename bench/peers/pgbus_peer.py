@@ -43,6 +43,7 @@ from ._protocol import (
     throughput,
 )
 from ._sql import ASYNCPG_BURST, burst_payloads
+from .pgbus_durable import WORKLOADS as DURABLE_WORKLOADS
 
 CAPACITY = 1000
 """Capacity of every channel in W1-W4: bounded, big enough for a burst to batch well."""
@@ -334,6 +335,7 @@ WORKLOADS: dict[str, Callable[[PeerArgs], Coroutine[Any, Any, Result]]] = {
     "W5": bounded_memory,
     "W8": cross_process_ask,
     "W8C": concurrent_asks,
+    **DURABLE_WORKLOADS,
 }
 
 

@@ -1,0 +1,192 @@
+"""
+What the durable workloads (W6, W7) share, whatever the queue: worker processes and their reports.
+
+W6: the peer process publishes every message; ``--workers`` worker processes (the same module,
+run as ``python -m <module> worker ...``) handle them. Each worker prints ``ready`` once it is
+consuming, then its running count of handled messages (``n COUNT``, at most every 5 ms) and,
+when it gets SIGTERM, one final JSON line with its payloads and RSS. The clock stops when the
+counts add up to every message and the queue says all of them are acknowledged.
+
+W7: one worker; for each message it prints ``h PAYLOAD TIME`` (``time.perf_counter()``, the
+system-wide monotonic clock on Linux, so comparable across processes) as soon as its handler
+has it; latency is that time minus the publisher's time just before publishing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psutil
+
+from ._protocol import WorkloadError
+
+PROGRESS_EVERY = 0.005
+DEFAULT_WORKERS = 4
+
+
+def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="worker")
+    parser.add_argument("mode", choices=("W6", "W7"))
+    parser.add_argument("--dsn", required=True)
+    parser.add_argument("--channel", required=True)
+    parser.add_argument("--application-name", required=True)
+    return parser.parse_args(argv)
+
+
+class WorkerReport:
+    """The worker side: handled payloads, progress printed from a thread (cheap for handlers)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.payloads: list[str] = []
+        self._stop = threading.Event()
+        if mode == "W6":
+            threading.Thread(target=self._progress, daemon=True).start()
+
+    def ready(self) -> None:
+        _line("ready")
+
+    def handled(self, payload: str) -> None:
+        """Call from the handler, once per message, as soon as it has it."""
+        if self.mode == "W7":
+            _line(f"h {payload} {time.perf_counter()!r}")
+        self.payloads.append(payload)
+
+    def _progress(self) -> None:
+        last = -1
+        while not self._stop.wait(PROGRESS_EVERY):
+            count = len(self.payloads)
+            if count != last:
+                _line(f"n {count}")
+                last = count
+
+    def final(self) -> None:
+        self._stop.set()
+        rss = psutil.Process().memory_info().rss
+        _line(json.dumps({"payloads": self.payloads, "rss": rss}))
+
+
+def _line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+class Workers:
+    """The publisher side: start the worker processes, follow their counts, stop them."""
+
+    def __init__(self, module: str, mode: str, count: int, args: Any) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            module,
+            "worker",
+            mode,
+            f"--dsn={args.dsn}",
+            f"--channel={args.channel}",
+            f"--application-name={args.application_name}",
+        ]
+        self.processes = [
+            subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                cwd=os.getcwd(),
+            )
+            for _ in range(count)
+        ]
+        self.counts = [0] * count
+        self.finals: list[dict[str, Any] | None] = [None] * count
+        self.events: queue.Queue[tuple[str, float]] = queue.Queue()
+        self._ready = [threading.Event() for _ in range(count)]
+        self._target = 0
+        self.all_handled = threading.Event()
+        self.handled_at = 0.0
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, index: int) -> None:
+        stream = self.processes[index].stdout
+        assert stream is not None
+        for line in stream:
+            if line.startswith("n "):
+                with self._lock:
+                    self.counts[index] = int(line[2:])
+                    done = self._target and sum(self.counts) >= self._target
+                    if done and not self.all_handled.is_set():
+                        self.handled_at = time.perf_counter()
+                        self.all_handled.set()
+            elif line.startswith("h "):
+                _, payload, at = line.split()
+                self.events.put((payload, float(at)))
+            elif line.startswith("ready"):
+                self._ready[index].set()
+            elif line.startswith("{"):
+                self.finals[index] = json.loads(line)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for index, ready in enumerate(self._ready):
+            if not ready.wait(max(0.0, deadline - time.monotonic())):
+                self.stop()
+                raise WorkloadError(f"worker {index} did not start within {timeout:g}s")
+
+    def expect(self, total: int) -> None:
+        with self._lock:
+            self._target = total
+
+    def wait_handled(self, timeout: float) -> float:
+        """Block until the counts reach the target; the time they did (perf_counter)."""
+        deadline = time.monotonic() + timeout
+        while not self.all_handled.wait(0.1):
+            dead = [p.returncode for p in self.processes if p.poll() is not None]
+            if dead:
+                raise WorkloadError(f"a worker exited early (status {dead[0]})")
+            if time.monotonic() > deadline:
+                raise WorkloadError(
+                    f"workers handled {sum(self.counts)} of {self._target} within {timeout:g}s"
+                )
+        return self.handled_at
+
+    def stop(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """SIGTERM every worker; their final reports."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for thread in self._threads:
+            thread.join(5)
+        return [f for f in self.finals if f is not None]
+
+
+def check_finals(finals: list[dict[str, Any]], expected: list[str], workers: int) -> dict[str, Any]:
+    """Every message handled exactly once across the workers; the workers' RSS."""
+    if len(finals) != workers:
+        raise WorkloadError(f"{workers - len(finals)} worker(s) sent no final report")
+    received = [p for f in finals for p in f["payloads"]]
+    if len(received) != len(expected) or sorted(received) != sorted(expected):
+        raise WorkloadError(
+            f"workers handled {len(received)} messages ({len(set(received))} distinct), "
+            f"expected {len(expected)}"
+        )
+    rss = [f["rss"] / 2**20 for f in finals]
+    return {"worker_rss_mb": [round(r, 1) for r in rss], "worker_rss_max_mb": max(rss)}

@@ -1,0 +1,171 @@
+"""
+procrastinate with its own throughput knobs: batch defer, worker concurrency, LISTEN/NOTIFY.
+
+- One task, ``bench_job(payload)``; each run defers to a queue of its own (the run's channel)
+  with ``task.configure(queue=...).batch_defer_async(...)``, 5000 jobs a call.
+- Workers: ``app.run_worker_async(queues=[queue], concurrency=16, listen_notify=True,
+  fetch_job_polling_interval=0.5, delete_jobs="successful")``.
+- W6: 4 worker processes; the clock stops when they have handled every job and none of this
+  run's jobs is still ``todo`` or ``doing``. W7: one job at a time, one worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from procrastinate import App, PsycopgConnector
+
+from ._durable_tools import DEFAULT_WORKERS, WorkerReport, Workers, check_finals, parse_worker_args
+from ._protocol import PeerArgs, Result, WorkloadError, clock, latency, run_peer, throughput
+
+BATCH = 5000
+CONCURRENCY = 16
+MODULE = "bench.peers.procrastinate_peer"
+
+REPORT: WorkerReport | None = None
+
+
+def _app(dsn: str, application_name: str) -> App:
+    return App(
+        connector=PsycopgConnector(conninfo=dsn, kwargs={"application_name": application_name})
+    )
+
+
+def _task(app: App) -> Any:
+    @app.task(name="bench_job")
+    async def bench_job(payload: str) -> None:
+        assert REPORT is not None
+        REPORT.handled(payload)
+
+    return bench_job
+
+
+async def _prepare(dsn: str, app: App) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+        await connection.execute("SELECT pg_advisory_lock(4243)")
+        exists = await (
+            await connection.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
+        ).fetchone()
+        if exists is not None and not exists[0]:
+            await app.schema_manager.apply_schema_async()
+        await connection.execute("SELECT pg_advisory_unlock(4243)")
+
+
+async def _pending(dsn: str, queue: str) -> bool:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+        row = await (
+            await connection.execute(
+                "SELECT EXISTS (SELECT FROM procrastinate_jobs WHERE queue_name = %s"
+                " AND status IN ('todo', 'doing'))",
+                (queue,),
+            )
+        ).fetchone()
+        return bool(row and row[0])
+
+
+async def durable_throughput(args: PeerArgs) -> Result:
+    expected = [str(i) for i in range(args.messages)]
+    app = _app(args.dsn, args.application_name)
+    task = _task(app)
+    async with app.open_async():
+        await _prepare(args.dsn, app)
+        workers = Workers(MODULE, "W6", DEFAULT_WORKERS, args)
+        try:
+            await asyncio.to_thread(workers.wait_ready, args.timeout)
+            workers.expect(args.messages)
+            start = clock()
+            deferrer = task.configure(queue=args.channel)
+            for first in range(0, args.messages, BATCH):
+                await deferrer.batch_defer_async(
+                    *({"payload": p} for p in expected[first : first + BATCH])
+                )
+            await asyncio.to_thread(workers.wait_handled, args.timeout)
+            async with asyncio.timeout(args.timeout):
+                while True:  # polling: no event says the last job is done
+                    if not await _pending(args.dsn, args.channel):
+                        break
+                    await asyncio.sleep(0.002)
+            elapsed = clock() - start
+        finally:
+            finals = await asyncio.to_thread(workers.stop)
+    result = throughput(args.messages, elapsed)
+    result.update(check_finals(finals, expected, DEFAULT_WORKERS))
+    return result
+
+
+async def durable_latency(args: PeerArgs) -> Result:
+    app = _app(args.dsn, args.application_name)
+    task = _task(app)
+    async with app.open_async():
+        await _prepare(args.dsn, app)
+        workers = Workers(MODULE, "W7", 1, args)
+        try:
+            await asyncio.to_thread(workers.wait_ready, args.timeout)
+            deferrer = task.configure(queue=args.channel)
+            times: list[float] = []
+            for i in range(args.warmup + args.messages):
+                payload = str(i)
+                sent = clock()
+                await deferrer.defer_async(payload=payload)
+                got, at = await asyncio.to_thread(workers.events.get, True, args.timeout)
+                if got != payload:
+                    raise WorkloadError(f"worker handled {got!r}, expected {payload!r}")
+                if i >= args.warmup:
+                    times.append(at - sent)
+        finally:
+            await asyncio.to_thread(workers.stop)
+    return latency(times)
+
+
+async def _worker(argv: list[str]) -> None:
+    global REPORT
+    args = parse_worker_args(argv)
+    REPORT = WorkerReport(args.mode)
+    app = _app(args.dsn, args.application_name)
+    _task(app)
+    async with app.open_async():
+        worker = asyncio.ensure_future(
+            app.run_worker_async(
+                queues=[args.channel],
+                concurrency=CONCURRENCY,
+                listen_notify=True,
+                fetch_job_polling_interval=0.5,
+                delete_jobs="successful",
+                install_signal_handlers=False,
+            )
+        )
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        REPORT.ready()
+        await stop.wait()
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    REPORT.final()
+
+
+WORKLOADS = {"W6": durable_throughput, "W7": durable_latency}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def run(args: PeerArgs) -> Result:
+        if args.workload not in WORKLOADS:
+            from ._protocol import PeerUnavailableError
+
+            raise PeerUnavailableError(f"procrastinate runs only {', '.join(WORKLOADS)}")
+        return asyncio.run(WORKLOADS[args.workload](args))
+
+    return run_peer("procrastinate", run, argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        asyncio.run(_worker(sys.argv[2:]))
+    else:
+        raise SystemExit(main())

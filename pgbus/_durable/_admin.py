@@ -1,0 +1,242 @@
+"""
+Looking after durable channels: retention (the janitor), group statistics, dead letters.
+
+`group_status` is what ``pgbus groups`` prints and what ``pgbus status`` can show.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+from .._errors import DatabaseError, DatabaseUnavailableError
+from .._pg import Connection, Database
+
+log = logging.getLogger("pgbus.durable")
+
+JANITOR_EVERY = 2.0
+"""Seconds between two retention passes of one consumer process."""
+
+DELETE_BATCH = 20000
+"""The most messages one retention pass deletes (the next pass goes on)."""
+
+VACUUM_AFTER = 50000
+"""Deleted messages after which the janitor vacuums pgbus's tables when autovacuum is off."""
+
+_RETIRE_GROUPS = """
+WITH retired AS (
+    DELETE FROM pgbus.groups
+     WHERE channel = $1 AND seen_at < now() - make_interval(secs => $2)
+    RETURNING group_name
+)
+DELETE FROM pgbus.deliveries d USING retired r
+ WHERE d.channel = $1 AND d.group_name = r.group_name
+"""
+
+_HAS_GROUP = "SELECT EXISTS (SELECT FROM pgbus.groups WHERE channel = $1)"
+
+# A message every group of its channel has claimed (it is at or before the slowest group's
+# position) and none still holds (no delivery row: not in flight, not waiting for a retry,
+# not a dead letter). MATERIALIZED: the batch is chosen once, whatever the planner thinks of
+# the table's size (inlined, a table nobody analyzed can turn this into a loop per row).
+_DELETE_HANDLED = """
+WITH slowest AS (
+    SELECT position_xid, position_id FROM pgbus.groups
+     WHERE channel = $1 ORDER BY position_xid, position_id LIMIT 1
+), doomed AS MATERIALIZED (
+    SELECT m.id FROM pgbus.messages m, slowest s
+     WHERE m.channel = $1 AND (m.xid, m.id) <= (s.position_xid, s.position_id)
+       AND NOT EXISTS (SELECT 1 FROM pgbus.deliveries d WHERE d.message_id = m.id)
+     ORDER BY m.channel, m.xid, m.id
+     LIMIT $2
+)
+DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
+"""
+
+# With no group at all, messages are kept for the retention period (a group joining with
+# start = "earliest" gets them), then deleted.
+_DELETE_AGED = """
+WITH doomed AS MATERIALIZED (
+    SELECT m.id FROM pgbus.messages m
+     WHERE m.channel = $1 AND m.created_at < now() - make_interval(secs => $2)
+     ORDER BY m.channel, m.xid, m.id
+     LIMIT $3
+)
+DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
+"""
+
+
+async def serve_janitor(
+    db: Database,
+    channels: Any,
+    *,
+    retention: Any,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    Every `JANITOR_EVERY` seconds, for each channel in *channels()*: retire groups not seen for
+    ``retention(channel)`` seconds and delete the messages every group has handled. Only one
+    process does a pass at a time (a transaction-level advisory lock); the others skip it.
+    """
+    task_status.started()
+    deleted_since_vacuum = 0
+    autovacuum: bool | None = None
+    connection: Connection | None = None
+    try:
+        while True:
+            await trio.sleep(JANITOR_EVERY)
+            try:
+                if connection is None or connection.closed:
+                    connection = await db.connect("janitor")
+                if autovacuum is None:
+                    setting = await connection.fetchval("SELECT current_setting('autovacuum')")
+                    autovacuum = setting == "on"
+                for channel in list(channels()):
+                    deleted_since_vacuum += await retain(connection, channel, retention(channel))
+                if not autovacuum and deleted_since_vacuum >= VACUUM_AFTER:
+                    deleted_since_vacuum = 0
+                    await vacuum(connection)
+            except (DatabaseUnavailableError, DatabaseError) as exc:
+                log.debug("janitor: %s", exc)  # the next pass tries again
+    finally:
+        if connection is not None:
+            await connection.aclose()
+
+
+async def retain(connection: Connection, channel: str, retention: float) -> int:
+    """One retention pass over *channel*; the number of messages deleted (0 if another ran)."""
+    async with connection.transaction():
+        got = await connection.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('pgbus.janitor:' || $1, 0))",
+            channel,
+        )
+        deleted = 0
+        if got:
+            await connection.execute(_RETIRE_GROUPS, channel, retention)
+            if await connection.fetchval(_HAS_GROUP, channel):
+                tag = await connection.execute(_DELETE_HANDLED, channel, DELETE_BATCH)
+            else:
+                tag = await connection.execute(_DELETE_AGED, channel, retention, DELETE_BATCH)
+            deleted = int(tag.split()[-1])
+    return deleted
+
+
+async def vacuum(connection: Connection) -> None:
+    """Reclaim the space of deleted rows (what autovacuum would do), if this role may."""
+    try:
+        await connection.execute("VACUUM pgbus.messages, pgbus.deliveries, pgbus.groups")
+    except DatabaseError as exc:
+        log.debug("janitor: VACUUM refused: %s", exc)
+
+
+@attrs.frozen
+class GroupStatus:
+    """One consumer group of one durable channel, right now."""
+
+    channel: str
+    group: str
+    lag: int
+    """Messages published and not yet claimed by the group."""
+    in_flight: int
+    """Claimed and not yet acknowledged (leased, or waiting for a retry)."""
+    dead_letters: int
+    seen_at: str
+    """When a member was last seen (ISO 8601)."""
+
+
+_GROUP_STATUS = """
+SELECT g.channel, g.group_name,
+       (SELECT count(*) FROM pgbus.messages m
+         WHERE m.channel = g.channel AND (m.xid, m.id) > (g.position_xid, g.position_id)) AS lag,
+       (SELECT count(*) FROM pgbus.deliveries d
+         WHERE d.channel = g.channel AND d.group_name = g.group_name
+           AND d.available_at < 'infinity') AS in_flight,
+       (SELECT count(*) FROM pgbus.deliveries d
+         WHERE d.channel = g.channel AND d.group_name = g.group_name
+           AND d.available_at = 'infinity') AS dead,
+       to_char(g.seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS seen_at
+  FROM pgbus.groups g
+ WHERE $1::text IS NULL OR g.channel = $1
+ ORDER BY g.channel, g.group_name
+"""
+
+
+async def group_status(connection: Connection, channel: str | None = None) -> list[GroupStatus]:
+    """Every group (of *channel*, or of all channels): lag, in-flight and dead letters."""
+    rows = await connection.fetch(_GROUP_STATUS, channel)
+    return [GroupStatus(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), r[5]) for r in rows]
+
+
+@attrs.frozen
+class DeadLetter:
+    """A message a group gave up on after its last attempt."""
+
+    id: int
+    channel: str
+    group: str
+    attempts: int
+    error: str | None
+    payload: str
+
+
+_LIST_DEAD = """
+SELECT d.message_id, d.channel, d.group_name, d.attempts, d.last_error, m.payload
+  FROM pgbus.deliveries d JOIN pgbus.messages m ON m.id = d.message_id
+ WHERE d.channel = $1 AND d.group_name = $2 AND d.available_at = 'infinity'
+   AND ($3::bigint[] IS NULL OR d.message_id = ANY($3))
+ ORDER BY d.message_id
+"""
+
+_RETRY_DEAD = """
+UPDATE pgbus.deliveries SET available_at = now(), attempts = 0, member = NULL
+ WHERE channel = $1 AND group_name = $2 AND available_at = 'infinity'
+   AND ($3::bigint[] IS NULL OR message_id = ANY($3))
+"""
+
+_PURGE_DEAD = """
+DELETE FROM pgbus.deliveries
+ WHERE channel = $1 AND group_name = $2 AND available_at = 'infinity'
+   AND ($3::bigint[] IS NULL OR message_id = ANY($3))
+"""
+
+
+async def dead_letters(
+    connection: Connection, channel: str, group: str, ids: list[int] | None = None
+) -> list[DeadLetter]:
+    rows = await connection.fetch(_LIST_DEAD, channel, group, ids)
+    return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+async def retry_dead_letters(
+    connection: Connection, channel: str, group: str, ids: list[int] | None = None
+) -> int:
+    """Give dead letters back to their group, with a fresh count of attempts; how many."""
+    tag = await connection.execute(_RETRY_DEAD, channel, group, ids)
+    return int(tag.split()[-1])
+
+
+async def purge_dead_letters(
+    connection: Connection, channel: str, group: str, ids: list[int] | None = None
+) -> int:
+    """Forget dead letters (the janitor then deletes the messages); how many."""
+    tag = await connection.execute(_PURGE_DEAD, channel, group, ids)
+    return int(tag.split()[-1])
+
+
+async def storage(connection: Connection) -> dict[str, int]:
+    """Rows and bytes (with indexes and TOAST) of pgbus's tables: for the bench and tests."""
+    row = await connection.fetchrow(
+        "SELECT (SELECT count(*) FROM pgbus.messages),"
+        " (SELECT count(*) FROM pgbus.deliveries),"
+        " pg_total_relation_size('pgbus.messages'),"
+        " pg_total_relation_size('pgbus.deliveries')"
+    )
+    return {
+        "messages": int(row[0]),
+        "deliveries": int(row[1]),
+        "messages_bytes": int(row[2]),
+        "deliveries_bytes": int(row[3]),
+    }

@@ -1,0 +1,111 @@
+"""
+Durable channels: the message they deliver and every rule and default they share.
+
+No driver here: the TOML loader, the bus and the SQL modules all check options with these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from .._errors import ConfigError
+
+WAKE_CHANNEL = "pgbus_durable"
+"""The Postgres channel publishers NOTIFY after storing messages; the payload names the channel."""
+
+MAX_DURABLE_PAYLOAD_BYTES = 1 << 20
+"""Default limit of one durable payload (1 MiB): ``open_bus(durable_max_payload=...)``."""
+
+START_POSITIONS: tuple[str, ...] = ("latest", "earliest")
+DEFAULT_START = "latest"
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_RETRY_AFTER = 1.0
+DEFAULT_LEASE = 30.0
+DEFAULT_RETENTION = 7 * 24 * 3600.0
+MIN_RETENTION = 300.0
+"""Members refresh their group's ``seen_at`` once a minute; less would retire live groups."""
+
+MAX_GROUP_NAME_BYTES = 63
+
+
+@attrs.frozen
+class DurableMessage:
+    """
+    One message of a durable channel, as a durable inbound bridge delivers it.
+
+    An actor's ``handle`` returning acknowledges it; raising schedules a retry (see
+    `Bus.bridge_in`). Other consumers call ``bus.ack(message)`` or ``bus.nack(message)``.
+    """
+
+    channel: str
+    """The durable channel it was published to."""
+    payload: Any
+    """The payload, decoded by the bridge's codec."""
+    id: int
+    """Its id, unique across all durable channels; ascending in publishing order per publisher."""
+    attempt: int
+    """1 on first delivery, then 2, 3, ... (a retry or an expired lease counts)."""
+    group: str
+    """The consumer group this delivery belongs to."""
+    _receipt: Any = attrs.field(eq=False, repr=False, alias="receipt")
+    """The bridge that claimed it (acknowledgements go back through it)."""
+
+
+def validate_group(group: object, where: str = "group") -> str:
+    if not isinstance(group, str) or not group:
+        raise ConfigError(f"{where} must be a non-empty string (got {group!r}).")
+    if "\x00" in group or len(group.encode()) > MAX_GROUP_NAME_BYTES:
+        raise ConfigError(
+            f"{where} must be at most {MAX_GROUP_NAME_BYTES} bytes without NUL (got {group!r})."
+        )
+    return group
+
+
+def validate_start(start: object) -> str:
+    if start not in START_POSITIONS:
+        allowed = ", ".join(map(repr, START_POSITIONS))
+        raise ConfigError(f"start must be one of {allowed} (got {start!r}).")
+    return str(start)
+
+
+def validate_max_attempts(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"max_attempts must be an integer >= 1 (got {value!r}).")
+    return value
+
+
+def validate_seconds(name: str, value: object, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number of seconds > {minimum:g} (got {value!r}).")
+    if not (minimum < value < math.inf):
+        raise ConfigError(f"{name} must be a number of seconds > {minimum:g} (got {value!r}).")
+    return float(value)
+
+
+def validate_retention(value: object) -> float:
+    seconds = validate_seconds("retention", value)
+    if seconds < MIN_RETENTION:
+        raise ConfigError(f"retention must be at least {MIN_RETENTION:g} seconds (got {value!r}).")
+    return seconds
+
+
+def validate_prefetch(channel: str, capacity: float) -> int:
+    """A durable bridge claims at most its channel's capacity: that must be a positive integer."""
+    if capacity == math.inf or capacity < 1:
+        shown = "inf" if capacity == math.inf else f"{capacity:g}"
+        raise ConfigError(
+            f"a durable inbound bridge claims at most what channel {channel!r} can hold, so its "
+            f"capacity must be a positive integer (got {shown})."
+        )
+    return int(capacity)
+
+
+def validate_max_payload(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"durable_max_payload must be a positive number of bytes (got {value!r})."
+        )
+    return value

@@ -1,0 +1,99 @@
+"""The durable commands: migrate, groups, dead-letters list|retry|purge, notify --durable."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING
+
+import trio
+from test_cli import pgbus_env, run_to_completion
+
+import pgbus
+
+if TYPE_CHECKING:
+    from conftest import PgHelper
+
+WAIT = 20
+
+
+async def make_dead_letter(dsn: str, channel: str, payload: str, failures: int = 1) -> None:
+    """Publish *payload*; handle fails every message (*failures* in all): dead letters of 'g'."""
+    failed = trio.Event()
+    seen: list[int] = []
+
+    class Fails(pgbus.Actor):
+        async def handle(self, message: pgbus.DurableMessage) -> None:
+            seen.append(message.id)
+            if len(seen) >= failures:
+                failed.set()
+            raise ValueError("no good")
+
+    async with pgbus.open_bus(dsn) as bus:
+        bus.add_channel("in", 5)
+        await bus.bridge_in(channel, "in", durable=True, group="g", max_attempts=1)
+        await bus.spawn(Fails, name="fails", inbox="in")
+        await bus.notify(channel, payload, durable=True)
+        with trio.fail_after(WAIT):
+            await failed.wait()
+    # leaving the bus wrote the failure (a dead letter at once, with max_attempts = 1)
+
+
+async def test_dead_letters_list_retry_and_purge(pg: PgHelper) -> None:
+    """A dead letter is listed as JSON, given back by retry, and gone after purge."""
+    channel = f"dead-{uuid.uuid4().hex[:8]}"
+    env = pgbus_env(PGBUS_DSN=pg.dsn)
+    await make_dead_letter(pg.dsn, channel, "poison")
+    listed = await run_to_completion("dead-letters", "list", channel, "--group", "g", env=env)
+    assert listed.returncode == 0, listed.stderr
+    [line] = listed.stdout.decode().splitlines()
+    letter = json.loads(line)
+    assert (letter["payload"], letter["attempts"], letter["error"]) == (
+        "poison",
+        1,
+        "ValueError: no good",
+    )
+    groups = await run_to_completion("groups", channel, env=env)
+    [status] = [json.loads(line) for line in groups.stdout.decode().splitlines()]
+    assert (status["group"], status["lag"], status["in_flight"], status["dead_letters"]) == (
+        "g",
+        0,
+        0,
+        1,
+    )
+    retried = await run_to_completion("dead-letters", "retry", channel, "--group", "g", env=env)
+    assert retried.returncode == 0
+    assert "gave back 1 dead letter(s)" in retried.stderr.decode()
+    assert (
+        await pg.fetchval(
+            "SELECT attempts FROM pgbus.deliveries WHERE channel = $1 AND available_at <= now()",
+            channel,
+        )
+        == 0
+    )
+    await make_dead_letter(pg.dsn, channel, "second", failures=2)  # the retried one fails again
+    purged = await run_to_completion("dead-letters", "purge", channel, "--group", "g", env=env)
+    assert "purged 2 dead letter(s)" in purged.stderr.decode()
+    listed = await run_to_completion("dead-letters", "list", channel, "--group", "g", env=env)
+    assert listed.stdout == b""
+
+
+async def test_migrate_says_what_it_did(pg: PgHelper) -> None:
+    """On a database already at the current version, migrate says so and exits 0."""
+    async with pgbus.open_bus(pg.dsn) as bus:
+        await bus.notify("migrated", "x", durable=True)
+    result = await run_to_completion("migrate", "--dsn", pg.dsn)
+    assert result.returncode == 0
+    assert "nothing to do" in result.stderr.decode()
+
+
+async def test_notify_durable_stores_beyond_the_notify_limit(pg: PgHelper) -> None:
+    """notify --durable takes 20,000 bytes (NOTIFY's limit is 7999) and says it stored them."""
+    channel = f"big-{uuid.uuid4().hex[:8]}"
+    result = await run_to_completion("notify", channel, "x" * 20_000, "--durable", "--dsn", pg.dsn)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode().startswith(f"pgbus: stored 20000 bytes to '{channel}' at ")
+    stored = await pg.fetchval(
+        "SELECT length(payload) FROM pgbus.messages WHERE channel = $1", channel
+    )
+    assert stored == 20_000
