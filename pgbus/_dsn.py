@@ -329,6 +329,9 @@ def _dsn_problem(dsn: str) -> str | None:
             return problem
     if len(ports) > 1 and len(ports) != max(len(hosts), 1):
         return f"gives {len(ports)} ports for {len(hosts)} hosts (one port, or one per host)"
+    if "port" in query and len(hosts) > 1 and len(ports) != len(hosts):
+        # The oldest driver pgbus supports cannot share one ?port= among several hosts.
+        return f"gives 1 port for {len(hosts)} hosts in ?host=; give one port per host"
     return _parameters_problem(query)
 
 
