@@ -840,6 +840,7 @@ async def open_bus(
     backoff_max: float = _DEFAULT.backoff_max,
     stop_timeout: float = _DEFAULT.stop_timeout,
     keepalive: float = 10.0,
+    supervision: Supervision | None = None,
     node: str | None = None,
     durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
 ) -> AsyncIterator[Bus]:
@@ -849,8 +850,9 @@ async def open_bus(
     With *dsn* the bus connects to that PostgreSQL; with ``embedded=True`` and no *dsn* it starts
     a private PostgreSQL for the block; with neither it runs actors and channels only.
     The supervisor's policy comes from *strategy*, *max_restarts*, *within_seconds* and the
-    backoff values. *keepalive* (seconds) bounds every wait on the network: an idle listening
-    connection is checked that often, and a statement or connection that stops answering is
+    backoff values, or whole from *supervision* (a `Supervision`, as ``[supervisor]`` loads).
+    *keepalive* (seconds) bounds every wait on the network: an idle listening connection is
+    checked that often, and a statement or connection that stops answering is
     detected, aborted and reconnected within it.
     In the cluster, asks pending on a node that died fail within *keepalive*, and a singleton
     moves within it. With *node* (a name), the bus joins the cluster as that node when it
@@ -861,9 +863,10 @@ async def open_bus(
     """
     if dsn is not None:
         check_dsn(dsn)
-    supervision = Supervision(
-        strategy, max_restarts, within_seconds, backoff_initial, backoff_max, stop_timeout
-    )
+    if supervision is None:
+        supervision = Supervision(
+            strategy, max_restarts, within_seconds, backoff_initial, backoff_max, stop_timeout
+        )
     if not (isinstance(application_name, str) and application_name.startswith("pgbus")):
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
     keepalive = check_keepalive(keepalive)

@@ -390,14 +390,10 @@ async def _print_notifications(
 
 
 def _notification_json(item: Any) -> str:
-    from ._inbound import Gap
+    """One JSON line per notification or Gap: the very line the ready-made Printer prints."""
+    from .actors.printer import format_line
 
-    record: dict[str, object]
-    if isinstance(item, Gap):
-        record = {"channel": item.channel, "gap": item.reason, "dropped": item.dropped}
-    else:
-        record = {"channel": item.channel, "payload": item.payload, "pid": item.pid}
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return format_line(item, item.channel)
 
 
 def _print_line(line: str) -> bool:

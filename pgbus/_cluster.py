@@ -832,6 +832,11 @@ class Cluster:
                 if key == "idle_session_timeout" and version < 140000:
                     continue
                 await connection.execute("SELECT set_config($1, $2, false)", key, value)
+            listener = self._bus._listener
+            if listener is not None:
+                # Advertise this node only once its channel is listened to again (after a
+                # reconnect): a request sent before would be lost.
+                await listener.wait_listening()
             for attempt in (1, 2):
                 try:
                     await self._register(connection)

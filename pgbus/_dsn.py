@@ -183,7 +183,7 @@ def check_keepalive(keepalive: object) -> float:
 
 DSN_SCHEMES = ("postgresql://", "postgres://")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-"""asyncpg's ``sslmode`` values (libpq's, spelled with hyphens)."""
+"""The driver's ``sslmode`` values (libpq's, spelled with hyphens)."""
 _SSL_NEGOTIATIONS = ("postgres", "direct")
 _TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 _GSSLIBS = ("gssapi", "sspi")
@@ -196,7 +196,7 @@ _CHOICES = {
     "ssl_min_protocol_version": _TLS_VERSIONS,
     "ssl_max_protocol_version": _TLS_VERSIONS,
 }
-# What asyncpg reads from the query string itself; any other key is sent to the server as a
+# What the driver reads from the query string itself; any other key is sent to the server as a
 # setting (``?application_name=x``), where an unknown name fails the connection.
 _DRIVER_PARAMETERS = (
     "host",
@@ -225,11 +225,11 @@ _URI_EXAMPLE = "postgresql://user:password@host:5432/dbname?sslmode=require"
 
 def check_dsn(dsn: object) -> str:
     """
-    Return *dsn* if pgbus's driver (asyncpg) can connect with it, else raise `SettingError`.
+    Return *dsn* if pgbus's driver can connect with it, else raise `SettingError`.
 
     Accepted: a URI ``postgresql://`` or ``postgres://``, with ports 1..65535, closed IPv6
     brackets, valid percent-escapes, no NUL, and driver parameters (``sslmode``,
-    ``target_session_attrs``, ...) that asyncpg accepts. A libpq ``key=value`` string is
+    ``target_session_attrs``, ...) that the driver accepts. A libpq ``key=value`` string is
     refused with its URI form. The rule raised (``exc.key == "dsn"``, ``exc.rule``) never holds
     the password. Does no I/O and reads no environment variable.
     """
@@ -251,7 +251,7 @@ def _shown(dsn: str) -> str:
 
 
 def _dsn_problem(dsn: str) -> str | None:
-    """Why asyncpg could not use *dsn* (the rest of a sentence starting "dsn"), or None."""
+    """Why the driver could not use *dsn* (the rest of a sentence starting "dsn"), or None."""
     try:
         dsn.encode()
     except UnicodeEncodeError:
@@ -265,14 +265,14 @@ def _dsn_problem(dsn: str) -> str | None:
     if not dsn.startswith(DSN_SCHEMES):
         if "://" not in dsn and "=" in dsn:
             return (
-                "must be a URI: pgbus's driver, asyncpg, does not read libpq key=value strings; "
+                "must be a URI: pgbus's driver does not read libpq key=value strings; "
                 f"write it as {_as_uri(dsn)!r}"
             )
         return "must be a URI starting with postgresql:// or postgres://, e.g. " + repr(
             _URI_EXAMPLE
         )
     if "#" in dsn:
-        return "must not contain '#' (asyncpg would cut the DSN there; write it %23)"
+        return "must not contain '#' (the driver would cut the DSN there; write it %23)"
     bad = _BAD_PERCENT.search(dsn)
     if bad is not None:
         return (
@@ -301,7 +301,7 @@ def _dsn_problem(dsn: str) -> str | None:
     if hostspec and ("host" in query or "port" in query):
         given = "?host=" if "host" in query else "?port="
         return (
-            f"has {given} as well as a host before the path, and asyncpg then ignores {given}; "
+            f"has {given} as well as a host before the path, and the driver then ignores {given}; "
             "write host:port before the path (postgresql://user@host:5433/db)"
         )
     hosts: list[str] = []
@@ -333,7 +333,7 @@ def _dsn_problem(dsn: str) -> str | None:
 
 
 def _query(text: str) -> tuple[dict[str, str], str | None]:
-    """The query's parameters as asyncpg reads them (last one wins), or why it cannot."""
+    """The query's parameters as the driver reads them (last one wins), or why it cannot."""
     if not text:
         return {}, None
     fields = text.split("&")
@@ -349,7 +349,7 @@ def _query(text: str) -> tuple[dict[str, str], str | None]:
 
 
 def _hostlist(spec: str, hosts: list[str], ports: list[str], *, unquoted: bool) -> str | None:
-    """Append each host and port of a comma-separated *spec* (asyncpg's parsing), or say why."""
+    """Append each host and port of a comma-separated *spec* (the driver's parsing), or say why."""
     for item in spec.split(","):
         if not item:
             return "has an empty host in its host list"
@@ -382,7 +382,7 @@ def _parameters_problem(query: dict[str, str]) -> str | None:
     for key, allowed in _CHOICES.items():
         value = query.get(key)
         if value is not None and value not in allowed:
-            return f"has {key}={value!r}; asyncpg accepts " + ", ".join(allowed)
+            return f"has {key}={value!r}; the driver accepts " + ", ".join(allowed)
     if query.get("sslnegotiation") == "direct" and query.get("sslmode") not in SSL_MODES[3:]:
         return "has sslnegotiation=direct, which needs sslmode=require, verify-ca or verify-full"
     for key in query:
@@ -391,7 +391,7 @@ def _parameters_problem(query: dict[str, str]) -> str | None:
         close = difflib.get_close_matches(key, _DRIVER_PARAMETERS, n=1, cutoff=0.8)
         if close:
             return (
-                f"has an unknown parameter {key!r} (asyncpg would send it to the server as a "
+                f"has an unknown parameter {key!r} (the driver would send it to the server as a "
                 f"setting); did you mean {close[0]!r}?"
             )
     return None

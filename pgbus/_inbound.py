@@ -170,7 +170,7 @@ class InboundBridge:
     """
     The bus's one listening connection, many Postgres channels on it.
 
-    Hot path: asyncpg's parser calls `_sink` for each notification, inside the socket read; the
+    Hot path: the driver's parser calls `_sink` for each notification, inside the socket read; the
     sink hands the notification to its Trio channels with ``send_nowait``: no callback scheduled,
     no task, no checkpoint per notification. Only when a ``block`` route is full does the sink
     stop reading the socket and queue what that read already parsed in `_backlog`, which the
@@ -204,6 +204,7 @@ class InboundBridge:
         self._probe_seen = ""
         self._deaf = 0  # consecutive connections that did not receive their own probe
         self._stopping = False
+        self._listening = trio.Event()  # set while LISTEN is active on every channel
         self.reconnects = 0
 
     # -- the routing table ------------------------------------------------------------------
@@ -215,8 +216,12 @@ class InboundBridge:
 
     @property
     def connected(self) -> bool:
-        """Whether the listening connection is up (and listening on every channel)."""
-        return self._direct or (self._connection is not None and not self._lost)
+        """Whether the listening connection is up and listening on every channel."""
+        return self._listening.is_set() and not self._lost
+
+    async def wait_listening(self) -> None:
+        """Wait until LISTEN is active on every channel (at once if it is)."""
+        await self._listening.wait()
 
     def stop_reading(self) -> None:
         """For a shutdown: read nothing more from the socket, deliver only what was read."""
@@ -474,11 +479,14 @@ class InboundBridge:
                         self._announce_gaps(mark)
                         self._call_hooks("")
                     first = False
+                    self._listening.set()
                     task_status.started()
                     task_status = trio.TASK_STATUS_IGNORED
                     await self._watch(connection)
                 finally:
                     self._connection = None
+                    if self._listening.is_set():
+                        self._listening = trio.Event()
                     if self._lost:
                         connection.abort()  # a half-open peer would make a polite close wait
                     else:

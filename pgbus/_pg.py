@@ -21,7 +21,7 @@ import math
 import random
 import select
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -684,3 +684,38 @@ async def publish_each(
             channels,
             payloads,
         )
+
+
+class AdminError(Exception):
+    """`run_admin` could not connect or run its job; *cause* is one line."""
+
+    def __init__(self, cause: str) -> None:
+        self.cause = cause
+        super().__init__(cause)
+
+
+def run_admin(
+    dsn: str, job: Callable[[Any], Awaitable[None]], *, application_name: str, timeout: float
+) -> None:
+    """
+    Run ``await job(connection)`` on a fresh connection, on a new asyncio loop in this thread
+    (for `pgbus.testing`'s scratch databases: no Trio involved). The connection offers
+    ``execute(sql)`` and ``fetch(sql)``; it is closed afterwards.
+
+    Raises:
+        AdminError: the server could not be reached, or refused a statement.
+    """
+
+    async def main() -> None:
+        connection = await asyncpg.connect(
+            dsn, timeout=timeout, server_settings={"application_name": application_name}
+        )
+        try:
+            await job(connection)
+        finally:
+            await connection.close(timeout=timeout)
+
+    try:
+        asyncio.run(main())
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise AdminError(_first_line(exc) or type(exc).__name__) from exc

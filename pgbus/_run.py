@@ -96,7 +96,6 @@ async def _run_bus_serving(
     report: Callable[[str], None],
 ) -> None:
     pg = config.postgres
-    sv = config.supervisor
     embedded = pg.dsn is None
     if embedded:
         log.info("starting an embedded PostgreSQL for this run")
@@ -105,12 +104,7 @@ async def _run_bus_serving(
             pg.dsn,
             embedded=embedded,
             application_name=pg.application_name,
-            strategy=sv.strategy,
-            max_restarts=sv.max_restarts,
-            within_seconds=sv.within_seconds,
-            backoff_initial=sv.backoff_initial,
-            backoff_max=sv.backoff_max,
-            stop_timeout=sv.stop_timeout,
+            supervision=config.supervisor,
             keepalive=pg.keepalive,
             node=config.node.name if config.node is not None and config.node.name else None,
         ) as bus,

@@ -41,7 +41,6 @@ raises `pgbus.PgbusError` saying why and what to change.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import importlib
@@ -185,12 +184,12 @@ async def _drop_stale_databases(connection: Any) -> None:
 
 
 def _with_database(dsn: str, database: str) -> str:
-    """*dsn* pointing at *database* instead; only URIs, the only form asyncpg accepts."""
+    """*dsn* pointing at *database* instead; only URIs, the only form the driver accepts."""
     parts = urlsplit(dsn)
     if parts.scheme not in ("postgresql", "postgres"):
         raise PgbusError(
             f"{ENV_DSN} must be a postgresql:// URI (got {redact_dsn(dsn)!r}); "
-            "asyncpg does not read key=value strings."
+            "pgbus's driver does not read key=value strings."
         )
     query = [
         (key, value)
@@ -202,28 +201,22 @@ def _with_database(dsn: str, database: str) -> str:
 
 def _run_admin(dsn: str, job: Callable[[Any], Awaitable[None]], failure: str) -> None:
     """
-    Run *job* on a fresh asyncpg connection to *dsn*, on asyncio in a thread of its own.
+    Run *job* on a fresh connection to *dsn*, on asyncio in a thread of its own.
 
     A thread of its own: this may be called while a Trio or asyncio loop runs in this one.
     """
-    import asyncpg
-
-    async def main() -> None:
-        connection = await asyncpg.connect(
-            dsn,
-            timeout=_CONNECT_TIMEOUT,
-            server_settings={"application_name": HELPER_APPLICATION_NAME},
-        )
-        try:
-            await job(connection)
-        finally:
-            await connection.close(timeout=_CONNECT_TIMEOUT)
+    from ._pg import AdminError, run_admin
 
     try:
-        _run_in_thread(lambda: asyncio.run(main()))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        cause = redact_dsn(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise PgbusError(f"{ENV_DSN}: {failure} {describe_dsn(dsn)}: {cause}") from exc
+        _run_in_thread(
+            lambda: run_admin(
+                dsn, job, application_name=HELPER_APPLICATION_NAME, timeout=_CONNECT_TIMEOUT
+            )
+        )
+    except AdminError as exc:
+        raise PgbusError(
+            f"{ENV_DSN}: {failure} {describe_dsn(dsn)}: {redact_dsn(exc.cause)}"
+        ) from exc
 
 
 def _run_in_thread(function: Callable[[], _T]) -> _T:
@@ -279,7 +272,7 @@ def _docker_postgres() -> Iterator[str]:
                 f"{ENV_BACKEND}=docker: cannot start a {DOCKER_IMAGE} container: {cause}. "
                 f"Is Docker running? Unset {ENV_BACKEND} to use embedded PostgreSQL instead."
             )
-        # asyncpg wants a plain postgresql:// URI, not SQLAlchemy's postgresql+driver://.
+        # The driver wants a plain postgresql:// URI, not SQLAlchemy's postgresql+driver://.
         yield re.sub(r"^postgresql\+\w+://", "postgresql://", url)
 
 

@@ -78,13 +78,13 @@ def test_check_dsn_accepts_what_asyncpg_can_use(dsn: str) -> None:
 REFUSED = [
     (
         "host=db port=6432 user=app password=secret dbname=app sslmode=require",
-        "must be a URI: pgbus's driver, asyncpg, does not read libpq key=value strings; write it "
+        "must be a URI: pgbus's driver does not read libpq key=value strings; write it "
         "as 'postgresql://app:***@db:6432/app?sslmode=require' "
         "(got 'host=db port=6432 user=app password=*** dbname=app sslmode=require').",
     ),
     (
         "host=/tmp dbname=x",
-        "must be a URI: pgbus's driver, asyncpg, does not read libpq key=value strings; write it "
+        "must be a URI: pgbus's driver does not read libpq key=value strings; write it "
         "as 'postgresql:///x?host=/tmp' (got 'host=/tmp dbname=x').",
     ),
     (
@@ -100,8 +100,8 @@ REFUSED = [
     ("postgresql://h:+5432/db", f"has port '+5432'; {PORT_RULE} (got 'postgresql://h:+5432/db')."),
     ("postgresql:///db?port=5432,", "has ?port='5432,'; each port is a whole number from 1 to 65535 (got 'postgresql:///db?port=5432,')."),
     ("postgresql:///db?port=70000", f"has port '70000'; {PORT_RULE} (got 'postgresql:///db?port=70000')."),
-    ("postgresql://h/db?port=5433", "has ?port= as well as a host before the path, and asyncpg then ignores ?port=; write host:port before the path (postgresql://user@host:5433/db) (got 'postgresql://h/db?port=5433')."),
-    ("postgresql://h/db?host=other", "has ?host= as well as a host before the path, and asyncpg then ignores ?host=; write host:port before the path (postgresql://user@host:5433/db) (got 'postgresql://h/db?host=other')."),
+    ("postgresql://h/db?port=5433", "has ?port= as well as a host before the path, and the driver then ignores ?port=; write host:port before the path (postgresql://user@host:5433/db) (got 'postgresql://h/db?port=5433')."),
+    ("postgresql://h/db?host=other", "has ?host= as well as a host before the path, and the driver then ignores ?host=; write host:port before the path (postgresql://user@host:5433/db) (got 'postgresql://h/db?host=other')."),
     ("postgresql:///db?host=h:x", f"has port 'x'; {PORT_RULE} (got 'postgresql:///db?host=h:x')."),
     (
         "postgresql://u:pa/ss@h/db",
@@ -118,18 +118,18 @@ REFUSED = [
     ("postgresql:///db?host=h1,h2&port=1,2,3", "gives 3 ports for 2 hosts (one port, or one per host) (got 'postgresql:///db?host=h1,h2&port=1,2,3')."),
     (
         "postgresql://h/db?sslmode=bogus",
-        "has sslmode='bogus'; asyncpg accepts disable, allow, prefer, require, verify-ca, "
+        "has sslmode='bogus'; the driver accepts disable, allow, prefer, require, verify-ca, "
         "verify-full (got 'postgresql://h/db?sslmode=bogus').",
     ),
     (
         "postgresql://h/db?target_session_attrs=master",
-        "has target_session_attrs='master'; asyncpg accepts any, primary, standby, "
+        "has target_session_attrs='master'; the driver accepts any, primary, standby, "
         "prefer-standby, read-write, read-only (got 'postgresql://h/db?target_session_attrs=master').",
     ),
-    ("postgresql://h/db?gsslib=krb", "has gsslib='krb'; asyncpg accepts gssapi, sspi (got 'postgresql://h/db?gsslib=krb')."),
+    ("postgresql://h/db?gsslib=krb", "has gsslib='krb'; the driver accepts gssapi, sspi (got 'postgresql://h/db?gsslib=krb')."),
     (
         "postgresql://h/db?ssl_min_protocol_version=SSLv3",
-        "has ssl_min_protocol_version='SSLv3'; asyncpg accepts TLSv1, TLSv1.1, TLSv1.2, TLSv1.3 "
+        "has ssl_min_protocol_version='SSLv3'; the driver accepts TLSv1, TLSv1.1, TLSv1.2, TLSv1.3 "
         "(got 'postgresql://h/db?ssl_min_protocol_version=SSLv3').",
     ),
     (
@@ -139,7 +139,7 @@ REFUSED = [
     ),
     (
         "postgresql://h/db?sslmdoe=require",
-        "has an unknown parameter 'sslmdoe' (asyncpg would send it to the server as a setting); "
+        "has an unknown parameter 'sslmdoe' (the driver would send it to the server as a setting); "
         "did you mean 'sslmode'? (got 'postgresql://h/db?sslmdoe=require').",
     ),
     (
@@ -158,7 +158,7 @@ REFUSED = [
         "has more than one '@' before the host; write '@' in a user name or password as %40 "
         "(got 'postgresql://u:***@h/db').",
     ),
-    ("postgresql://u:pa#ss@h/db", "must not contain '#' (asyncpg would cut the DSN there; write it %23) (got 'postgresql://u:***@h/db')."),
+    ("postgresql://u:pa#ss@h/db", "must not contain '#' (the driver would cut the DSN there; write it %23) (got 'postgresql://u:***@h/db')."),
     ("postgresql://h/db\n", "must not contain control characters (a line break, a tab...) (got 'postgresql://h/db\\n')."),
     (" postgresql://h/db", "must not start or end with spaces (got ' postgresql://h/db')."),
     ("postgresql://h/\udcffdb", "must be valid UTF-8 (it holds a lone surrogate) (got 'postgresql://h/\\udcffdb')."),
@@ -228,9 +228,9 @@ def test_config_accepts_a_good_dsn(dsn: str) -> None:
     ("dsn", "rule"),
     [
         ("postgresql://u:hunter2@h:99999/db", f"has port '99999'; {PORT_RULE} (got 'postgresql://u:***@h:99999/db')."),
-        ("host=db password=hunter2", "must be a URI: pgbus's driver, asyncpg, does not read libpq key=value strings; write it as 'postgresql://:***@db/' (got 'host=db password=***')."),
+        ("host=db password=hunter2", "must be a URI: pgbus's driver does not read libpq key=value strings; write it as 'postgresql://:***@db/' (got 'host=db password=***')."),
         ("mysql://root:hunter2@db/app", f"must be a URI starting with postgresql:// or postgres://, e.g. {URI_EXAMPLE} (got 'mysql://root:***@db/app')."),
-        ("postgresql://h/db?sslmode=bogus&password=hunter2", "has sslmode='bogus'; asyncpg accepts disable, allow, prefer, require, verify-ca, verify-full (got 'postgresql://h/db?sslmode=bogus&password=***')."),
+        ("postgresql://h/db?sslmode=bogus&password=hunter2", "has sslmode='bogus'; the driver accepts disable, allow, prefer, require, verify-ca, verify-full (got 'postgresql://h/db?sslmode=bogus&password=***')."),
     ],
 )  # fmt: skip
 def test_config_refuses_a_bad_dsn_in_its_own_form(dsn: str, rule: str) -> None:
