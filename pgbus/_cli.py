@@ -650,9 +650,11 @@ def _status_lines(cluster: Any, where: str) -> Iterator[str]:
         holder = f"held by {singleton.holder!r}" if singleton.holder else "held by nobody"
         candidates = ", ".join(map(repr, singleton.candidates))
         yield f"singleton {singleton.name!r}: {holder} (candidates: {candidates})"
-    if cluster.durable is not None:
-        for group in cluster.durable:
-            yield f"durable {json.dumps(group, ensure_ascii=False, default=str)}"
+    for group in cluster.durable or ():
+        yield (
+            f"durable {group['channel']!r} group {group['group']!r}: lag {group['lag']}, "
+            f"in flight {group['in_flight']}, dead letters {group['dead_letters']}"
+        )
 
 
 def _json_message(text: str) -> Any:

@@ -24,7 +24,6 @@ PostgreSQL is the engine; nothing here decides liveness on its own:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
 import logging
@@ -270,21 +269,13 @@ async def read_status(connection: Connection) -> ClusterStatus:
     return ClusterStatus(nodes, tuple(singletons), await _durable_status(connection))
 
 
-async def _durable_status(connection: Connection) -> tuple[Any, ...] | None:
-    """
-    The hook for durable channels' groups (lag, in flight, dead letters) in ``pgbus status``.
+async def _durable_status(connection: Connection) -> tuple[dict[str, Any], ...] | None:
+    """Durable channels' groups (lag, in flight, dead letters) for ``pgbus status``, if any."""
+    if not await connection.fetchval("SELECT to_regclass('pgbus.deliveries') IS NOT NULL"):
+        return None
+    from ._durable._admin import group_status
 
-    `pgbus._durable` (built separately) is expected to offer ``async group_status(connection)``
-    returning a sequence of JSON-able records; until it does, there is nothing to show.
-    """
-    try:
-        durable = importlib.import_module("pgbus._durable")
-    except ImportError:
-        return None
-    group_status = getattr(durable, "group_status", None)
-    if group_status is None:
-        return None
-    return tuple(await group_status(connection))
+    return tuple(attrs.asdict(group) for group in await group_status(connection))
 
 
 class _Pending:

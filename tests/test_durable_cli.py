@@ -97,3 +97,18 @@ async def test_notify_durable_stores_beyond_the_notify_limit(pg: PgHelper) -> No
         "SELECT length(payload) FROM pgbus.messages WHERE channel = $1", channel
     )
     assert stored == 20_000
+
+
+async def test_status_shows_each_durable_group(pg: PgHelper) -> None:
+    """pgbus status lists durable groups with lag, in-flight and dead letters (text and JSON)."""
+    channel = f"status-{uuid.uuid4().hex[:8]}"
+    env = pgbus_env(PGBUS_DSN=pg.dsn)
+    await make_dead_letter(pg.dsn, channel, "poison")
+    text = await run_to_completion("status", env=env)
+    assert text.returncode == 0, text.stderr
+    line = f"durable {channel!r} group 'g': lag 0, in flight 0, dead letters 1"
+    assert line in text.stdout.decode().splitlines()
+    as_json = await run_to_completion("status", "--json", env=env)
+    groups = json.loads(as_json.stdout)["durable"]
+    [group] = [g for g in groups if g["channel"] == channel]
+    assert (group["group"], group["lag"], group["dead_letters"]) == ("g", 0, 1)
