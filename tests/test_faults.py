@@ -75,12 +75,14 @@ async def test_half_open_publishing_connection_is_replaced_and_nothing_is_lost(
         started = time.monotonic()
         for i in range(20):
             await bus.send("out", f"m{i}")
+        expected = {f"m{i}" for i in range(20)}
         seen: set[str] = set()
         with trio.fail_after(WAIT):
-            while len(seen) < 20:
+            while not expected <= seen:
                 seen.add((await received.receive())[1])
         resumed = time.monotonic() - started
-    assert seen == {f"m{i}" for i in range(20)}
+    # At-least-once: "before" comes again if its reply was still unread when the path stalled.
+    assert seen - {"before"} == expected
     text = warnings_of(caplog)
     assert "connection 'publish " in text, text
     assert "half-open" in text, text

@@ -68,7 +68,8 @@ async def test_run_log_format_json_writes_one_object_per_line(tmp_path: Path) ->
     messages = [e["message"] for e in entries]
     assert messages[0] == f"{config}: 1 channel, 1 bridge, 0 actors"
     assert any(e["logger"] == "pgbus.bridge" and e["level"] == "WARNING" for e in entries)
-    assert messages[-1].startswith("SIGTERM received: stopping")
+    # A connection attempt in flight may still log its failure after the signal's line.
+    assert any(m.startswith("SIGTERM received: stopping") for m in messages[1:]), messages
 
 
 async def test_run_log_format_json_reports_a_failure_as_json(tmp_path: Path) -> None:
