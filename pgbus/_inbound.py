@@ -227,6 +227,8 @@ class InboundBridge:
         """For a shutdown: read nothing more from the socket, deliver only what was read."""
         self._stopping = True
         self._direct = False
+        if self._connection is not None:  # where trio-asyncio reads the socket (SSL)
+            self._connection.hold_reading()
         if self._waiting is not None:
             self._waiting.cancel()
 
