@@ -7,6 +7,13 @@ Public names are loaded on first use, so that ``pgbus check`` never imports the 
 
 from __future__ import annotations
 
+import sys as _sys
+
+from . import _signals
+
+if _signals.started_as_the_command(_sys):  # before any other import: no signal is lost or fatal
+    _signals.remember_early_signals()
+
 import importlib
 import logging as _logging
 from typing import TYPE_CHECKING, Any

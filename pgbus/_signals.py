@@ -1,20 +1,30 @@
 """
 The signals that stop pgbus's commands, and those that arrive before a command listens for them.
 
-``python -m pgbus`` (and the ``pgbus`` script) call `remember_early_signals` first thing: from
-then on a stop signal is only noted, never raised into whatever runs (an import, a lock's
-callback), and a command that starts listening for signals acts on one noted before.
+When the process is ``python -m pgbus`` or the ``pgbus`` script, `remember_early_signals` runs
+as the package's first statement: from then on a stop signal is only noted, never raised into
+whatever runs (an import, a lock's callback), and a command that starts listening for signals
+acts on one noted before. Imported as a library, pgbus never touches signal handlers.
 """
 
 from __future__ import annotations
 
+import os
 import signal
-from types import FrameType
+from types import FrameType, ModuleType
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 early: list[int] = []
 """Stop signals received before a command listened for them, in order."""
+
+
+def started_as_the_command(sys: ModuleType) -> bool:
+    """Whether this process is ``python [options] -m pgbus ...`` or the ``pgbus`` script."""
+    argv: list[str] = list(getattr(sys, "orig_argv", []))
+    if "-m" in argv and argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["pgbus"]:
+        return True
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "pgbus"
 
 
 def _remember(signum: int, _frame: FrameType | None) -> None:
