@@ -23,12 +23,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import psutil
 
-from ._protocol import WorkloadError
+from ._protocol import PeerArgs, PeerUnavailableError, Result, WorkloadError, run_peer
 
 PROGRESS_EVERY = 0.005
 DEFAULT_WORKERS = 4
@@ -190,3 +190,27 @@ def check_finals(finals: list[dict[str, Any]], expected: list[str], workers: int
         )
     rss = [f["rss"] / 2**20 for f in finals]
     return {"worker_rss_mb": [round(r, 1) for r in rss], "worker_rss_max_mb": max(rss)}
+
+
+def asyncio_peer_main(
+    name: str,
+    label: str,
+    workloads: Mapping[str, Callable[[PeerArgs], Coroutine[Any, Any, Result]]],
+    worker: Callable[[list[str]], Coroutine[Any, Any, None]],
+) -> None:
+    """
+    The ``python -m bench.peers.X`` entry of an asyncio durable peer: ``worker ARGS`` runs one
+    worker process; anything else runs a workload (*label* names the peer in "runs only").
+    """
+    import asyncio
+
+    if sys.argv[1:2] == ["worker"]:
+        asyncio.run(worker(sys.argv[2:]))
+        return
+
+    def run(args: PeerArgs) -> Result:
+        if args.workload not in workloads:
+            raise PeerUnavailableError(f"{label} runs only {', '.join(workloads)}")
+        return asyncio.run(workloads[args.workload](args))
+
+    raise SystemExit(run_peer(name, run, sys.argv[1:]))

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
-from ._durable_tools import DEFAULT_WORKERS, WorkerReport, Workers, check_finals, parse_worker_args
-from ._protocol import PeerArgs, Result, WorkloadError, clock, latency, run_peer, throughput
+from ._durable_tools import (
+    DEFAULT_WORKERS,
+    WorkerReport,
+    Workers,
+    asyncio_peer_main,
+    check_finals,
+    parse_worker_args,
+)
+from ._protocol import PeerArgs, Result, WorkloadError, clock, latency, throughput
 
 BATCH = 500
 ENQUEUE_BATCH = 5000
@@ -143,19 +148,5 @@ async def _worker(argv: list[str]) -> None:
 WORKLOADS = {"W6": durable_throughput, "W7": durable_latency}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    def run(args: PeerArgs) -> Result:
-        if args.workload not in WORKLOADS:
-            from ._protocol import PeerUnavailableError
-
-            raise PeerUnavailableError(f"pgqueuer runs only {', '.join(WORKLOADS)}")
-        return asyncio.run(WORKLOADS[args.workload](args))
-
-    return run_peer("pgqueuer", run, argv)
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["worker"]:
-        asyncio.run(_worker(sys.argv[2:]))
-    else:
-        raise SystemExit(main())
+    asyncio_peer_main("pgqueuer", "pgqueuer", WORKLOADS, _worker)
