@@ -156,6 +156,7 @@ class Bus:
         self._listener_lock = trio.Lock()
         self._outbound: dict[str, tuple[OutboundBridge, _Service]] = {}
         self._sends = 0
+        self._publishers: dict[str, OutboundBridge] = {}  # channels whose bridge takes offers
         self._durable_max_payload = durable_max_payload
         self._durable: DurableSupport | None = None
         self._durable_in: list[tuple[DurableConsumer, _Service]] = []
@@ -199,21 +200,27 @@ class Bus:
         Send *message* to the channel named *channel*, waiting while it is full.
 
         While there is room this does not go through the scheduler (it checkpoints once every
-        64 sends); cancellation is atomic: the message is either queued or not at all.
+        64 sends); cancellation is atomic: the message is either queued or not at all. To an
+        idle outbound bridge, the message is written to PostgreSQL from this call.
         """
         target = self.channel(channel)
-        try:
-            target.send_nowait(message)
-        except trio.WouldBlock:
-            await target.send(message)
-            return
+        publisher = self._publishers.get(channel)
+        if publisher is None or not publisher.offer(message):
+            try:
+                target.send_nowait(message)
+            except trio.WouldBlock:
+                await target.send(message)
+                return
         self._sends += 1
         if self._sends % SEND_CHECKPOINT_EVERY == 0:
             await trio.lowlevel.checkpoint()
 
     def send_nowait(self, channel: str, message: object) -> None:
         """Send without waiting; raises `trio.WouldBlock` if the channel is full."""
-        self.channel(channel).send_nowait(message)
+        target = self.channel(channel)
+        publisher = self._publishers.get(channel)
+        if publisher is None or not publisher.offer(message):
+            target.send_nowait(message)
 
     # -- actors ------------------------------------------------------------------------------
 
@@ -481,8 +488,11 @@ class Bus:
         service = _Service(f"publish {postgres}")
         self._outbound[channel] = (bridge, service)
         await self._nursery.start(service.run, bridge.serve)
+        if bridge.direct:
+            self._publishers[channel] = bridge
 
         async def close() -> None:
+            self._publishers.pop(channel, None)
             await self._stop_outbound(bridge, service)
             del self._outbound[channel]
 

@@ -194,6 +194,7 @@ class InboundBridge:
         self._connection: Connection | None = None
         self._lost = False
         self._waiting: trio.CancelScope | None = None  # the listener task's wait for data
+        self._last_read = 0.0  # trio.current_time() of the last socket read (or keepalive)
         self._lock = trio.Lock()  # one statement at a time on the connection
         self._blocked: tuple[Route, float] | None = None  # the full route holding the socket
         self._commands: set[trio.CancelScope] = set()  # LISTEN/UNLISTEN awaiting their reply
@@ -554,6 +555,7 @@ class InboundBridge:
 
     async def _watch(self, connection: Connection) -> None:
         """Read the socket, deliver the backlog, keep the connection alive; return once lost."""
+        self._last_read = trio.current_time()
         while not self._lost:
             if self._backlog:
                 await self._drain_backlog()
@@ -564,16 +566,24 @@ class InboundBridge:
                 self._mark_lost()
                 break
             self._direct = True
-            with trio.move_on_after(self.keepalive) as waiting:
+            # One cancel scope per quiet spell, not per read: a scope costs a few µs, and this
+            # loop is on every notification's path. The deadline is the last read + keepalive.
+            with trio.CancelScope(deadline=self._last_read + self.keepalive) as waiting:
                 self._waiting = waiting
-                await connection.receive()  # the sink delivers each notification as it is parsed
+                while not self._backlog and not connection.closed:
+                    await connection.receive()  # the sink delivers each notification as parsed
+                    self._last_read = trio.current_time()
             self._waiting = None
-            if waiting.cancelled_caught and not self._lost and not await self._prove(connection):
-                if not self._deaf:  # else _prove said why
-                    log.warning(
-                        "listening connection to %s did not answer a keepalive", self._db.where
-                    )
-                self._mark_lost()
+            quiet = trio.current_time() - self._last_read >= self.keepalive
+            if waiting.cancelled_caught and quiet and not self._lost and not self._stopping:
+                if not await self._prove(connection):
+                    if not self._deaf:  # else _prove said why
+                        log.warning(
+                            "listening connection to %s did not answer a keepalive",
+                            self._db.where,
+                        )
+                    self._mark_lost()
+                self._last_read = trio.current_time()
 
     async def _watch_blocked(self) -> None:
         """

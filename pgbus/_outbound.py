@@ -11,7 +11,7 @@ from ._bridge import BridgeStatistics
 from ._channel import Channel
 from ._codec import check_payload, encoder, validate_channel_name
 from ._errors import DatabaseError, DatabaseUnavailableError, PgbusError
-from ._pg import Backoff, Connection, Database, connect_with_retry
+from ._pg import Backoff, Connection, Database, Statement, connect_with_retry
 
 log = logging.getLogger("pgbus.bridge")
 
@@ -28,7 +28,14 @@ class OutboundBridge:
     load. A batch never holds the same payload twice — PostgreSQL would merge the two — so such a
     batch is split in order. A batch not confirmed before the connection breaks is published again
     after reconnecting (at-least-once).
+
+    An idle bridge lets the sender start the statement itself (`offer`): the message is
+    written to the server from the sender's task, with no hop through the bridge's task, which
+    then only reads the reply. Busy, it batches as above.
     """
+
+    direct = True
+    """Whether senders may start this bridge's statements themselves (`offer`)."""
 
     def __init__(self, db: Database, channel: Channel, pg_channel: str, codec: str) -> None:
         self._db = db
@@ -38,7 +45,9 @@ class OutboundBridge:
         self._encode = encoder(codec)
         self._connection: Connection | None = None
         self._stopping = False
-        self._idle: trio.CancelScope | None = None
+        self._receiver = channel.receiver()  # this bridge's own handle, closed to wake it
+        self._parked = False  # waiting on an empty channel with nothing in flight
+        self._in_flight: Statement | None = None  # a statement `offer` began
         self._batch: list[str] = []  # taken from the channel, not yet confirmed by the server
         self._loaded = False  # the last batch held more than one message
         self.published = 0
@@ -65,8 +74,36 @@ class OutboundBridge:
     def finish(self) -> None:
         """Publish what is queued, then return from `serve` (the caller bounds the wait)."""
         self._stopping = True
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._parked:
+            self._receiver.close()
+
+    def offer(self, message: object) -> bool:
+        """
+        Start publishing *message* from the caller's task if this bridge is idle; False if it
+        is busy (the caller queues the message in the channel instead).
+
+        Idle means: the bridge waits on an empty channel, nothing is in flight, and no message
+        was just handed to it (by a sender that went through the channel itself). The bridge
+        task then wakes to read the reply, while the server works on the statement, and
+        handles a failure as for any batch: refusal logged and counted, reconnect and publish
+        again.
+        """
+        connection = self._connection
+        if (
+            not self._parked
+            or self._receiver.statistics().tasks_waiting_receive != 1
+            or connection is None
+            or connection.closed
+        ):
+            return False
+        batch = self._batch  # empty while parked
+        self._add(batch, message)
+        if batch:  # else refused (logged and counted), like a queued message would be
+            self._parked = False
+            self._loaded = False
+            self._in_flight = self._db.start_publish(connection, self.pg_channel, batch)
+            self._receiver.close()  # wakes the bridge, which finishes the statement
+        return True
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         backoff = Backoff()
@@ -80,11 +117,15 @@ class OutboundBridge:
                     return
                 while batch:
                     try:
-                        await self._publish(batch)
+                        if self._in_flight is not None:
+                            await self._confirm(batch)
+                        else:
+                            await self._publish(batch)
                     except DatabaseUnavailableError as exc:
                         log.warning("%s; %d message(s) will be sent again", exc, len(batch))
                         await self._reconnect(purpose, backoff)
         finally:
+            self._receiver.close()
             connection, self._connection = self._connection, None
             if connection is not None:
                 with trio.CancelScope(shield=True):
@@ -113,12 +154,17 @@ class OutboundBridge:
             except trio.WouldBlock:
                 if self._stopping:
                     return False
-                with trio.CancelScope() as idle:
-                    self._idle = idle
-                    message = await self.channel.receive()
-                self._idle = None
-                if idle.cancelled_caught:
+                self._parked = True
+                try:
+                    message = await self._receiver.receive()
+                except trio.ClosedResourceError:
+                    # offer() began a statement (its message is in the batch), or finish().
+                    self._receiver = self.channel.receiver()
+                    continue
+                except trio.EndOfChannel:
                     return False
+                finally:
+                    self._parked = False
             except trio.EndOfChannel:
                 return False
             self._add(batch, message)
@@ -142,6 +188,22 @@ class OutboundBridge:
                 exc,
             )
 
+    async def _confirm(self, batch: list[str]) -> None:
+        """Read the reply to the statement `offer` began for ``batch[0]``."""
+        assert self._connection is not None and self._in_flight is not None
+        statement, self._in_flight = self._in_flight, None
+        try:
+            await self._connection.finish(statement)
+        except DatabaseError as exc:
+            self._refused(exc)
+        else:
+            self.published += 1
+        del batch[:1]
+
+    def _refused(self, exc: DatabaseError) -> None:
+        self.rejected += 1
+        log.error("PostgreSQL refused a message for channel %r: %s", self.pg_channel, exc)
+
     async def _publish(self, batch: list[str]) -> None:
         """Publish *batch*, removing each part from it once the server confirmed it."""
         self._loaded = len(batch) > 1
@@ -157,8 +219,7 @@ class OutboundBridge:
             await self._db.publish(self._connection, self.pg_channel, run)
         except DatabaseError as exc:
             if len(run) == 1:
-                self.rejected += 1
-                log.error("PostgreSQL refused a message for channel %r: %s", self.pg_channel, exc)
+                self._refused(exc)
                 return 1
             return sum([await self._publish_run([payload]) for payload in run])
         return 0

@@ -115,6 +115,18 @@ class _Unanswered(Exception):
     """A statement got no reply and the server says its backend is not working on it."""
 
 
+class Statement:
+    """A statement `Connection.start` began; `Connection.finish` reads its reply."""
+
+    __slots__ = ("awaited", "coroutine", "error", "task")
+
+    def __init__(self, coroutine: Any, awaited: Any, error: BaseException | None, task: Any):
+        self.coroutine = coroutine
+        self.awaited = awaited  # what its coroutine waits for (the driven path)
+        self.error = error  # what its first step raised (StopIteration: it is done)
+        self.task = task  # the asyncio Task running it (the public path)
+
+
 class Connection:
     """
     One PostgreSQL connection, used from Trio, every wait on it bounded.
@@ -250,41 +262,58 @@ class Connection:
         if not await self._db.backend_is_working(self.pid):
             raise _Unanswered
 
-    async def _call(self, method: Any, *args: Any, pump: bool = True) -> Any:
+    def start(self, method: Any, *args: Any) -> Statement:
         """
-        Run an asyncpg statement method, driving its coroutine from this Trio task.
+        Begin an asyncpg statement method from this synchronous call; `finish` reads its reply.
+
+        On the task-driven path the statement is written to the server before this returns,
+        so a sender can start it and leave its reply to another task (see `OutboundBridge`).
+        Errors are raised by `finish`, translated like every statement's.
+        """
+        coroutine = method(*args)
+        if not self.driven_statements:
+            return Statement(coroutine, None, None, self._loop.create_task(coroutine))
+        try:
+            return Statement(coroutine, coroutine.send(None), None, None)
+        except BaseException as exc:  # StopIteration too: finish returns its value
+            return Statement(coroutine, None, exc, None)
+
+    async def finish(self, statement: Statement, *, pump: bool = True) -> Any:
+        """
+        Wait for *statement*'s reply, driving its coroutine from this Trio task.
 
         With *pump* (the default) this task reads the socket until the reply is parsed; without
         it, another task is reading (the listener's), and completion comes by callback.
         Cancellation aborts the connection: a statement cut off halfway leaves the protocol in
         an unknown state, and the owners of connections reconnect anyway.
         """
-        coroutine = method(*args)
+        coroutine = statement.coroutine
         try:
-            if self.driven_statements:
-                awaited = coroutine.send(None)
-                while True:
-                    if awaited is None:  # a bare yield (asyncio.sleep(0)): just reschedule
-                        await trio.lowlevel.checkpoint()
-                    else:
-                        future = _as_future(awaited)
-                        if self._waiter_callback is not None:
-                            # asyncpg's protocol schedules this on the loop when the reply
-                            # completes the future; it only matters for asyncio cancellation
-                            # (a cancelled statement here aborts the connection instead), and
-                            # each run would wake trio-asyncio's loop task: one task switch
-                            # per statement, on the latency path.
-                            future.remove_done_callback(self._waiter_callback)
-                        await self._wait(future, pump)
-                    awaited = coroutine.send(None)
-            else:
-                task = self._loop.create_task(coroutine)
+            task = statement.task
+            if task is not None:
                 try:
                     await self._wait(task, pump)
                 except BaseException:
                     task.cancel()
                     raise
                 return task.result()
+            if statement.error is not None:
+                raise statement.error
+            awaited = statement.awaited
+            while True:
+                if awaited is None:  # a bare yield (asyncio.sleep(0)): just reschedule
+                    await trio.lowlevel.checkpoint()
+                else:
+                    future = _as_future(awaited)
+                    if self._waiter_callback is not None:
+                        # asyncpg's protocol schedules this on the loop when the reply
+                        # completes the future; it only matters for asyncio cancellation
+                        # (a cancelled statement here aborts the connection instead), and
+                        # each run would wake trio-asyncio's loop task: one task switch
+                        # per statement, on the latency path.
+                        future.remove_done_callback(self._waiter_callback)
+                    await self._wait(future, pump)
+                awaited = coroutine.send(None)
         except StopIteration as done:
             return done.value
         except _Unanswered:
@@ -319,12 +348,20 @@ class Connection:
             self.abort()
             raise
 
+    async def _call(self, method: Any, *args: Any, pump: bool = True) -> Any:
+        """Run an asyncpg statement method: `start` it, then `finish` it from this task."""
+        return await self.finish(self.start(method, *args), pump=pump)
+
     def _unavailable(self, cause: str) -> DatabaseUnavailableError:
         return DatabaseUnavailableError(self.where, cause, purpose=self.purpose)
 
     async def execute(self, sql: str, *args: Any, pump: bool = True) -> str:
         """Run *sql*; returns the command tag. Raises `DatabaseError` if the server refuses."""
-        return str(await self._call(self._raw.execute, sql, *args, pump=pump))
+        return str(await self.finish(self.start_execute(sql, *args), pump=pump))
+
+    def start_execute(self, sql: str, *args: Any) -> Statement:
+        """`execute`, begun from a synchronous call: see `start`."""
+        return self.start(self._raw.execute, sql, *args)
 
     async def fetch(self, sql: str, *args: Any, pump: bool = True) -> list[Any]:
         """Run *sql* and return its rows (each indexable by position and column name)."""
@@ -600,12 +637,17 @@ class Database:
 
     async def publish(self, connection: Connection, channel: str, payloads: Sequence[str]) -> None:
         """Send *payloads* to *channel* in order, in one statement, hence one transaction."""
+        await connection.finish(self.start_publish(connection, channel, payloads))
+
+    def start_publish(
+        self, connection: Connection, channel: str, payloads: Sequence[str]
+    ) -> Statement:
+        """`publish`, begun from a synchronous call (`Connection.start`); finish it there."""
         if len(payloads) == 1:
-            await connection.execute("SELECT pg_notify($1, $2)", channel, payloads[0])
-        else:
-            await connection.execute(
-                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", channel, payloads
-            )
+            return connection.start_execute("SELECT pg_notify($1, $2)", channel, payloads[0])
+        return connection.start_execute(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", channel, payloads
+        )
 
 
 async def connect_with_retry(

@@ -72,6 +72,8 @@ class DurableOutboundBridge(OutboundBridge):
     fine here (they are rows, not notifications). Payloads are checked against *max_payload*.
     """
 
+    direct = False  # each batch is a transaction of its own: always from the bridge's task
+
     def __init__(
         self, db: Database, channel: Channel, pg_channel: str, codec: str, max_payload: int
     ) -> None:
