@@ -4,8 +4,14 @@ Where a W3 round trip goes: ``python -m bench.trace_w3 [--dsn DSN] [--trips N]``
 The W3 ping-pong of the pgbus peer (one bus; main task -> 'ping' outbound bridge -> PostgreSQL
 -> listener -> responder actor -> 'pong' outbound bridge -> PostgreSQL -> listener -> main task),
 with each stage stamped by wrapping pgbus's internal steps (``time.perf_counter``). Prints the
-median time of each stage after the send, and between consecutive stages. Without ``--dsn`` an
-embedded PostgreSQL is started. The wrappers add about a microsecond per stage.
+median time of each stage after the send, and between consecutive stages, in order of time.
+Without ``--dsn`` an embedded PostgreSQL is started. The wrappers add about a microsecond per
+stage.
+
+An idle outbound bridge lets the sender write the statement (``sender wrote the statement``);
+the bridge's task only reads the reply (``reply read by the bridge``). A stage that shows up in
+fewer round trips than the others is named with its share (a bridge still busy with the last
+reply takes the message from its channel instead: ``bridge publishes``).
 """
 
 from __future__ import annotations
@@ -29,20 +35,35 @@ def mark(stage: str) -> None:
 
 
 def instrument() -> None:
+    offer = _outbound.OutboundBridge.offer
+    confirm = _outbound.OutboundBridge._confirm
     publish = _outbound.OutboundBridge._publish
     sink = _inbound.InboundBridge._sink
 
+    def side_of(pg_channel: str) -> str:
+        return "ping" if pg_channel.endswith("_ping") else "pong"
+
+    def traced_offer(self: Any, message: object) -> bool:
+        taken = offer(self, message)
+        if taken:
+            mark(f"{side_of(self.pg_channel)}: sender wrote the statement")
+        return taken
+
+    async def traced_confirm(self: Any, batch: list[str]) -> None:
+        await confirm(self, batch)
+        mark(f"{side_of(self.pg_channel)}: reply read by the bridge")
+
     async def traced_publish(self: Any, batch: list[str]) -> None:
-        side = "ping" if self.pg_channel.endswith("_ping") else "pong"
-        mark(f"{side}: bridge publishes")
+        mark(f"{side_of(self.pg_channel)}: bridge publishes")
         await publish(self, batch)
-        mark(f"{side}: reply parsed")
+        mark(f"{side_of(self.pg_channel)}: reply read by the bridge")
 
     def traced_sink(self: Any, pid: int, channel: str, payload: str) -> None:
-        side = "ping" if channel.endswith("_ping") else "pong"
-        mark(f"{side}: notification at the sink")
+        mark(f"{side_of(channel)}: notification at the sink")
         sink(self, pid, channel, payload)
 
+    _outbound.OutboundBridge.offer = traced_offer  # type: ignore[method-assign]
+    _outbound.OutboundBridge._confirm = traced_confirm  # type: ignore[method-assign]
     _outbound.OutboundBridge._publish = traced_publish  # type: ignore[method-assign]
     # The listener hands its bound _sink to the connection when it connects: patch the class.
     _inbound.InboundBridge._sink = traced_sink  # type: ignore[method-assign]
@@ -75,12 +96,16 @@ async def trace(dsn: str | None, trips: int) -> None:
                 await pongs.receive()
             mark("main task has the pong")
     del STAMPS[:100]  # warm-up
-    stages = list(STAMPS[0])
+    medians = {
+        stage: statistics.median((s[stage] - s["send"]) * 1e6 for s in STAMPS if stage in s)
+        for stage in {stage for s in STAMPS for stage in s} - {"send"}
+    }
     print(f"{len(STAMPS)} round trips; median µs since the send, and since the stage before:")
     previous = 0.0
-    for stage in stages[1:]:
-        since = statistics.median((s[stage] - s["send"]) * 1e6 for s in STAMPS if stage in s)
-        print(f"  {stage:32s} {since:8.0f} {since - previous:+8.0f}")
+    for stage, since in sorted(medians.items(), key=lambda item: item[1]):
+        share = sum(stage in s for s in STAMPS) / len(STAMPS)
+        label = stage if share > 0.95 else f"{stage} ({share:.0%} of trips)"
+        print(f"  {label:46s} {since:8.0f} {since - previous:+8.0f}")
         previous = since
 
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from typing import Any
 
+import psycopg
 import pytest
 import trio
+import trio.testing
+from psycopg import sql
 
 import pgbus
 
@@ -95,6 +99,71 @@ async def test_a_message_the_codec_cannot_encode_is_refused_and_the_rest_flow(pg
         assert await take(listener, 2) == ["a", "b"]
     [stats] = bus.statistics().bridges
     assert (stats.messages, stats.rejected) == (2, 2)
+
+
+def payloads(plain: psycopg.Connection[Any], count: int) -> list[str]:
+    """The next *count* notifications a plain (blocking) psycopg connection receives."""
+    return [n.payload for n in plain.notifies(timeout=WAIT, stop_after=count)]
+
+
+async def test_a_send_to_an_idle_bridge_is_written_before_the_sender_yields(pg_dsn) -> None:
+    """
+    The fast path is on: to an idle outbound bridge, `send` writes the statement itself, so
+    the server publishes it while this task holds the whole Trio loop (no bridge task runs).
+    """
+    name = unique()
+    with psycopg.connect(pg_dsn, autocommit=True) as plain:
+        plain.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+        async with pgbus.open_bus(pg_dsn) as bus:
+            bus.add_channel("out", 10)
+            await bus.bridge_out("out", name)
+            # The first statement on a connection is prepared first: a round trip of its own.
+            await bus.send("out", "prepares")
+            received = await trio.to_thread.run_sync(lambda: payloads(plain, 1))
+            assert received == ["prepares"]
+            await trio.testing.wait_all_tasks_blocked()  # the bridge waits for work
+            await bus.send("out", "direct")
+            # Blocking on purpose: nothing else in this Trio loop runs until it returns.
+            assert payloads(plain, 1) == ["direct"]
+            await bus.send("out", "queued")  # in flight: this one waits in the channel
+        assert payloads(plain, 1) == ["queued"]
+    [stats] = bus.statistics().bridges
+    assert (stats.messages, stats.rejected) == (3, 0)
+
+
+async def test_a_message_handed_to_an_idle_bridge_keeps_its_place(pg, pg_dsn) -> None:
+    """
+    A message that reaches an idle bridge through the channel itself (a relay, a sender
+    clone) is published before one sent right after it with `send`, which must not overtake.
+    """
+    name = unique()
+    async with pg.listen(name) as listener, pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("out", 10)
+        await bus.bridge_out("out", name)
+        for round_ in range(3):
+            await trio.testing.wait_all_tasks_blocked()  # the bridge waits for work
+            bus.channel("out").send_nowait(f"through the channel {round_}")
+            await bus.send("out", f"sent {round_}")
+            assert await take(listener, 2) == [f"through the channel {round_}", f"sent {round_}"]
+    [stats] = bus.statistics().bridges
+    assert (stats.messages, stats.rejected) == (6, 0)
+
+
+async def test_a_message_refused_by_an_idle_bridge_leaves_it_idle(pg, pg_dsn, caplog) -> None:
+    """The first message, sent to an idle bridge, is refused and logged; the next flows."""
+    name = unique()
+    async with pg.listen(name) as listener, pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("out", 10)
+        await bus.bridge_out("out", name)
+        await trio.testing.wait_all_tasks_blocked()
+        await bus.send("out", "x" * 8000)
+        await trio.testing.wait_all_tasks_blocked()
+        await bus.send("out", "after")
+        assert await take(listener, 1) == ["after"]
+    [stats] = bus.statistics().bridges
+    assert (stats.messages, stats.rejected) == (1, 1)
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "refused a message" in record.getMessage()
 
 
 async def test_notify_refuses_oversized_payloads_before_sending(pg_dsn) -> None:
