@@ -34,31 +34,28 @@ def mark(stage: str) -> None:
 
 def instrument() -> None:
     cluster: Any = _cluster.Cluster
-    send, queue, dispatch = cluster._send, cluster._queue_send, cluster._dispatch
-    publish = _cluster.publish_each
-
-    async def traced_send(self: Any, *args: Any, **kwargs: Any) -> None:
-        mark("queued")
-        await send(self, *args, **kwargs)
+    queue, dispatch = cluster._queue_send, cluster._dispatch
+    start, publish = _cluster.start_publish_each, _cluster.publish_each
 
     def traced_queue(self: Any, *args: Any, **kwargs: Any) -> None:
         mark("queued")
         queue(self, *args, **kwargs)
 
+    def traced_start(*args: Any) -> Any:
+        statement = start(*args)  # the caller's task writes it: the sender reads the reply
+        mark("written")
+        return statement
+
     async def traced_publish(*args: Any) -> None:
-        mark("execute start")
+        mark("written")  # the sender's task writes it (it was busy when the message came)
         await publish(*args)
-        mark("execute done")
 
     def traced_dispatch(self: Any, payload: str) -> None:
         mark("parsed")
         dispatch(self, payload)
 
-    cluster._send, cluster._queue_send, cluster._dispatch = (
-        traced_send,
-        traced_queue,
-        traced_dispatch,
-    )
+    cluster._queue_send, cluster._dispatch = traced_queue, traced_dispatch
+    _cluster.start_publish_each = traced_start  # type: ignore[assignment]
     _cluster.publish_each = traced_publish  # type: ignore[assignment]
 
 
@@ -90,13 +87,11 @@ def report(a: dict[str, list[float]], b: dict[str, list[float]]) -> None:
     stages = [
         ("A: ask called", a["ask"]),
         ("A: request encoded, sending", a["queued"]),
-        ("A: pg_notify sent", a["execute start"]),
-        ("A: pg_notify committed", a["execute done"]),
+        ("A: request written", a["written"]),
         ("B: request parsed (listener)", b["parsed"]),
         ("B: actor's handle runs", b["handle"]),
         ("B: reply encoded, sending", b["queued"]),
-        ("B: pg_notify sent", b["execute start"]),
-        ("B: pg_notify committed", b["execute done"]),
+        ("B: reply written", b["written"]),
         ("A: reply parsed (listener)", a["parsed"]),
         ("A: ask returns", a["return"]),
     ]

@@ -302,9 +302,11 @@ class Bus:
             if self._db is None:
                 raise UnknownActorError(actor)
             deadline = trio.current_time() + timeout
-            with trio.move_on_at(deadline):
-                cluster = await self._join_cluster()
-            if self._cluster is None:
+            if self._cluster is None:  # joining takes round trips: bounded by the ask's deadline
+                with trio.move_on_at(deadline):
+                    await self._join_cluster()
+            cluster = self._cluster
+            if cluster is None:
                 raise AskTimeoutError(actor, timeout)
             return await cluster.ask(actor, message, timeout=timeout, deadline=deadline)
         if spec.inbox is None:

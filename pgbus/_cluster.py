@@ -56,7 +56,15 @@ from ._errors import (
     UnknownActorError,
 )
 from ._inbound import Gap, Notification
-from ._pg import Backoff, Connection, Database, connect_with_retry, publish_each
+from ._pg import (
+    Backoff,
+    Connection,
+    Database,
+    Statement,
+    connect_with_retry,
+    publish_each,
+    start_publish_each,
+)
 
 if TYPE_CHECKING:
     from ._bus import Bus
@@ -321,6 +329,7 @@ class _Pending:
 
 
 _Outgoing = tuple[str, str, "_Pending | None", bool]
+_STARTED: Any = ("", "", None, False)  # in the outbox: `_queue_send` began a statement itself
 """What the sender sends: (channel, payload, the ask it carries or None, whether a reply)."""
 
 
@@ -413,8 +422,8 @@ class Cluster:
         self._dirty = True
         self._sender_idle = trio.Event()
         self._send_connection: Connection | None = None
-        self._sending = False  # a statement is in flight on the sending connection
-        self._send_free = trio.Event()
+        self._sender_parked = False  # the sender waits on an empty outbox, nothing in flight
+        self._started: tuple[Statement, _Outgoing] | None = None  # begun by `_queue_send`
         self._queued = 0  # in the outbox, not yet taken by the sender
         self._acquired: list[_Singleton] = []
         self._registered: tuple[list[str], list[str], list[str]] | None = None
@@ -474,7 +483,7 @@ class Cluster:
             )
             pending = self._pending[id] = _Pending(id, actor, node)
             try:
-                await self._send(node.channel, payload, pending)
+                self._queue_send(node.channel, payload, pending)
                 result = await pending.wait()
             finally:
                 del self._pending[id]
@@ -495,7 +504,8 @@ class Cluster:
             raise ActorUnavailableError(actor, None, reason, while_handling=False)
         id = next(self._ids)
         payload = f'{{"k":"t","i":{id},"a":{_json_encode(actor)},"m":{body}}}'
-        await self._send(node.channel, _checked_size(actor, "the message", payload), None)
+        self._queue_send(node.channel, _checked_size(actor, "the message", payload), None)
+        await trio.lowlevel.checkpoint()
 
     async def _route(self, actor: str) -> NodeInfo:
         """A live node serving *actor*, in turn; the registry is read again on a miss."""
@@ -542,37 +552,26 @@ class Cluster:
     def _queue_send(
         self, channel: str, payload: str, pending: _Pending | None, *, reply: bool = False
     ) -> None:
-        """Queue for the sender; a *reply* is sent again if the connection breaks."""
+        """
+        Send from the caller's task if the sender is idle: the statement is written here and
+        the sender only reads its reply (one task switch fewer on every request and reply).
+        Else queue it for the sender, which batches. A *reply* is sent again if the connection
+        breaks; a request or tell is not (one sent twice could be handled twice).
+        """
+        item = (channel, payload, pending, reply)
         self._queued += 1
-        self._outbox_send.send_nowait((channel, payload, pending, reply))
-
-    async def _send(self, channel: str, payload: str, pending: _Pending | None) -> None:
-        """
-        Send from the caller's task while the sending connection is free and nothing waits to
-        go before this (one task switch fewer); else queue it for the sender, which batches.
-
-        Shielded from cancellation; bounded by the connection's guard (``keepalive``).
-        """
         connection = self._send_connection
-        if self._sending or self._queued or connection is None or not connection.poll():
-            self._queue_send(channel, payload, pending)
-            await trio.lowlevel.checkpoint()
+        if (
+            self._sender_parked
+            and self._queued == 1
+            and connection is not None
+            and connection.poll()  # not gone while idle (a restart, a terminate)
+        ):
+            self._sender_parked = False
+            self._started = (start_publish_each(connection, (channel,), (payload,)), item)
+            self._outbox_send.send_nowait(_STARTED)  # wakes the sender, to read the reply
             return
-        self._sending = True
-        lost = [(channel, payload, pending, False)]
-        try:
-            # Shielded: a send cut off halfway would cost everyone the shared connection. The
-            # connection's guard bounds it (a statement unanswered is checked, then aborted).
-            with trio.CancelScope(shield=True):
-                await publish_each(connection, (channel,), (payload,))
-        except DatabaseError as exc:
-            self._lost_sends(lost, f"PostgreSQL refused it: {exc}")
-        except DatabaseUnavailableError as exc:
-            self._lost_sends(lost, f"the connection broke while sending: {exc}")
-        finally:
-            self._sending = False
-            self._send_free.set()
-            self._send_free = trio.Event()
+        self._outbox_send.send_nowait(item)
 
     # -- the tasks ---------------------------------------------------------------------------
 
@@ -594,8 +593,8 @@ class Cluster:
     async def flush(self, timeout: float) -> None:
         """Wait (at most *timeout*) until everything queued for sending has been sent."""
         with trio.move_on_after(timeout):
-            while self._queued or self._sending or not self._sender_idle.is_set():
-                await (self._send_free if self._sending else self._sender_idle).wait()
+            while self._queued or not self._sender_idle.is_set():
+                await self._sender_idle.wait()
                 await trio.lowlevel.checkpoint()
 
     # .. sending ..............................................................................
@@ -608,6 +607,7 @@ class Cluster:
         batch: list[_Outgoing] = []
         try:
             while True:
+                started: Statement | None = None
                 if not batch:
                     if trio.lowlevel.current_statistics().tasks_runnable:
                         await trio.lowlevel.checkpoint()  # senders that are ready queue first
@@ -615,25 +615,33 @@ class Cluster:
                         item = self._outbox.receive_nowait()
                     except trio.WouldBlock:
                         self._sender_idle.set()
-                        item = await self._outbox.receive()
+                        self._sender_parked = True
+                        try:
+                            item = await self._outbox.receive()
+                        finally:
+                            self._sender_parked = False
                         self._sender_idle = trio.Event()
                     self._queued -= 1
+                    if item is _STARTED:
+                        assert self._started is not None
+                        started, item = self._started
+                        self._started = None
                     batch.append(item)
-                while len(batch) < MAX_BATCH:
+                while started is None and len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._outbox.receive_nowait())
                     except trio.WouldBlock:
                         break
                     self._queued -= 1
-                while self._sending:  # a caller is sending from its own task
-                    await self._send_free.wait()
-                self._sending = True
                 try:
-                    if not connection.poll():  # gone while idle (a restart, a terminate)
-                        self._send_connection = None
-                        connection = await connect_with_retry(self._db, "cluster send", backoff)
-                        self._send_connection = connection
-                    await publish_each(connection, [b[0] for b in batch], [b[1] for b in batch])
+                    if started is not None:
+                        await connection.finish(started)
+                    else:
+                        if not connection.poll():  # gone while idle (a restart, a terminate)
+                            self._send_connection = None
+                            connection = await connect_with_retry(self._db, "cluster send", backoff)
+                            self._send_connection = connection
+                        await publish_each(connection, [b[0] for b in batch], [b[1] for b in batch])
                     batch.clear()
                 except DatabaseError as exc:
                     self._lost_sends(batch, f"PostgreSQL refused it: {exc}")
@@ -648,10 +656,6 @@ class Cluster:
                     connection.abort()
                     connection = await connect_with_retry(self._db, "cluster send", backoff)
                     self._send_connection = connection
-                finally:
-                    self._sending = False
-                    self._send_free.set()
-                    self._send_free = trio.Event()
         finally:
             with trio.CancelScope(shield=True):
                 await connection.aclose()

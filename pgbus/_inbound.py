@@ -11,7 +11,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import trio
@@ -25,9 +25,13 @@ from ._pg import Backoff, Connection, Database, connect_with_retry
 log = logging.getLogger("pgbus.bridge")
 
 
-@attrs.frozen
-class Notification:
-    """One PostgreSQL notification, as an inbound bridge delivers it."""
+class Notification(NamedTuple):
+    """
+    One PostgreSQL notification, as an inbound bridge delivers it.
+
+    A named tuple (one is made for every notification, so it is the cheapest record Python
+    has): fields by name, ``channel, payload, pid = notification``, ``_replace``.
+    """
 
     channel: str
     """The Postgres channel it was sent to, exactly."""
@@ -37,29 +41,9 @@ class Notification:
     """The backend pid of the sender (this bus's own connections are in ``bus.own_pids``)."""
 
 
-def _fast_constructor(cls: type) -> Any:
-    """
-    Build a frozen attrs instance by setting its slots directly.
-
-    Equivalent to ``cls(*values)`` (no validators or converters are involved) at about half the
-    cost: frozen attrs classes set each field through ``object.__setattr__``. Used once per
-    notification on the inbound hot path.
-    """
-    new = object.__new__
-    setters = [cls.__dict__[field.name].__set__ for field in attrs.fields(cls)]
-    channel_set, payload_set, pid_set = setters
-
-    def make(channel: str, payload: Any, pid: int) -> Any:
-        instance: Any = new(cls)
-        channel_set(instance, channel)
-        payload_set(instance, payload)
-        pid_set(instance, pid)
-        return instance
-
-    return make
-
-
-make_notification = _fast_constructor(Notification)
+_new_tuple: Any = tuple.__new__
+"""``_new_tuple(Notification, (channel, payload, pid))`` makes one at half the cost of the
+class's own ``__new__`` (a Python function): the sink does, for every notification."""
 
 
 @attrs.frozen
@@ -199,6 +183,7 @@ class InboundBridge:
         self._blocked: tuple[Route, float] | None = None  # the full route holding the socket
         self._commands: set[trio.CancelScope] = set()  # LISTEN/UNLISTEN awaiting their reply
         self._hooks: dict[str, list[Callable[[str], None]]] = {}  # pgbus's own wake-ups
+        self._plain: dict[str, Route] = {}  # see _update_plain
         self._nursery: trio.Nursery | None = None
         self._probe_channel = ""
         self._probe_sent = 0
@@ -267,6 +252,7 @@ class InboundBridge:
                     f"{route.channel.name!r} with other options ({existing.settings()})."
                 )
         routes.append(route)
+        self._update_plain()
         if len(routes) == 1 and route.pg_channel not in self._hooks:
             try:
                 await self._command(route.pg_channel, listen=True)
@@ -283,10 +269,10 @@ class InboundBridge:
         routes = self._routes.get(route.pg_channel, [])
         if route in routes:
             routes.remove(route)
-        if routes:
-            return False
-        self._routes.pop(route.pg_channel, None)
-        return True
+        if not routes:
+            self._routes.pop(route.pg_channel, None)
+        self._update_plain()
+        return not routes
 
     async def _command(self, pg_channel: str, *, listen: bool) -> None:
         """
@@ -345,6 +331,18 @@ class InboundBridge:
     # -- the hot path -----------------------------------------------------------------------
 
     def _sink(self, pid: int, pg_channel: str, payload: str) -> None:
+        route = self._plain.get(pg_channel)
+        if route is not None:  # the common case, in short: one route, nothing to decode
+            item: object = _new_tuple(Notification, (pg_channel, payload, pid))
+            if self._direct and not route.pending_gap:
+                try:
+                    route.send_nowait(item)
+                    route.delivered += 1
+                    return
+                except trio.WouldBlock:
+                    pass
+            self._deliver_later(route, item)
+            return
         hooks = self._hooks.get(pg_channel)
         if hooks is not None:
             for hook in hooks:
@@ -361,28 +359,42 @@ class InboundBridge:
                 continue
             decode = route.decode
             if decode is None:
-                item: object = make_notification(pg_channel, payload, pid)
+                item = _new_tuple(Notification, (pg_channel, payload, pid))
             else:
                 try:
-                    item = make_notification(pg_channel, decode(pg_channel, payload), pid)
+                    item = Notification(pg_channel, decode(pg_channel, payload), pid)
                 except CodecError as exc:
                     route.rejected += 1
                     log.error("dropped a notification from backend %d: %s", pid, exc)
                     continue
-            if self._direct:
-                if route.pending_gap:  # a Gap must go first
-                    self._deliver_dropping(route, item)
-                    continue
+            if self._direct and not route.pending_gap:
                 try:
                     route.send_nowait(item)
                     route.delivered += 1
                     continue
                 except trio.WouldBlock:
-                    if route.overflow != "block":
-                        self._deliver_dropping(route, item)
-                        continue
-                    self._hold()
-            self._backlog.append((route, item))
+                    pass
+            self._deliver_later(route, item)
+
+    def _deliver_later(self, route: Route, item: object) -> None:
+        """What the sink cannot put in *route*'s channel right now: a Gap first, or it is full."""
+        if self._direct:
+            if route.pending_gap or route.overflow != "block":
+                self._deliver_dropping(route, item)
+                return
+            self._hold()
+        self._backlog.append((route, item))
+
+    def _update_plain(self) -> None:
+        """Note the channels `_sink` can take in short: one route, no decoding, no hooks."""
+        self._plain = {
+            pg_channel: routes[0]
+            for pg_channel, routes in self._routes.items()
+            if len(routes) == 1
+            and routes[0].decode is None
+            and not routes[0].ignore_own
+            and not self._hooks.get(pg_channel)
+        }
 
     def _deliver_dropping(self, route: Route, item: object) -> None:
         """Deliver on a drop route; a Gap that finds no room is put in as soon as there is."""
@@ -634,6 +646,7 @@ class InboundBridge:
         """
         hooks = self._hooks.setdefault(pg_channel, [])
         hooks.append(hook)
+        self._update_plain()
         if len(hooks) == 1 and pg_channel not in self._routes:
             try:
                 await self._command(pg_channel, listen=True)
@@ -646,6 +659,7 @@ class InboundBridge:
         hooks = self._hooks.get(pg_channel, [])
         if hook in hooks:
             hooks.remove(hook)
+        self._update_plain()
 
     def _call_hooks(self, payload: str) -> None:
         for hooks in self._hooks.values():

@@ -190,7 +190,8 @@ class OutboundBridge:
 
     async def _confirm(self, batch: list[str]) -> None:
         """Read the reply to the statement `offer` began for ``batch[0]``."""
-        assert self._connection is not None and self._in_flight is not None
+        assert self._connection is not None
+        assert self._in_flight is not None
         statement, self._in_flight = self._in_flight, None
         try:
             await self._connection.finish(statement)

@@ -126,6 +126,12 @@ class Statement:
         self.error = error  # what its first step raised (StopIteration: it is done)
         self.task = task  # the asyncio Task running it (the public path)
 
+    def first(self) -> Any:
+        """What the coroutine waits for after its first step; raises what that step raised."""
+        if self.error is not None:
+            raise self.error
+        return self.awaited
+
 
 class Connection:
     """
@@ -297,9 +303,7 @@ class Connection:
                     task.cancel()
                     raise
                 return task.result()
-            if statement.error is not None:
-                raise statement.error
-            awaited = statement.awaited
+            awaited = statement.first()
             while True:
                 if awaited is None:  # a bare yield (asyncio.sleep(0)): just reschedule
                     await trio.lowlevel.checkpoint()
@@ -718,14 +722,20 @@ async def publish_each(
     Send ``payloads[i]`` to ``channels[i]`` for every i, in order, in one statement (so one
     transaction: the caller keeps (channel, payload) pairs distinct, or PostgreSQL merges them).
     """
+    await connection.finish(start_publish_each(connection, channels, payloads))
+
+
+def start_publish_each(
+    connection: Connection, channels: Sequence[str], payloads: Sequence[str]
+) -> Statement:
+    """`publish_each`, begun from a synchronous call (`Connection.start`); finish it there."""
     if len(payloads) == 1:
-        await connection.execute("SELECT pg_notify($1, $2)", channels[0], payloads[0])
-    else:
-        await connection.execute(
-            "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
-            channels,
-            payloads,
-        )
+        return connection.start_execute("SELECT pg_notify($1, $2)", channels[0], payloads[0])
+    return connection.start_execute(
+        "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+        channels,
+        payloads,
+    )
 
 
 class AdminError(Exception):
