@@ -123,9 +123,10 @@ async def consume(actor: Actor, inbox: Channel) -> None:
             if not budget:
                 await trio.lowlevel.checkpoint()
                 budget = DRAIN_BATCH
-        if type(message) is Request:
+        kind = type(message)
+        if kind is Request:
             await _answer(handle, message)
-        elif type(message) is DurableMessage:
+        elif kind is DurableMessage:
             await _handle_durable(actor, handle, message)
         else:
             await handle(message)
