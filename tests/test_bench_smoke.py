@@ -48,3 +48,22 @@ async def test_bench_runs_the_durable_workloads_at_tiny_scale(pg_dsn: str, tmp_p
     }
     failed = [(c["workload"], c["peer"], c["errors"]) for c in cells if c["ok_runs"] != c["runs"]]
     assert failed == []
+
+
+async def test_the_round_trip_traces_still_find_every_stage(pg_dsn: str) -> None:
+    """`bench.trace_w3` and `bench.trace_w8` wrap pgbus internals: they must still match them."""
+    w3 = [sys.executable, "-m", "bench.trace_w3", "--dsn", pg_dsn, "--trips", "50"]
+    w8 = [sys.executable, "-m", "bench.trace_w8", "--dsn", pg_dsn, "--asks", "50"]
+    with trio.fail_after(120):
+        traces = [await trio.run_process(c, cwd=ROOT, capture_stdout=True) for c in (w3, w8)]
+    w3_out, w8_out = (t.stdout.decode() for t in traces)
+    for stage in (
+        "ping: sender wrote the statement",
+        "ping: notification at the sink",
+        "responder handles",
+        "pong: notification at the sink",
+        "main task has the pong",
+    ):
+        assert stage in w3_out, w3_out
+    for stage in ("A: request written", "B: actor's handle runs", "B: reply written"):
+        assert stage in w8_out, w8_out
