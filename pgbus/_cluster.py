@@ -473,20 +473,26 @@ class Cluster:
     async def ask(self, actor: str, message: object, *, timeout: float, deadline: float) -> Any:
         """See `Bus.ask`: the remote half, giving up at *deadline* (*timeout* for messages)."""
         body = _encode(actor, "the message", message)
-        with trio.move_on_at(deadline) as scope:
-            node = await self._route(actor)
-            id = next(self._ids)
-            payload = _checked_size(
-                actor,
-                "the request",
-                f'{{"k":"a","i":{id},"a":{_json_encode(actor)},"r":"{self.channel}","m":{body}}}',
-            )
-            pending = self._pending[id] = _Pending(id, actor, node)
-            try:
-                self._queue_send(node.channel, payload, pending)
+        node = self._serving_now(actor)
+        if node is None:  # a miss reads the registry again: bounded by the ask's deadline
+            with trio.move_on_at(deadline):
+                node = await self._route(actor)
+            if node is None:
+                raise AskTimeoutError(actor, timeout)
+        id = next(self._ids)
+        payload = _checked_size(
+            actor,
+            "the request",
+            f'{{"k":"a","i":{id},"a":{_json_encode(actor)},"r":"{self.channel}","m":{body}}}',
+        )
+        pending = self._pending[id] = _Pending(id, actor, node)
+        try:
+            # Sent first, then the deadline's cancel scope: its few µs are not on the way out.
+            self._queue_send(node.channel, payload, pending)
+            with trio.move_on_at(deadline) as scope:
                 result = await pending.wait()
-            finally:
-                del self._pending[id]
+        finally:
+            del self._pending[id]
         if scope.cancelled_caught:
             raise AskTimeoutError(actor, timeout)
         if isinstance(result, outcome.Error) and isinstance(result.error, RemoteError):
@@ -507,12 +513,18 @@ class Cluster:
         self._queue_send(node.channel, _checked_size(actor, "the message", payload), None)
         await trio.lowlevel.checkpoint()
 
+    def _serving_now(self, actor: str) -> NodeInfo | None:
+        """A live node serving *actor*, in turn, as far as the last registry read knows."""
+        nodes = self._serving.get(actor)
+        return nodes[next(self._turn) % len(nodes)] if nodes else None
+
     async def _route(self, actor: str) -> NodeInfo:
         """A live node serving *actor*, in turn; the registry is read again on a miss."""
+        node = self._serving_now(actor)
+        if node is not None:
+            return node
+        await self._refresh()
         nodes = self._serving.get(actor)
-        if not nodes:
-            await self._refresh()
-            nodes = self._serving.get(actor)
         if not nodes:
             if actor in self._standby:
                 raise ActorUnavailableError(
