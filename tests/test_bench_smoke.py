@@ -51,12 +51,25 @@ async def test_bench_runs_the_durable_workloads_at_tiny_scale(pg_dsn: str, tmp_p
 
 
 async def test_the_round_trip_traces_still_find_every_stage(pg_dsn: str) -> None:
-    """`bench.trace_w3` and `bench.trace_w8` wrap pgbus internals: they must still match them."""
+    """The trace commands wrap or mimic pgbus internals: they must still match them."""
+    w1 = [
+        sys.executable,
+        "-m",
+        "bench.trace_w1",
+        "--dsn",
+        pg_dsn,
+        "--messages",
+        "500",
+        "--repeat",
+        "1",
+    ]
     w3 = [sys.executable, "-m", "bench.trace_w3", "--dsn", pg_dsn, "--trips", "50"]
     w8 = [sys.executable, "-m", "bench.trace_w8", "--dsn", pg_dsn, "--asks", "50"]
     with trio.fail_after(120):
-        traces = [await trio.run_process(c, cwd=ROOT, capture_stdout=True) for c in (w3, w8)]
-    w3_out, w8_out = (t.stdout.decode() for t in traces)
+        traces = [await trio.run_process(c, cwd=ROOT, capture_stdout=True) for c in (w1, w3, w8)]
+    w1_out, w3_out, w8_out = (t.stdout.decode() for t in traces)
+    for stage in ("adapter", "+ Notification", "+ channel", "bus", "garbage collections"):
+        assert stage in w1_out, w1_out
     for stage in (
         "ping: sender wrote the statement",
         "ping: notification at the sink",
