@@ -48,7 +48,7 @@ async def listening(
 ) -> AsyncIterator[None]:
     connection = await db.connect("trace listen", sink=sink)
     try:
-        await connection.execute(f'LISTEN "{channel}"')
+        await connection.listen([channel])  # quoted by pgbus
         async with trio.open_nursery() as nursery:
 
             async def read() -> None:

@@ -329,8 +329,8 @@ class _Pending:
 
 
 _Outgoing = tuple[str, str, "_Pending | None", bool]
-_STARTED: Any = ("", "", None, False)  # in the outbox: `_queue_send` began a statement itself
 """What the sender sends: (channel, payload, the ask it carries or None, whether a reply)."""
+_STARTED: Any = ("", "", None, False)  # in the outbox: `_queue_send` began a statement itself
 
 
 class _RemoteReply:

@@ -648,7 +648,7 @@ class Database:
     ) -> Statement:
         """`publish`, begun from a synchronous call (`Connection.start`); finish it there."""
         if len(payloads) == 1:
-            return connection.start_execute("SELECT pg_notify($1, $2)", channel, payloads[0])
+            return start_publish_each(connection, (channel,), payloads)
         return connection.start_execute(
             "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", channel, payloads
         )
