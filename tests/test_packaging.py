@@ -5,6 +5,7 @@ in one line naming the new one, a user's own ``actors`` package hides nothing, a
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,43 @@ def test_version_option_prints_the_version(option: str) -> None:
         check=False,
     )
     assert (result.returncode, result.stdout) == (0, f"pgbus {pgbus.__version__}\n")
+
+
+def _source_files() -> set[str]:
+    """Every file the package is made of, as the wheel names them (``pgbus/actors`` followed)."""
+    names = set()
+    for folder, _dirs, files in os.walk(ROOT / "pgbus", followlinks=True):
+        for file in files:
+            path = Path(folder, file)
+            if path.suffix in (".py", ".typed", ".html", ".css", ".js", ".png", ".svg"):
+                names.add(path.relative_to(ROOT).as_posix())
+    return names
+
+
+def test_built_wheel_holds_every_module(tmp_path: Path) -> None:
+    """The wheel built from the sdist (as pip does) holds every file of ``pgbus/``, subpackages too."""
+    import shutil
+    import zipfile
+
+    # A copy of the sources without what earlier builds left (build/, *.egg-info), which
+    # setuptools would reuse and so hide a package missing from the configuration.
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".*", "build", "dist", "*.egg-info", "__pycache__", "docs", "bench", "tests"
+        ),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(source)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("pgbus-*.whl")  # built from the sdist, as pip builds one
+    in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    expected = _source_files()
+    assert "pgbus/_durable/_consumer.py" in expected
+    assert "pgbus/actors/relay.py" in expected
+    assert expected - in_wheel == set()
