@@ -59,6 +59,7 @@ _EXPORTS: dict[str, str] = {  # public name -> the private module defining it
     "DuplicateNameError": "_errors",
     "DuplicateNotificationError": "_errors",
     "NoDatabaseError": "_errors",
+    "SessionNeededError": "_errors",
     "PayloadTooLargeError": "_errors",
     "PgbusError": "_errors",
     "RestartIntensityError": "_errors",
@@ -117,6 +118,7 @@ if TYPE_CHECKING:
     from ._errors import PgbusError as PgbusError
     from ._errors import RemoteError as RemoteError
     from ._errors import RestartIntensityError as RestartIntensityError
+    from ._errors import SessionNeededError as SessionNeededError
     from ._errors import UnknownActorError as UnknownActorError
     from ._errors import UnknownChannelError as UnknownChannelError
     from ._inbound import Gap as Gap
@@ -166,6 +168,7 @@ __all__ = [
     "RemoteError",
     "RestartIntensityError",
     "SchemaError",
+    "SessionNeededError",
     "SingletonStatus",
     "Supervision",
     "Transaction",

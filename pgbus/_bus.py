@@ -24,7 +24,7 @@ from ._cluster import (
     read_status,
 )
 from ._codec import encode, validate_channel_name
-from ._dsn import check_dsn, check_keepalive
+from ._dsn import check_dsn, check_keepalive, check_pool_mode
 from ._durable._admin import GroupStatus, group_status
 from ._durable._consumer import DurableConsumer
 from ._durable._publish import DurableOutboundBridge
@@ -59,6 +59,7 @@ from ._errors import (
     LeaseLostError,
     NoDatabaseError,
     PgbusError,
+    SessionNeededError,
     UnknownActorError,
     UnknownChannelError,
     unwrap_group,
@@ -361,6 +362,8 @@ class Bus:
 
     async def _join_cluster(self) -> Cluster:
         """Become a node of the cluster (once): listen on this node's channel, then register."""
+        if self._database().transaction_pooling:
+            raise SessionNeededError("the cluster (asks, tells, public actors, singletons)")
         async with self._cluster_lock:
             if self._cluster is None:
                 # Kept across a cancelled attempt (an ask that timed out while joining), so
@@ -443,16 +446,8 @@ class Bus:
             )
         if group is not None:
             raise ConfigError("group applies only to durable bridges (durable=True).")
-        database = self._database()
         route = Route(postgres, self.channel(channel), codec, overflow, ignore_own)
-        async with self._listener_lock:
-            if self._listener is None:
-                # Registered only once started: a cancelled start leaves no half-made listener.
-                listener = InboundBridge(database, keepalive=self._keepalive)
-                service = _Service("listener")
-                await self._nursery.start(service.run, listener.serve)
-                self._listener, self._listener_service = listener, service
-        listener = self._listener
+        listener = await self._get_listener(f"the inbound bridge {postgres!r} (LISTEN)")
         await listener.add_route(route)
         return Bridge(f"{postgres!r} -> {channel!r}", lambda: listener.remove_route(route))
 
@@ -706,7 +701,7 @@ class Bus:
                     "other options."
                 )
         await support.ensure_schema()
-        listener = await self._get_listener()
+        listener = await self._get_listener(f"the durable wake-ups of {postgres!r}")
         await listener.add_hook(WAKE_CHANNEL, consumer.wake)
         service = _Service(f"durable {postgres}/{group}")
         await self._nursery.start(service.run, consumer.serve)
@@ -727,11 +722,14 @@ class Bus:
 
         return Bridge(f"{postgres!r} -> {channel!r} (durable, {group!r})", close)
 
-    async def _get_listener(self) -> InboundBridge:
-        """The bus's listening connection, started if need be."""
+    async def _get_listener(self, what: str) -> InboundBridge:
+        """The bus's listening connection, started if need be, for *what* (named in errors)."""
         database = self._database()
+        if database.transaction_pooling:
+            raise SessionNeededError(what)
         async with self._listener_lock:
             if self._listener is None:
+                # Registered only once started: a cancelled start leaves no half-made listener.
                 listener = InboundBridge(database, keepalive=self._keepalive)
                 service = _Service("listener")
                 await self._nursery.start(service.run, listener.serve)
@@ -855,6 +853,7 @@ async def open_bus(
     supervision: Supervision | None = None,
     node: str | None = None,
     durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
+    pool_mode: str = "session",
 ) -> AsyncIterator[Bus]:
     """
     Open a bus; leaving the block stops everything it started, in order.
@@ -870,6 +869,11 @@ async def open_bus(
     moves within it. With *node* (a name), the bus joins the cluster as that node when it
     opens; without, it joins (as ``"<hostname>:<pid>"``) when it first needs to.
     *durable_max_payload* is the largest durable message, in bytes once encoded (1 MiB).
+    *pool_mode* says how the connections reach PostgreSQL: ``"session"`` (directly, or through
+    a session-pooling proxy: everything works) or ``"transaction"`` (through a
+    transaction-pooling proxy such as PgBouncer's ``pool_mode = transaction``: publishing,
+    transactions and durable in-bridges, which then poll, work; LISTEN bridges and the cluster
+    need a session of their own and are refused at once).
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
@@ -882,6 +886,9 @@ async def open_bus(
     if not (isinstance(application_name, str) and application_name.startswith("pgbus")):
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
     keepalive = check_keepalive(keepalive)
+    pool_mode = check_pool_mode(pool_mode)
+    if node is not None and pool_mode == "transaction":
+        raise SessionNeededError("the cluster (node)")
     if node is not None:
         validate_node_name(node)
         if dsn is None and not embedded:
@@ -896,7 +903,12 @@ async def open_bus(
             database = None
             if dsn is not None:
                 database = await stack.enter_async_context(
-                    open_database(dsn, application_name, keepalive=keepalive)
+                    open_database(
+                        dsn,
+                        application_name,
+                        keepalive=keepalive,
+                        transaction_pooling=pool_mode == "transaction",
+                    )
                 )
             async with trio.open_nursery() as nursery:
                 bus = Bus(

@@ -29,7 +29,7 @@ from ._actor import Actor, check_actor_options
 from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
 from ._channel import Capacity, validate_capacity
 from ._codec import CODECS, validate_channel_name
-from ._dsn import DEFAULT_KEEPALIVE, check_dsn, check_keepalive, redact_dsn
+from ._dsn import DEFAULT_KEEPALIVE, check_dsn, check_keepalive, check_pool_mode, redact_dsn
 from ._durable._rules import (
     DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
@@ -91,6 +91,8 @@ class PostgresConfig:
     application_name: str = APPLICATION_NAME_PREFIX
     keepalive: float = DEFAULT_KEEPALIVE
     """Seconds: an idle connection is checked that often; a stalled one is noticed within it."""
+    pool_mode: str = "session"
+    """``session`` (direct, or a session-pooling proxy) or ``transaction`` (see `open_bus`)."""
 
 
 SupervisorConfig = Supervision
@@ -244,6 +246,7 @@ class BusConfig:
             f"{_count(self.actors, 'actor')}",
             f"postgres: {where} (application_name {pg.application_name!r}"
             + ("" if pg.keepalive == DEFAULT_KEEPALIVE else f", keepalive {pg.keepalive:g}s")
+            + ("" if pg.pool_mode == "session" else f", pool_mode {pg.pool_mode}")
             + ")",
             f"supervisor: {sv.strategy}, at most {sv.max_restarts} restarts within "
             f"{sv.within_seconds:g}s",
@@ -452,7 +455,7 @@ class _Table:
 
 
 def _parse_postgres(t: _Table) -> PostgresConfig:
-    t.no_unknown_keys(("dsn", "application_name", "keepalive"))
+    t.no_unknown_keys(("dsn", "application_name", "keepalive", "pool_mode"))
     dsn: str | None = t.get("dsn", "a string", None)
     if dsn is not None:
         try:
@@ -479,7 +482,11 @@ def _parse_postgres(t: _Table) -> PostgresConfig:
         keepalive = check_keepalive(t.data.get("keepalive", DEFAULT_KEEPALIVE))
     except SettingError as exc:
         t.fail("keepalive", exc.describe(_show))
-    return PostgresConfig(dsn, name, keepalive)
+    try:
+        pool_mode = check_pool_mode(t.data.get("pool_mode", "session"))
+    except SettingError as exc:
+        t.fail("pool_mode", exc.describe(_show))
+    return PostgresConfig(dsn, name, keepalive, pool_mode)
 
 
 def _parse_node(t: _Table) -> NodeConfig:

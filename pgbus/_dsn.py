@@ -179,6 +179,20 @@ def check_keepalive(keepalive: object) -> float:
     return check_seconds("keepalive", keepalive)
 
 
+POOL_MODES = ("session", "transaction")
+"""``pool_mode``: how pgbus's connections reach PostgreSQL. ``session``: directly or through a
+session-pooling proxy (everything works). ``transaction``: through a transaction-pooling proxy
+(PgBouncer ``pool_mode = transaction``): no prepared statements are kept, durable in-bridges
+poll, and what needs a session of its own (LISTEN bridges, the cluster) is refused at once."""
+
+
+def check_pool_mode(pool_mode: object) -> str:
+    """The rule of ``open_bus(pool_mode=...)`` and ``[postgres] pool_mode``."""
+    if pool_mode not in POOL_MODES:
+        raise SettingError("pool_mode", "must be 'session' or 'transaction'", value=pool_mode)
+    return str(pool_mode)
+
+
 # -- the one DSN rule --------------------------------------------------------------------------
 
 DSN_SCHEMES = ("postgresql://", "postgres://")

@@ -176,6 +176,18 @@ class NoDatabaseError(PgbusError):
         )
 
 
+class SessionNeededError(ConfigError):
+    """What needs a session of its own was asked of a bus opened with pool_mode='transaction'."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(
+            f"{what} needs a PostgreSQL session of its own (LISTEN, session advisory locks), "
+            "which pool_mode = 'transaction' (a transaction-pooling proxy) cannot give: connect "
+            "directly or through session pooling (PgBouncer pool_mode = session)."
+        )
+
+
 class DatabaseUnavailableError(PgbusError, ConnectionError):
     """PostgreSQL could not be reached; the message carries the redacted DSN and the cause."""
 

@@ -73,8 +73,11 @@ _FATAL_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     TypeError,
 )
 
-# pgbus's own sessions must not be ended by a server-wide idle timeout (PostgreSQL 14+).
-_SESSION_SETTINGS = {"idle_session_timeout": "0"}
+# pgbus's own sessions must not be ended by a server-wide idle timeout (PostgreSQL 14+). Set after
+# connecting, never as a startup parameter: a pooler (PgBouncer) refuses startup parameters it
+# does not know. On the fast path this statement is also the seam's check (`_set_up`).
+_SESSION_SETUP = "SELECT set_config('idle_session_timeout', '0', false)"
+_SESSION_SETUP_RESULT = "0"
 
 
 class Backoff:
@@ -480,8 +483,19 @@ class Database:
     small pool of idle connections for one-off statements and transactions.
     """
 
-    def __init__(self, dsn: str, application_name: str, loop: Any, keepalive: float) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        application_name: str,
+        loop: Any,
+        keepalive: float,
+        *,
+        transaction_pooling: bool = False,
+    ) -> None:
         self.dsn = dsn
+        self.transaction_pooling = transaction_pooling
+        """Behind a transaction-pooling proxy: each statement may run on another server session,
+        so no prepared statement is kept and no session setting is made."""
         self.application_name = application_name
         self.where = describe_dsn(dsn)
         self.loop = loop
@@ -492,7 +506,8 @@ class Database:
         """Backend pids of every connection this bus has open (for self-echo filtering)."""
         self._idle: list[Connection] = []
         self._fast = True
-        self._settings = dict(_SESSION_SETTINGS)
+        self._session_setup = not transaction_pooling
+        """False once the server refused `_SESSION_SETUP` (or is older than 14)."""
 
     async def connect(
         self,
@@ -532,7 +547,7 @@ class Database:
                 # thousands of notifications): between two reads the consumers get to run, so a
                 # burst flows into bounded channels directly instead of spilling into a backlog.
                 raw._transport.max_size = LISTEN_READ_SIZE
-        if fast and not await self._check_driving(connection):
+        if not await self._set_up(connection):
             connection.abort()
             return await self.connect(purpose, sink=sink, on_lost=on_lost, timeout=timeout)
         return connection
@@ -540,30 +555,55 @@ class Database:
     async def _open(self, name: str, timeout: float) -> Any:
         connect = trio_asyncio.aio_as_trio(asyncpg.connect, loop=self.loop)
         try:
-            return await connect(
+            raw = await connect(
                 self.dsn,
                 timeout=timeout,
-                server_settings={**self._settings, "application_name": name},
+                server_settings={"application_name": name},
                 connection_class=_ListenerProtocolConnection,
+                # Behind a transaction pooler a named prepared statement would be looked for on
+                # another server session: unnamed statements only.
+                statement_cache_size=0 if self.transaction_pooling else 100,
             )
-        except asyncpg.UndefinedObjectError as exc:
-            if "idle_session_timeout" in str(exc) and self._settings:
-                self._settings = {}  # PostgreSQL before 14: nothing to opt out of
-                return await self._open(name, timeout)
-            raise DatabaseUnavailableError(self.where, _describe(exc), fatal=True) from None
         except _CONNECTION_ERRORS as exc:
             raise DatabaseUnavailableError(self.where, _describe(exc)) from None
         except _FATAL_CONNECT_ERRORS as exc:
             raise DatabaseUnavailableError(self.where, _describe(exc), fatal=True) from None
+        if raw.get_server_version() < (14,):
+            self._session_setup = False  # no idle_session_timeout to opt out of
+        return raw
 
-    async def _check_driving(self, connection: Connection) -> bool:
-        """Run one statement through the task-driven path; False (and fall back) if it fails."""
+    async def _set_up(self, connection: Connection) -> bool:
+        """
+        Apply pgbus's session settings in one statement, which on the fast path is also the check
+        that a statement driven from Trio works: False (fall back) when that check fails.
+
+        A server or pooler that refuses the setting gets one warning; the connection is used
+        without it (and so are later ones).
+        """
+        if not self._session_setup and not connection.driven_statements:
+            return True
+        sql, expected = (
+            (_SESSION_SETUP, _SESSION_SETUP_RESULT) if self._session_setup else ("SELECT 1", 1)
+        )
         try:
-            value = await connection.fetchval("SELECT 1")
+            value = await connection.fetchval(sql)
+        except DatabaseError as exc:
+            if not self._session_setup:
+                raise
+            self._session_setup = False
+            log.warning(
+                "%s refuses SET idle_session_timeout = 0 (%s); pgbus's idle connections are "
+                "not protected from a server-wide idle_session_timeout",
+                self.where,
+                exc,
+            )
+            return await self._set_up(connection)
         except (_SeamError, RuntimeError, TypeError, AttributeError) as exc:
+            if not connection.driven_statements:
+                raise
             self._fall_back(f"driving a statement failed: {exc!r}")
             return False
-        if value != 1:
+        if value != expected:
             self._fall_back(f"a statement driven from Trio returned {value!r}")
             return False
         return True
@@ -691,12 +731,18 @@ def _describe(exc: BaseException) -> str:
 
 @asynccontextmanager
 async def open_database(
-    dsn: str, application_name: str, *, keepalive: float = 10.0
+    dsn: str,
+    application_name: str,
+    *,
+    keepalive: float = 10.0,
+    transaction_pooling: bool = False,
 ) -> AsyncIterator[Database]:
     """Run a trio-asyncio loop for asyncpg for the duration of the block."""
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
-        database = Database(dsn, application_name, loop, keepalive)
+        database = Database(
+            dsn, application_name, loop, keepalive, transaction_pooling=transaction_pooling
+        )
         try:
             yield database
         finally:

@@ -106,6 +106,7 @@ async def _run_bus_serving(
             application_name=pg.application_name,
             supervision=config.supervisor,
             keepalive=pg.keepalive,
+            pool_mode=pg.pool_mode,
             node=config.node.name if config.node is not None and config.node.name else None,
         ) as bus,
         trio.open_nursery() as services,
