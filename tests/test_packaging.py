@@ -122,7 +122,7 @@ def _source_files() -> set[str]:
 
 
 def test_built_wheel_holds_every_module(tmp_path: Path) -> None:
-    """The wheel built from the sdist (as pip does) holds every file of ``pgbus/``, subpackages too."""
+    """The wheel built from the sdist (as pip does) holds every file of ``pgbus/``."""
     import shutil
     import zipfile
 
