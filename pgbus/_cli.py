@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -31,7 +32,7 @@ from ._durable._cli import add_durable_commands
 from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES
 from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
 from ._logs import LOG_FORMATS, formatter
-from ._signals import STOP_SIGNALS
+from ._signals import stop_signals
 
 ENV_DSN = "PGBUS_DSN"
 _EXAMPLE_DSN = "postgresql://postgres@localhost/postgres"
@@ -308,11 +309,13 @@ def _run(args: argparse.Namespace) -> int:
                 partial(run_config, config, stats_every=args.stats_every, report=_log_info),
                 debug=args.log_level == "debug",
                 say_error=_log_error,
+                handles_signals=True,
             )
         print("\n".join([f"pgbus: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
         return _trio_run(
             partial(run_config, config, stats_every=args.stats_every, report=_say),
             debug=args.log_level == "debug",
+            handles_signals=True,
         )
 
 
@@ -355,7 +358,10 @@ def _listen(args: argparse.Namespace) -> int:
     channels = [_checked_channel(name) for name in args.channels]
     dsn = _dsn_for_client(args.dsn, args.config)
     with _logging_to_stderr("warning"):
-        return _trio_run(partial(_print_notifications, dsn, channels, args.codec, args.count))
+        return _trio_run(
+            partial(_print_notifications, dsn, channels, args.codec, args.count),
+            handles_signals=True,
+        )
 
 
 async def _print_notifications(
@@ -364,7 +370,7 @@ async def _print_notifications(
     from ._bus import open_bus
     from ._inbound import Gap
 
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*stop_signals()) as signals:
         if _signals.early:  # one came before this receiver was in place
             return
         async with trio.open_nursery() as nursery:
@@ -493,13 +499,23 @@ def _trio_run(
     *,
     debug: bool = False,
     say_error: Callable[[str, BaseException | None], None] | None = None,
+    handles_signals: bool = False,
 ) -> int:
     """
     Run *function* under Trio; a failure becomes one line on stderr and exit status 1.
 
     *say_error* (for ``--log-format json``) reports the failure instead, given the exception
-    when ``debug`` wants its traceback.
+    when ``debug`` wants its traceback. Unless *function* *handles_signals* itself (run,
+    listen), it is a one-shot command: a stop signal ends it at once (one line, exit status
+    128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM), and every lock wait of its
+    statements is bounded (`_pg.COMMAND_LOCK_TIMEOUT`).
     """
+    stopped_by: list[int] = []
+    if not handles_signals:
+        from ._pg import COMMAND_LOCK_TIMEOUT
+
+        COMMAND_LOCK_TIMEOUT.set(_command_lock_timeout())
+        function = partial(_stoppable, function, stopped_by)
     try:
         trio.run(function)
     except KeyboardInterrupt:  # SIGINT outside the part that handles it
@@ -525,7 +541,40 @@ def _trio_run(
             hint = "" if debug else " (run with --log-level debug for the traceback)"
             say(f"unexpected failure: {detail}{hint}", traced)
         return EXIT_FAILURE
+    if stopped_by:
+        _say_error(f"stopped by {signal.Signals(stopped_by[0]).name}")
+        return 128 + stopped_by[0]
     return EXIT_OK
+
+
+async def _stoppable(function: Callable[[], Awaitable[None]], stopped_by: list[int]) -> None:
+    """Run *function*; a stop signal (or one noted before) cancels it and is put in *stopped_by*."""
+    with trio.open_signal_receiver(*stop_signals()) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                if _signals.early:
+                    stopped_by.append(_signals.early[0])
+                else:
+                    async for signum in signals:
+                        stopped_by.append(signum)
+                        break
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            await function()
+            nursery.cancel_scope.cancel()
+
+
+def _command_lock_timeout() -> float:
+    """Seconds a command waits for a lock: ``PGBUS_LOCK_TIMEOUT``, else 10."""
+    from ._pg import ENV_LOCK_TIMEOUT
+
+    text = os.environ.get(ENV_LOCK_TIMEOUT, "10")
+    try:
+        return _positive_seconds(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"{ENV_LOCK_TIMEOUT} {exc}.") from None
 
 
 @contextlib.contextmanager

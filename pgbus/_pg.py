@@ -16,6 +16,7 @@ connection takes asyncpg's public path instead, with one warning per bus.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import random
@@ -43,6 +44,9 @@ LISTEN_READ_SIZE = 8192
 
 POOL_IDLE_MAX = 4
 """Idle connections `Database.borrow` keeps for reuse."""
+
+ENV_LOCK_TIMEOUT = "PGBUS_LOCK_TIMEOUT"
+"""Environment variable: the seconds a command waits for a lock (default 10)."""
 
 NotificationSink = Callable[[int, str, str], None]
 """Called synchronously, in Trio context, for each notification: ``sink(pid, channel, payload)``."""
@@ -78,6 +82,20 @@ _FATAL_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
 # does not know. On the fast path this statement is also the seam's check (`_set_up`).
 _SESSION_SETUP = "SELECT set_config('idle_session_timeout', '0', false)"
 _SESSION_SETUP_RESULT = "0"
+
+COMMAND_LOCK_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "pgbus_command_lock_timeout", default=None
+)
+"""Set by the command line around a command: every lock wait of that command's statements is
+bounded by it (``lock_timeout``), and the error names the backend that held the lock."""
+
+_PROBE = """
+SELECT a.state, a.wait_event,
+       (SELECT string_agg(format('backend %s (role %s, application_name %L)',
+                                 b.pid, b.usename, b.application_name), ', ')
+          FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(a.pid))) AS blockers
+  FROM pg_stat_activity a WHERE a.pid = $1
+"""
 
 
 class Backoff:
@@ -162,6 +180,8 @@ class Connection:
         self.pid: int = raw.get_server_pid()
         self._transport: Any = getattr(raw, "_transport", None)
         self._nudge: trio.Event | None = None
+        self._blockers: str | None = None
+        """Who blocked the running statement when it was last looked at (see `_check_working`)."""
         self.driven = False
         """True when this task-driven path reads the socket (plain TCP or unix socket)."""
         self.driven_statements = fast
@@ -268,7 +288,8 @@ class Connection:
                 await self._check_working()
 
     async def _check_working(self) -> None:
-        if not await self._db.backend_is_working(self.pid):
+        working, self._blockers = await self._db.probe_backend(self.pid)
+        if not working:
             raise _Unanswered
 
     def start(self, method: Any, *args: Any) -> Statement:
@@ -337,6 +358,8 @@ class Connection:
             raise DatabaseUnavailableError(
                 self.where, _describe(exc), purpose=self.purpose
             ) from exc
+        except asyncpg.LockNotAvailableError as exc:
+            raise self._lock_wait_error(exc) from exc
         except asyncpg.PostgresError as exc:
             raise DatabaseError(exc.sqlstate or "?????", _first_line(exc)) from exc
         except asyncpg.InterfaceError as exc:
@@ -354,6 +377,18 @@ class Connection:
             coroutine.close()
             self.abort()
             raise
+
+    def _lock_wait_error(self, exc: asyncpg.PostgresError) -> DatabaseError:
+        """A lock wait that ``lock_timeout`` ended, naming the backend that held the lock."""
+        blockers, self._blockers = self._blockers, None
+        if self._db.lock_timeout is None or "lock timeout" not in str(exc):
+            return DatabaseError(exc.sqlstate or "55P03", _first_line(exc))
+        holder = f"held by {blockers}" if blockers else "whose holder has let go since"
+        return DatabaseError(
+            "55P03",
+            f"gave up after waiting {self._db.lock_timeout:g}s for a lock {holder} "
+            f"(lock_timeout; {ENV_LOCK_TIMEOUT} sets it)",
+        )
 
     async def _call(self, method: Any, *args: Any, pump: bool = True) -> Any:
         """Run an asyncpg statement method: `start` it, then `finish` it from this task."""
@@ -507,6 +542,11 @@ class Database:
         self._idle: list[Connection] = []
         self._fast = True
         self._session_setup = not transaction_pooling
+        self.lock_timeout = COMMAND_LOCK_TIMEOUT.get()
+        """Seconds a statement may wait for a lock (commands only; None: as the server says)."""
+        if self.lock_timeout is not None:
+            # Look at a waiting statement before its lock wait ends, to name who blocks it.
+            self.silence = min(self.silence, self.lock_timeout / 2)
         """False once the server refused `_SESSION_SETUP` (or is older than 14)."""
 
     async def connect(
@@ -550,6 +590,9 @@ class Database:
         if not await self._set_up(connection):
             connection.abort()
             return await self.connect(purpose, sink=sink, on_lost=on_lost, timeout=timeout)
+        if self.lock_timeout is not None:
+            milliseconds = str(max(1, round(self.lock_timeout * 1000)))
+            await connection.fetchval("SELECT set_config('lock_timeout', $1, false)", milliseconds)
         return connection
 
     async def _open(self, name: str, timeout: float) -> Any:
@@ -623,24 +666,31 @@ class Database:
         """False once a hook of the driver seam failed its check (see the module's docstring)."""
         return self._fast
 
-    async def backend_is_working(self, pid: int) -> bool:
+    async def probe_backend(self, pid: int) -> tuple[bool, str | None]:
         """
         Whether backend *pid* is running a statement (asked on a fresh connection, bounded by
-        half of ``keepalive``). False when it is idle, writing to a client that does not read,
-        gone, or when the server cannot be asked: a statement waiting on it gets no reply.
+        half of ``keepalive``), and which backends block it, if any (``backend 12 (role r,
+        application_name 'a')``). Not working when it is idle, writing to a client that does not
+        read, gone, or when the server cannot be asked: a statement waiting on it gets no reply.
         """
         try:
             with trio.fail_after(self.silence):
                 raw = await self._open(f"{self.application_name}:probe"[:63], self.silence)
                 try:
-                    row = await trio_asyncio.aio_as_trio(raw.fetchrow, loop=self.loop)(
-                        "SELECT state, wait_event FROM pg_stat_activity WHERE pid = $1", pid
-                    )
+                    row = await trio_asyncio.aio_as_trio(raw.fetchrow, loop=self.loop)(_PROBE, pid)
                 finally:
                     raw.terminate()
         except Exception:  # whatever stops us asking also stops the statement's reply
-            return False
-        return row is not None and row["state"] == "active" and row["wait_event"] != "ClientWrite"
+            return False, None
+        if row is None:
+            return False, None
+        working = row["state"] == "active" and row["wait_event"] != "ClientWrite"
+        return working, row["blockers"]
+
+    async def backend_is_working(self, pid: int) -> bool:
+        """`probe_backend`'s first half."""
+        working, _blockers = await self.probe_backend(pid)
+        return working
 
     @asynccontextmanager
     async def connection(self, purpose: str) -> AsyncIterator[Connection]:

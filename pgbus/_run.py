@@ -18,7 +18,6 @@ from ._bus import Bus, BusStatistics, open_bus
 from ._config import BusConfig
 from ._dsn import describe_dsn, redact_dsn
 from ._metrics import MetricsServer
-from ._signals import STOP_SIGNALS
 
 log = logging.getLogger("pgbus")
 
@@ -28,7 +27,7 @@ async def run_config(
     *,
     stats_every: float | None = None,
     report: Callable[[str], None],
-    stop_signals: Iterable[signal.Signals] = STOP_SIGNALS,
+    stop_signals: Iterable[signal.Signals] | None = None,
 ) -> None:
     """
     Start everything *config* declares and run until one of *stop_signals* arrives.
@@ -50,6 +49,8 @@ async def run_config(
         DatabaseUnavailableError: a failure retrying cannot fix (bad password, unknown database).
         PgbusError: an embedded PostgreSQL could not start, or another failure of the bus.
     """
+    if stop_signals is None:
+        stop_signals = _signals.stop_signals()
     with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as nursery:
             stop = trio.CancelScope()

@@ -18,6 +18,20 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signa
 early: list[int] = []
 """Stop signals received before a command listened for them, in order."""
 
+_ignored: set[int] | None = None
+"""Stop signals whose handler was SIG_IGN when pgbus started (``nohup`` ignores SIGHUP)."""
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """
+    The signals that stop a command: SIGINT, SIGTERM and SIGHUP, less those the process was
+    started ignoring (a daemon started with ``nohup`` keeps ignoring SIGHUP).
+    """
+    ignored = _ignored
+    if ignored is None:
+        ignored = {s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN}
+    return tuple(s for s in STOP_SIGNALS if s not in ignored)
+
 
 def started_as_the_command(sys: ModuleType) -> bool:
     """Whether this process is ``python [options] -m pgbus ...`` or the ``pgbus`` script."""
@@ -33,7 +47,9 @@ def _remember(signum: int, _frame: FrameType | None) -> None:
 
 def remember_early_signals() -> None:
     """Note stop signals instead of acting on them (the default would kill or raise)."""
-    for stop_signal in STOP_SIGNALS:
+    global _ignored
+    _ignored = {s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN}
+    for stop_signal in stop_signals():
         signal.signal(stop_signal, _remember)
 
 

@@ -1,0 +1,155 @@
+"""
+Commands stop when asked and never wait on a lock for long: every one-shot command exits on
+Ctrl-C or SIGTERM at once (130 / 143, one line), a lock wait gives up after
+``PGBUS_LOCK_TIMEOUT`` seconds naming the backend that held the lock, and a stop signal the
+process was started ignoring (``nohup``) stays ignored.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+from processes import ROOT, Pgbus, pgbus_env, run_to_completion
+from test_cli import one_error_line
+
+if TYPE_CHECKING:
+    from conftest import PgHelper
+
+WAIT = 30
+COMMANDS = {
+    "status": ["status"],
+    "groups": ["groups"],
+    "notify --durable": ["notify", "stop_jobs", "x", "--durable"],
+    "dead-letters": ["dead-letters", "list", "stop_jobs", "--group", "g"],
+    "migrate": ["migrate"],
+}
+
+
+@asynccontextmanager
+async def pgbus_tables_locked(pg: PgHelper) -> AsyncIterator[None]:
+    """Every table of schema pgbus locked (ACCESS EXCLUSIVE) by the helper's open transaction."""
+    done = await run_to_completion("migrate", "--dsn", pg.dsn)
+    assert done.returncode == 0, done.stderr.decode()
+    tables = [
+        row["name"]
+        for row in await pg.fetch(
+            "SELECT format('%I.%I', schemaname, tablename) AS name"
+            " FROM pg_tables WHERE schemaname = 'pgbus'"
+        )
+    ]
+    await pg.execute("BEGIN")
+    try:
+        await pg.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        await pg.execute("ROLLBACK")
+
+
+async def wait_for_a_lock_wait(pg: PgHelper) -> None:
+    """Until one of pgbus's backends waits for a lock (polled: the server has no event for it)."""
+    with trio.fail_after(WAIT):
+        while True:
+            await pg.execute("SELECT pg_stat_clear_snapshot()")
+            waiting = await pg.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE starts_with(application_name, 'pgbus') AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                return
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def command(*args: str, **env: str) -> AsyncIterator[Pgbus]:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "pgbus", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=pgbus_env(**env),
+        cwd=ROOT,
+    )
+    running = Pgbus(process)
+    async with trio.open_nursery() as nursery:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        nursery.start_soon(running._pump, "stdout", process.stdout)
+        nursery.start_soon(running._pump, "stderr", process.stderr)
+        try:
+            yield running
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("name", list(COMMANDS))
+async def test_a_command_waiting_on_a_lock_stops_on_a_signal(
+    pg: PgHelper, name: str, signum: signal.Signals
+) -> None:
+    """Blocked on a lock, each command exits 128 + signal at once, saying so in one line."""
+    async with pgbus_tables_locked(pg), command(*COMMANDS[name], "--dsn", pg.dsn) as running:
+        await wait_for_a_lock_wait(pg)
+        status = await running.stop(signum, timeout=WAIT)
+    assert status == 128 + signum, running.output()
+    assert one_error_line("\n".join(running.lines["stderr"])) == (
+        f"pgbus: error: stopped by {signum.name}"
+    )
+
+
+async def test_a_lock_wait_gives_up_naming_the_blocker(pg: PgHelper) -> None:
+    """After PGBUS_LOCK_TIMEOUT seconds the command exits 1 naming who holds the lock."""
+    helper_pid = await pg.fetchval("SELECT pg_backend_pid()")
+    async with pgbus_tables_locked(pg):
+        done = await run_to_completion(
+            "groups", "--dsn", pg.dsn, env=pgbus_env(PGBUS_LOCK_TIMEOUT="1"), timeout=WAIT
+        )
+    assert done.returncode == 1
+    line = one_error_line(done.stderr.decode())
+    assert "gave up after waiting 1s for a lock held by backend" in line, line
+    assert f"backend {helper_pid} (role " in line and "application_name 'testhelper'" in line
+
+
+async def test_a_bad_lock_timeout_is_refused_in_one_line(pg: PgHelper) -> None:
+    """PGBUS_LOCK_TIMEOUT must be a number of seconds > 0."""
+    done = await run_to_completion("groups", "--dsn", pg.dsn, env=pgbus_env(PGBUS_LOCK_TIMEOUT="0"))
+    assert done.returncode == 2
+    assert "PGBUS_LOCK_TIMEOUT must be a number of seconds > 0 (got '0')" in done.stderr.decode()
+
+
+async def test_nohup_keeps_sighup_ignored(pg: PgHelper) -> None:
+    """Started with SIGHUP ignored (nohup), `run` ignores it; SIGTERM still stops it."""
+    nohup = shutil.which("nohup")
+    assert nohup is not None
+    config = ROOT / "examples" / "quickstart.toml"
+    process = await trio.lowlevel.open_process(
+        [nohup, sys.executable, "-m", "pgbus", "run", str(config), "--dsn", pg.dsn],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=pgbus_env(),
+        cwd=ROOT,
+    )
+    running = Pgbus(process)
+    async with trio.open_nursery() as nursery:
+        assert process.stdout is not None and process.stderr is not None
+        nursery.start_soon(running._pump, "stdout", process.stdout)
+        nursery.start_soon(running._pump, "stderr", process.stderr)
+        await running.expect("stderr", "running; stop with")
+        process.send_signal(signal.SIGHUP)
+        process.send_signal(signal.SIGTERM)
+        status = await running.wait(timeout=WAIT)
+    assert status == 0, running.output()
+    stderr = "\n".join(running.lines["stderr"])
+    assert "SIGTERM received" in stderr
+    assert "SIGHUP" not in stderr
