@@ -117,7 +117,8 @@ async def test_a_lock_wait_gives_up_naming_the_blocker(pg: PgHelper) -> None:
     assert done.returncode == 1
     line = one_error_line(done.stderr.decode())
     assert "gave up after waiting 1s for a lock held by backend" in line, line
-    assert f"backend {helper_pid} (role " in line and "application_name 'testhelper'" in line
+    assert f"backend {helper_pid} (role " in line
+    assert "application_name 'testhelper'" in line
 
 
 async def test_a_bad_lock_timeout_is_refused_in_one_line(pg: PgHelper) -> None:
@@ -142,7 +143,8 @@ async def test_nohup_keeps_sighup_ignored(pg: PgHelper) -> None:
     )
     running = Pgbus(process)
     async with trio.open_nursery() as nursery:
-        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
         nursery.start_soon(running._pump, "stdout", process.stdout)
         nursery.start_soon(running._pump, "stderr", process.stderr)
         await running.expect("stderr", "running; stop with")
