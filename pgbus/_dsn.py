@@ -253,8 +253,27 @@ def check_dsn(dsn: object) -> str:
         raise SettingError("dsn", f"must not be empty; write it as {_URI_EXAMPLE!r}.")
     problem = _dsn_problem(dsn)
     if problem is not None:
-        raise SettingError("dsn", f"{problem} (got {_shown(dsn)}).")
+        raise SettingError("dsn", f"{_problem_shown(dsn, problem)} (got {_shown(dsn)}).")
     return dsn
+
+
+PASSWORD_ESCAPES = (
+    "cannot be read as written: its password holds a character that URIs take as a delimiter "
+    "or an escape; percent-encode it ('/' as %2F, '?' %3F, '#' %23, '@' %40, '%' %25, '&' %26)"
+)
+
+
+def _problem_shown(dsn: str, problem: str) -> str:
+    """
+    *problem* as found in the redacted DSN: the one redaction rule for every message about a
+    DSN is that what it quotes comes from `redact_dsn`'s form, so no piece of a password (a
+    "port" that is the tail of a password holding '/') is ever shown. When only the password
+    is at fault, the message says how to write it, quoting nothing.
+    """
+    redacted = redact_dsn(dsn)
+    if redacted == dsn:
+        return problem
+    return _dsn_problem(redacted) or PASSWORD_ESCAPES
 
 
 def _shown(dsn: str) -> str:
