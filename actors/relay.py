@@ -14,7 +14,8 @@ class Relay(pgbus.Actor):
     """
     Forward each message's payload to the channel named *to*, waiting while it is full.
 
-    A `pgbus.Notification` is forwarded as its ``payload``; any other message as it is. A
+    A `pgbus.Notification` or a `pgbus.DurableMessage` is forwarded as its ``payload`` (a
+    durable message is acknowledged once forwarded); any other message as it is. A
     `pgbus.Gap` carries no payload: it is logged as a warning and nothing is forwarded.
     """
 
@@ -37,5 +38,6 @@ class Relay(pgbus.Actor):
                 self.to,
             )
             return
-        payload = message.payload if isinstance(message, pgbus.Notification) else message
+        carries_payload = isinstance(message, (pgbus.Notification, pgbus.DurableMessage))
+        payload = message.payload if carries_payload else message
         await self.bus.send(self.to, payload)

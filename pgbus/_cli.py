@@ -321,7 +321,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _notify(args: argparse.Namespace) -> int:
     channel: str = _checked_channel(args.channel)
-    text = _payload_from_stdin() if args.payload == "-" else _checked_utf8(args.payload, "PAYLOAD")
+    if args.payload == "-":
+        text = _payload_from_stdin(MAX_DURABLE_PAYLOAD_BYTES if args.durable else MAX_PAYLOAD_BYTES)
+    else:
+        text = _checked_utf8(args.payload, "PAYLOAD")
     message: Any = text
     if args.codec == "json":
         try:
@@ -459,13 +462,17 @@ def _dsn_for_client(dsn_option: str | None, config_path: str | None = None) -> s
         raise UsageError(f"{origin} {exc.rule}") from None
 
 
-def _payload_from_stdin() -> str:
-    """PAYLOAD ``-``: all of stdin (at most what a notification can hold), one newline dropped."""
-    data = sys.stdin.buffer.read(MAX_PAYLOAD_BYTES + 3)  # + room for the newline we drop
-    if len(data) > MAX_PAYLOAD_BYTES + 2:
+def _payload_from_stdin(limit: int) -> str:
+    """
+    PAYLOAD ``-``: all of stdin, one newline dropped; at most *limit* bytes (a notification's
+    limit, or a durable message's with --durable).
+    """
+    data = sys.stdin.buffer.read(limit + 3)  # + room for the newline we drop
+    if len(data) > limit + 2:
+        where = "a durable message holds" if limit != MAX_PAYLOAD_BYTES else "PostgreSQL accepts"
         raise UsageError(
-            f"the payload read from stdin is more than {MAX_PAYLOAD_BYTES + 2} bytes; "
-            f"PostgreSQL accepts at most {MAX_PAYLOAD_BYTES}. Send a reference (a row id) instead."
+            f"the payload read from stdin is more than {limit + 2} bytes; {where} at most "
+            f"{limit}. Send a reference (a row id) instead."
         )
     if data.endswith(b"\r\n"):
         data = data[:-2]

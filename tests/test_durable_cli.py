@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from typing import TYPE_CHECKING
 
@@ -93,6 +94,25 @@ async def test_notify_durable_stores_beyond_the_notify_limit(pg: PgHelper) -> No
     result = await run_to_completion("notify", channel, "x" * 20_000, "--durable", "--dsn", pg.dsn)
     assert result.returncode == 0, result.stderr
     assert result.stderr.decode().startswith(f"pgbus: stored 20000 bytes to '{channel}' at ")
+    stored = await pg.fetchval(
+        "SELECT length(payload) FROM pgbus.messages WHERE channel = $1", channel
+    )
+    assert stored == 20_000
+
+
+async def test_notify_durable_from_stdin_takes_the_durable_limit(pg: PgHelper) -> None:
+    """``notify CHANNEL - --durable`` stores 20,000 bytes read from stdin, as the argument does."""
+    channel = f"big-{uuid.uuid4().hex[:8]}"
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "pgbus", "notify", channel, "-", "--durable", "--dsn", pg.dsn],
+            stdin=b"y" * 20_000 + b"\n",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=pgbus_env(),
+        )
+    assert result.returncode == 0, result.stderr
     stored = await pg.fetchval(
         "SELECT length(payload) FROM pgbus.messages WHERE channel = $1", channel
     )

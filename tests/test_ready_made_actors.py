@@ -505,3 +505,23 @@ async def test_a_partitioned_table_reports_changes_in_every_partition(pg: Any, p
         ("INSERT", f"{table}_high", None, {"id": 150}),
         ("TRUNCATE", table, None, None),
     ]
+
+
+async def test_relay_forwards_a_durable_messages_payload_to_an_outbound_bridge(
+    pg: Any, pg_dsn: str
+) -> None:
+    """durable in -> Relay -> NOTIFY out: the payload arrives, the message is acknowledged."""
+    async with pgbus.open_bus(pg_dsn) as bus:
+        for name in ("jobs", "out", "seen"):
+            bus.add_channel(name, capacity=10)
+        await bus.bridge_in("relay_jobs", "jobs", durable=True, group="relay", codec="json")
+        await bus.bridge_out("out", "relay_out", codec="json")
+        await bus.bridge_in("relay_out", "seen", codec="json")
+        await bus.spawn(Relay, name="relay", inbox="jobs", options={"to": "out"})
+        await bus.notify("relay_jobs", {"job": 1}, codec="json", durable=True)
+        with trio.fail_after(30):
+            seen = await bus.channel("seen").receive()
+        assert seen.payload == {"job": 1}
+        with trio.fail_after(30):
+            while (await bus.durable_groups("relay_jobs"))[0].in_flight:
+                await trio.sleep(0.05)  # acknowledgements are written in the next round trip
