@@ -105,15 +105,34 @@ class Backoff:
         self.initial = initial
         self.maximum = maximum
         self.failures = 0
+        self._last_warned = -math.inf
+
+    def ceiling(self) -> float:
+        """The longest the current step may wait: doubling from *initial*, capped."""
+        if self.failures <= 1:
+            return 0.0
+        exponent = min(self.failures - 2, 64)  # 2 ** 64 * initial is past any cap
+        return min(self.maximum, self.initial * 2**exponent)
 
     def next_delay(self) -> float:
         self.failures += 1
-        if self.failures == 1:
-            return 0.0
-        return random.uniform(0, min(self.maximum, self.initial * 2 ** (self.failures - 2)))
+        return random.uniform(0, self.ceiling())
+
+    def should_warn(self) -> bool:
+        """
+        Whether this failure deserves a warning: each step while the ceiling still grows, then
+        one per *maximum* seconds (so a server that stays down is said every few seconds, not
+        at every retry).
+        """
+        now = trio.current_time()
+        if self.ceiling() < self.maximum or now - self._last_warned >= self.maximum:
+            self._last_warned = now
+            return True
+        return False
 
     def reset(self) -> None:
         self.failures = 0
+        self._last_warned = -math.inf
 
 
 class _ListenerProtocolConnection(asyncpg.Connection):
@@ -755,18 +774,20 @@ async def connect_with_retry(
             if exc.fatal:
                 raise
             delay = backoff.next_delay()
-            level = (
-                logging.WARNING
-                if backoff.failures in (1, 2) or backoff.failures % 20 == 0
-                else logging.DEBUG
-            )
-            log.log(level, "%s: %s; retrying in %.1fs", purpose, exc, delay)
+            level = logging.WARNING if backoff.should_warn() else logging.DEBUG
+            log.log(level, "%s: %s; %s", purpose, exc, retrying_in(delay, backoff.failures))
             await trio.sleep(delay)
             continue
         if backoff.failures:
             log.warning("%s: connected to %s again", purpose, db.where)
         backoff.reset()
         return connection
+
+
+def retrying_in(delay: float, failures: int) -> str:
+    """``retrying now`` or ``retrying in 0.31s``, and how many attempts failed so far."""
+    when = "retrying now" if delay < 0.005 else f"retrying in {delay:.2f}s"
+    return f"{when} ({failures} failed attempt{'' if failures == 1 else 's'})"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -124,17 +124,22 @@ async def _run_bus_serving(
             )
         elif bus.dsn is not None:
             log.info("using PostgreSQL at %s", describe_dsn(bus.dsn))
+        if stats_every is not None:
+            # From the start: while the server cannot be reached, the lines say so.
+            services.start_soon(_log_statistics, bus, stats_every)
         if config.node is not None and bus.node is None:
             await bus._join_cluster()  # [node] without a name: "<hostname>:<pid>"
         await start_config(bus, config)
         if metrics is not None:
             metrics.starting = False
         report("running; stop with Ctrl-C (SIGINT) or SIGTERM")
-        if stats_every is None:
-            await trio.sleep_forever()
-        while True:
-            await trio.sleep(stats_every)
-            log.info("%s", format_statistics(bus.statistics()))
+        await trio.sleep_forever()
+
+
+async def _log_statistics(bus: Bus, every: float) -> None:
+    while True:
+        await trio.sleep(every)
+        log.info("%s", format_statistics(bus.statistics()))
 
 
 async def start_config(bus: Bus, config: BusConfig) -> None:

@@ -155,3 +155,16 @@ async def test_nohup_keeps_sighup_ignored(pg: PgHelper) -> None:
     stderr = "\n".join(running.lines["stderr"])
     assert "SIGTERM received" in stderr
     assert "SIGHUP" not in stderr
+
+
+async def test_a_server_that_is_down_is_said_and_stats_keep_coming() -> None:
+    """Against a closed port: the retries are warned about (never 'in 0.0s'), stats still print."""
+    config = ROOT / "examples" / "quickstart.toml"
+    down = "postgresql://postgres@127.0.0.1:1/nowhere"
+    async with command("run", str(config), "--dsn", down, "--stats-every", "0.2") as running:
+        await running.expect("stderr", "retrying now (1 failed attempt)")
+        await running.expect("stderr", "retrying in")
+        await running.expect("stderr", "stats:")
+        status = await running.stop(signal.SIGTERM, timeout=WAIT)
+    assert status == 0, running.output()
+    assert "retrying in 0.0s" not in running.output()

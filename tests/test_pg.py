@@ -9,6 +9,7 @@ still working.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import uuid
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 import pgbus
 from pgbus import _pg
@@ -149,3 +151,28 @@ async def test_a_refused_setting_is_fatal_at_connect(pg_dsn: str) -> None:
         with pytest.raises(pgbus.DatabaseUnavailableError) as caught:
             await db.connect("test")
     assert caught.value.fatal is True
+
+
+async def test_backoff_warns_at_each_step_up_to_its_cap_then_once_per_cap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While the server stays down: a warning per doubling step, then one per 5 s; never 0.0s."""
+    from pgbus._pg import Backoff, retrying_in
+
+    backoff = Backoff(initial=0.05, maximum=5.0)
+    warned_at: list[float] = []
+    said: list[str] = []
+    start = trio.current_time()
+    while trio.current_time() - start < 60:
+        delay = backoff.next_delay()
+        if backoff.should_warn():
+            warned_at.append(trio.current_time() - start)
+            said.append(retrying_in(delay, backoff.failures))
+        await trio.sleep(delay)
+    steps = [at for at in warned_at if at < 6.4]  # the ceiling grows for 8 steps
+    assert len(steps) >= 8
+    late = [at for at in warned_at if at >= 20]
+    assert all(b - a >= 5.0 for a, b in itertools.pairwise(late))
+    assert 6 <= len(late) <= 9  # one per 5 s over the last 40 s
+    assert said[0] == "retrying now (1 failed attempt)"
+    assert not any("in 0.00s" in line for line in said)
