@@ -112,7 +112,7 @@ class Backoff:
         if self.failures <= 1:
             return 0.0
         exponent = min(self.failures - 2, 64)  # 2 ** 64 * initial is past any cap
-        return min(self.maximum, self.initial * 2**exponent)
+        return min(self.maximum, self.initial * 2.0**exponent)
 
     def next_delay(self) -> float:
         self.failures += 1
