@@ -31,6 +31,7 @@ from ._dsn import check_dsn, describe_dsn, redact_dsn
 from ._durable._cli import add_durable_commands
 from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES
 from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
+from ._grants import add_grants_command
 from ._logs import LOG_FORMATS, formatter
 from ._signals import stop_signals
 
@@ -229,6 +230,7 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     _add_codec(listen, "json: print payloads decoded")
     listen.set_defaults(command_function=_listen)
     _add_cluster_commands(commands, prog)
+    add_grants_command(commands, _Formatter, prog)
     add_durable_commands(commands, formatter, prog, _add_dsn, ENV_DSN)
     return parser
 

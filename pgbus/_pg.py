@@ -34,6 +34,12 @@ from ._codec import quote_ident
 from ._dsn import describe_dsn
 from ._errors import DatabaseError, DatabaseUnavailableError
 
+GRANTS_HINT = (
+    "the role lacks pgbus's grants: print them with `pgbus grants ROLE` and have the owner of "
+    "schema pgbus run them"
+)
+"""Added to every permission refusal (SQLSTATE 42501) one of pgbus's statements gets."""
+
 log = logging.getLogger("pgbus.bridge")
 
 DRIVE_SOCKETS = True
@@ -379,6 +385,8 @@ class Connection:
             ) from exc
         except asyncpg.LockNotAvailableError as exc:
             raise self._lock_wait_error(exc) from exc
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise DatabaseError("42501", f"{_first_line(exc)}; {GRANTS_HINT}") from exc
         except asyncpg.PostgresError as exc:
             raise DatabaseError(exc.sqlstate or "?????", _first_line(exc)) from exc
         except asyncpg.InterfaceError as exc:
