@@ -181,9 +181,9 @@ async def test_restarts_are_counted(pg_dsn: str) -> None:
 
 
 async def test_unknown_path_is_404(pg_dsn: str) -> None:
-    """Only /metrics and /healthz exist."""
+    """Only /metrics, /healthz and the dashboard's paths exist."""
     async with pgbus.open_bus(pg_dsn) as bus, serving(bus) as url:
-        assert await get(f"{url}/") == (404, "not found: try /metrics or /healthz\n")
+        assert await get(f"{url}/nope") == (404, "not found: try /, /metrics or /healthz\n")
 
 
 async def test_while_the_database_is_down() -> None:
