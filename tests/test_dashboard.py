@@ -127,8 +127,8 @@ class Fails(pgbus.Actor):
 @asynccontextmanager
 async def a_busy_bus(dsn: str) -> AsyncIterator[tuple[pgbus.Bus, dict[str, str]]]:
     """
-    A node with a public actor, a singleton, an inbound bridge and a durable group whose one
-    message became a dead letter; the names it used.
+    A node with a public actor, a singleton, an inbound and an outbound bridge, and a durable
+    group whose one message became a dead letter; the names it used.
     """
     names = {
         "node": unique("dash-a"),
@@ -136,6 +136,7 @@ async def a_busy_bus(dsn: str) -> AsyncIterator[tuple[pgbus.Bus, dict[str, str]]
         "singleton": unique("lonely"),
         "durable": unique("jobs"),
         "orders": unique("orders"),
+        "replies": unique("replies"),
     }
     async with pgbus.open_bus(dsn, node=names["node"], keepalive=KEEPALIVE) as bus:
         await bus.spawn(Echo, name=names["echo"], inbox_capacity=10, public=True)
@@ -145,6 +146,8 @@ async def a_busy_bus(dsn: str) -> AsyncIterator[tuple[pgbus.Bus, dict[str, str]]
         await bus.spawn(Fails, name="fails", inbox="jobs")
         bus.add_channel("orders", 10)
         await bus.bridge_in(names["orders"], "orders")
+        bus.add_channel("replies", 10)
+        await bus.bridge_out("replies", names["replies"])
         await bus.notify(names["durable"], "poison", durable=True)
         yield bus, names
 
@@ -205,17 +208,21 @@ async def test_the_page_shows_the_cluster_and_follows_it_live(pg: PgHelper) -> N
         assert "ValueError: no good" in letter
         bridge = f"in/{names['orders']}/orders"
         await browser.do("expect_row", "bridges", bridge, ["connected"], WAIT)
+
+        await pg.execute(
+            "SELECT pg_notify($1, n::text) FROM generate_series(1, 3) AS n", names["orders"]
+        )
+        for n in range(3):
+            await bus.send("replies", f"reply {n}")
+        messages_column = 4
+        await browser.do("expect_cell", "bridges", bridge, messages_column, "3", UPDATE_WAIT)
+        outbound = f"out/{names['replies']}/replies"
+        await browser.do("expect_cell", "bridges", outbound, messages_column, "3", UPDATE_WAIT)
         if shot := os.environ.get("PGBUS_DASHBOARD_SCREENSHOT"):
             await browser.do("screenshot", shot)
 
         stop_other.cancel()  # the second node's bus closes: its session ends
         await browser.do("expect_no_row", "nodes", other, UPDATE_WAIT)
-
-        await pg.execute(
-            "SELECT pg_notify($1, n::text) FROM generate_series(1, 3) AS n", names["orders"]
-        )
-        messages_column = 4
-        await browser.do("expect_cell", "bridges", bridge, messages_column, "3", UPDATE_WAIT)
         nursery.cancel_scope.cancel()
     await pg.wait_for_no_backends()
 
