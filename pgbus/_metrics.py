@@ -358,6 +358,7 @@ async def serve_metrics(
     bus: Bus,
     listen: str = DEFAULT_LISTEN,
     *,
+    dashboard: bool = True,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -367,13 +368,15 @@ async def serve_metrics(
     gives the base URL once it is listening.
 
     ``/healthz`` answers 200 ``ok`` while every bridge is connected and no actor has failed,
-    else 503 with one reason per line. Needs ``pip install 'pgbus[metrics]'``.
+    else 503 with one reason per line. ``/`` is a read-only live dashboard of the cluster and of
+    this bus (the same data as ``pgbus status --json``, plus this bus's channels, bridges with
+    their rates, and actors), unless *dashboard* is false. Needs ``pip install 'pgbus[metrics]'``.
 
     Raises:
         MetricsUnavailableError: the extra is not installed, or *listen* cannot be bound.
         ConfigError: *listen* is not ``"HOST:PORT"``.
     """
-    await MetricsServer(listen).serve(bus, task_status=task_status)
+    await MetricsServer(listen, dashboard=dashboard).serve(bus, task_status=task_status)
 
 
 def listen_socket(host: str, port: int, what: str) -> socket.socket:

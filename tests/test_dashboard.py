@@ -24,6 +24,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,7 @@ import trio
 from processes import pgbus_env, run_to_completion, running
 
 import pgbus
+from pgbus._config import MetricsConfig, load_config
 
 if TYPE_CHECKING:
     from conftest import PgHelper
@@ -280,6 +282,20 @@ async def test_the_bus_reads_for_the_page_on_its_own_connection_only_when_asked(
         assert (await get(f"{url}/status.json", data=b"{}"))[0] == 405
         nursery.cancel_scope.cancel()
     await pg.wait_for_no_backends()
+
+
+async def test_the_dashboard_can_be_left_out(pg: PgHelper, tmp_path: Path) -> None:
+    """[metrics] dashboard = false (serve_metrics(dashboard=False)): / is 404; a bad value: 2."""
+    config = tmp_path / "bus.toml"
+    config.write_text('[metrics]\nlisten = "127.0.0.1:0"\ndashboard = false\n')
+    assert load_config(str(config)).metrics == MetricsConfig("127.0.0.1:0", dashboard=False)
+    config.write_text('[metrics]\nlisten = "127.0.0.1:0"\ndashboard = "no"\n')
+    with pytest.raises(pgbus.ConfigError, match=r"\[metrics\] dashboard must be true or false"):
+        load_config(str(config))
+    async with pgbus.open_bus(pg.dsn) as bus, trio.open_nursery() as nursery:
+        url = await nursery.start(partial(pgbus.serve_metrics, bus, "127.0.0.1:0", dashboard=False))
+        assert await get(f"{url}/") == (404, "not found: try /metrics or /healthz\n")
+        nursery.cancel_scope.cancel()
 
 
 def with_password(dsn: str, password: str) -> str:

@@ -297,7 +297,9 @@ async def test_run_serves_metrics_from_the_config(pg: PgHelper, tmp_path: Path) 
     async with running("run", str(config)) as bus:
         line = await bus.expect("stderr", "pgbus: metrics on ")
         url = line.split(" ")[3].removesuffix("/metrics,")
+        assert line.endswith(f", dashboard on {url}/")
         await bus.expect("stderr", "running; stop with Ctrl-C")
+        assert (await get(f"{url}/"))[0] == 200
         await pg.execute("SELECT pg_notify('metrics test', 'hello')")
         await bus.expect("stdout", "hello")
         assert await get(f"{url}/healthz") == (200, "ok\n")
