@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import trio
 from processes import pgbus_env, run_to_completion, running
+from test_cli import closed_port, one_error_line
 
 import pgbus
 from pgbus._config import MetricsConfig, load_config
@@ -373,3 +374,23 @@ async def test_the_dashboard_command_serves_without_a_bus_and_acts_with_the_toke
             assert await dashboard.stop(signal.SIGTERM, timeout=10) == 0
             assert secret not in dashboard.output()
     await pg.wait_for_no_backends()
+
+
+async def test_the_dashboard_command_fails_in_one_line() -> None:
+    """Unreachable database: exit 1, one line, no password; a bad --refresh or --listen: 2."""
+    secret = "pw-" + uuid.uuid4().hex
+    dsn = f"postgresql://postgres:{secret}@127.0.0.1:{closed_port()}/postgres"
+    result = await run_to_completion("dashboard", "--dsn", dsn, "--listen", "127.0.0.1:0")
+    assert result.returncode == 1
+    line = one_error_line(result.stderr.decode())
+    assert secret not in line
+    assert f"127.0.0.1:{dsn.rsplit(':', 1)[1].split('/')[0]}" in line
+    result = await run_to_completion("dashboard", "--dsn", dsn, "--refresh", "0")
+    assert result.returncode == 2
+    assert "--refresh: must be between 0.2 and 60 seconds (got 0)" in result.stderr.decode()
+    result = await run_to_completion("dashboard", "--dsn", dsn, "--listen", "localhost")
+    assert result.returncode == 2
+    assert one_error_line(result.stderr.decode()) == (
+        'pgbus: error: dashboard listen must be "HOST:PORT", e.g. "127.0.0.1:9464" or '
+        "\"[::1]:9464\", port 0..65535 (got 'localhost')."
+    )
