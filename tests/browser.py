@@ -49,12 +49,36 @@ def row_text(page: Page, table: str, containing: str, timeout: float) -> str:
     return str(found.inner_text(timeout=timeout * 1000))
 
 
+def click_in_row(
+    page: Page, table: str, containing: str, button: str, answer: str, timeout: float
+) -> None:
+    """Click *button* in the first row of *table* containing *containing*; answer a prompt."""
+    page.once("dialog", lambda dialog: dialog.accept(answer))
+    found = page.locator(f"#{table} tbody tr", has_text=containing).first
+    found.get_by_role("button", name=button).click(timeout=timeout * 1000)
+
+
+def expect_text(page: Page, selector: str, text: str, timeout: float) -> None:
+    """The element *selector* contains *text*."""
+    expect(page.locator(selector)).to_contain_text(text, timeout=timeout * 1000)
+
+
 def screenshot(page: Page, path: str) -> None:
     page.screenshot(path=path, full_page=True)
 
 
 COMMANDS = {
-    f.__name__: f for f in (goto, expect_row, expect_no_row, expect_cell, row_text, screenshot)
+    f.__name__: f
+    for f in (
+        goto,
+        expect_row,
+        expect_no_row,
+        expect_cell,
+        row_text,
+        click_in_row,
+        expect_text,
+        screenshot,
+    )
 }
 
 

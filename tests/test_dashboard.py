@@ -36,6 +36,7 @@ from test_cli import closed_port, one_error_line
 
 import pgbus
 from pgbus._config import MetricsConfig, load_config
+from pgbus._dashboard import serve_dashboard
 
 if TYPE_CHECKING:
     from conftest import PgHelper
@@ -64,11 +65,20 @@ class Browser:
         assert process.stdin is not None
         assert process.stdout is not None
         self._stdin = process.stdin
-        self._lines = _lines(process.stdout)
+        self._stdout = process.stdout
+        self._pending = b""
+
+    async def _line(self) -> bytes:
+        while b"\n" not in self._pending:
+            chunk = await self._stdout.receive_some()
+            if not chunk:
+                raise AssertionError("the browser process ended")
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line
 
     async def answer(self) -> Any:
-        line = await self._lines.__anext__()
-        reply = json.loads(line)
+        reply = json.loads(await self._line())
         if "error" in reply:
             raise AssertionError(f"in the browser: {reply['error']}")
         return reply["ok"]
@@ -77,15 +87,6 @@ class Browser:
         """Run *command* (a function of ``tests/browser.py``) with *args*; its result."""
         await self._stdin.send_all(json.dumps({"do": command, "args": args}).encode() + b"\n")
         return await self.answer()
-
-
-async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
-    pending = b""
-    while chunk := await stream.receive_some():
-        *complete, pending = (pending + chunk).split(b"\n")
-        for line in complete:
-            yield line
-    raise AssertionError("the browser process ended")
 
 
 @asynccontextmanager
@@ -312,6 +313,32 @@ async def test_the_dashboard_can_be_left_out(pg: PgHelper, tmp_path: Path) -> No
         url = await nursery.start(partial(pgbus.serve_metrics, bus, "127.0.0.1:0", dashboard=False))
         assert await get(f"{url}/") == (404, "not found: try /metrics or /healthz\n")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_letter_is_purged_from_the_page_only_with_the_token(pg: PgHelper) -> None:
+    """serve_dashboard with a token: a wrong token is refused on the page; the right one purges."""
+    async with a_busy_bus(pg.dsn) as (_bus, names), trio.open_nursery() as nursery:
+        url = await nursery.start(
+            partial(serve_dashboard, pg.dsn, "127.0.0.1:0", actions_token="let-me")
+        )
+        async with chromium() as browser:
+            await browser.do("goto", url, WAIT)
+            letter = await browser.do("row_text", "dead-letters", names["durable"], WAIT)
+            assert "ValueError: no good" in letter
+            await browser.do("click_in_row", "dead-letters", names["durable"], "purge", "no", WAIT)
+            await browser.do(
+                "expect_text", "#notice", "forbidden: a valid token is needed", UPDATE_WAIT
+            )
+            group = f"{names['durable']}/g"
+            await browser.do("expect_cell", "durable", group, 5, "1", UPDATE_WAIT)
+            await browser.do(
+                "click_in_row", "dead-letters", names["durable"], "purge", "let-me", WAIT
+            )
+            await browser.do("expect_text", "#notice", "purge: 1 dead letter(s)", UPDATE_WAIT)
+            await browser.do("expect_cell", "durable", group, 5, "0", UPDATE_WAIT)
+            await browser.do("expect_text", "#dead-letters", "no dead letter", UPDATE_WAIT)
+        nursery.cancel_scope.cancel()
+    await pg.wait_for_no_backends()
 
 
 def with_password(dsn: str, password: str) -> str:

@@ -151,7 +151,17 @@
     } else {
       sessionStorage.setItem("pgbus-token", token);
     }
-    if (!response.ok) window.alert(action + " failed: " + (await response.text()));
+    const notice = $("notice");
+    notice.hidden = false;
+    if (response.ok) {
+      const done = await response.json();
+      notice.className = "notice";
+      notice.textContent = action + ": " + done.count + " dead letter(s) of " + letter.channel +
+        ", group " + letter.group;
+    } else {
+      notice.className = "notice error";
+      notice.textContent = action + " failed: " + (await response.text());
+    }
   }
 
   function setLive(live) {
