@@ -37,6 +37,12 @@ def expect_no_row(page: Page, table: str, key: str, timeout: float) -> None:
     expect(_row(page, table, key)).to_have_count(0, timeout=timeout * 1000)
 
 
+def expect_no_row_with(page: Page, table: str, containing: str, timeout: float) -> None:
+    """No row of *table* contains *containing*."""
+    rows = page.locator(f"#{table} tbody tr", has_text=containing)
+    expect(rows).to_have_count(0, timeout=timeout * 1000)
+
+
 def expect_cell(page: Page, table: str, key: str, column: int, text: str, timeout: float) -> None:
     """Cell *column* (1-based) of that row reads exactly *text*."""
     cell = _row(page, table, key).locator(f"td:nth-child({column})")
@@ -73,6 +79,7 @@ COMMANDS = {
         goto,
         expect_row,
         expect_no_row,
+        expect_no_row_with,
         expect_cell,
         row_text,
         click_in_row,

@@ -336,7 +336,7 @@ async def test_a_dead_letter_is_purged_from_the_page_only_with_the_token(pg: PgH
             )
             await browser.do("expect_text", "#notice", "purge: 1 dead letter(s)", UPDATE_WAIT)
             await browser.do("expect_cell", "durable", group, 5, "0", UPDATE_WAIT)
-            await browser.do("expect_text", "#dead-letters", "no dead letter", UPDATE_WAIT)
+            await browser.do("expect_no_row_with", "dead-letters", names["durable"], UPDATE_WAIT)
         nursery.cancel_scope.cancel()
     await pg.wait_for_no_backends()
 
