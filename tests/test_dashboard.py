@@ -301,6 +301,29 @@ async def test_the_bus_reads_for_the_page_on_its_own_connection_only_when_asked(
     await pg.wait_for_no_backends()
 
 
+async def test_a_bridge_rate_is_messages_per_second_between_two_refreshes(pg: PgHelper) -> None:
+    """20 notifications: one snapshot shows a rate above 0 for the bridge; counts are exact."""
+    channel = unique("rated")
+    async with pgbus.open_bus(pg.dsn) as bus, trio.open_nursery() as nursery:
+        bus.add_channel("in", 100)
+        await bus.bridge_in(channel, "in")
+        url = await nursery.start(pgbus.serve_metrics, bus, "127.0.0.1:0")
+        await get(f"{url}/status.json")  # the refreshes begin: the next ones count from here
+        await pg.execute("SELECT pg_notify($1, n::text) FROM generate_series(1, 20) AS n", channel)
+        rates = []
+        with trio.fail_after(WAIT):
+            while not rates or rates[-1][0] < 20 or not any(rate for _, rate in rates):
+                await trio.sleep(0.05)
+                _, body = await get(f"{url}/status.json")
+                [bridge] = [
+                    b for b in json.loads(body)["local"]["bridges"] if b["postgres"] == channel
+                ]
+                rates.append((bridge["messages"], bridge["rate"]))
+        # counted over at least one refresh interval (1 s): never more than 20 a second
+        assert all(rate is None or 0 <= rate <= 20 for _, rate in rates), rates
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_dashboard_can_be_left_out(pg: PgHelper, tmp_path: Path) -> None:
     """[metrics] dashboard = false (serve_metrics(dashboard=False)): / is 404; a bad value: 2."""
     config = tmp_path / "bus.toml"
