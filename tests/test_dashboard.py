@@ -193,15 +193,22 @@ async def get(
 
 
 async def test_the_page_shows_the_cluster_and_follows_it_live(pg: PgHelper) -> None:
-    """Nodes, public actor, singleton, durable group, dead letter shown; a stop, a publish seen."""
+    """Nodes, actors, singleton, durable group, dead letter shown; publishes, a stop, no server."""
     async with (
         a_busy_bus(pg.dsn) as (bus, names),
         trio.open_nursery() as nursery,
         another_node(pg.dsn) as (other, stop_other),
         chromium() as browser,
     ):
-        url = await nursery.start(pgbus.serve_metrics, bus, "127.0.0.1:0")
+        server = trio.CancelScope()
+
+        async def serve_page(task_status: trio.TaskStatus[str]) -> None:
+            with server:
+                await pgbus.serve_metrics(bus, "127.0.0.1:0", task_status=task_status)
+
+        url = await nursery.start(serve_page)
         await browser.do("goto", f"{url}/", WAIT)
+        await browser.do("expect_text", "#live", "live", WAIT)
         node = names["node"]
         await browser.do("expect_row", "nodes", node, [names["echo"], names["orders"]], WAIT)
         await browser.do("expect_row", "nodes", other, [], WAIT)
@@ -227,6 +234,9 @@ async def test_the_page_shows_the_cluster_and_follows_it_live(pg: PgHelper) -> N
 
         stop_other.cancel()  # the second node's bus closes: its session ends
         await browser.do("expect_no_row", "nodes", other, UPDATE_WAIT)
+
+        server.cancel()  # the page says so when its server is gone
+        await browser.do("expect_text", "#live", "disconnected", UPDATE_WAIT)
         nursery.cancel_scope.cancel()
     await pg.wait_for_no_backends()
 
