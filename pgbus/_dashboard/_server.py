@@ -92,6 +92,7 @@ class Dashboard:
         self._connection: Connection | None = None
         self._snapshot: dict[str, Any] | None = None
         self._taken_at = -math.inf
+        self._serial = 0
         self._changed = trio.Event()
         self._demand = trio.Event()
         self._viewers = 0
@@ -161,6 +162,7 @@ class Dashboard:
                 except PgbusError as exc:
                     error = redact_dsn(str(exc))
                     log.debug("dashboard: %s", error)
+            self._serial += 1
             self._snapshot = self._make_snapshot(error)
             self._taken_at = trio.current_time()
             self._changed.set()
@@ -212,6 +214,7 @@ class Dashboard:
 
     def _empty(self, error: str | None) -> dict[str, Any]:
         return {
+            "serial": self._serial,
             "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "where": self.where,
             "refresh": self.refresh,
