@@ -37,6 +37,8 @@ from test_cli import closed_port, one_error_line
 import pgbus
 from pgbus._config import MetricsConfig, load_config
 from pgbus._dashboard import serve_dashboard
+from pgbus._dsn import describe_dsn
+from pgbus._embedded import open_embedded_postgres
 
 if TYPE_CHECKING:
     from conftest import PgHelper
@@ -381,6 +383,36 @@ async def test_a_dead_letter_is_purged_from_the_page_only_with_the_token(pg: PgH
             await browser.do("expect_no_row_with", "dead-letters", names["durable"], UPDATE_WAIT)
         nursery.cancel_scope.cancel()
     await pg.wait_for_no_backends()
+
+
+async def test_the_page_says_when_the_database_is_down_and_keeps_the_last_data() -> None:
+    """Server stopped: error named (no password), the last cluster kept as stale; back: clear."""
+    async with open_embedded_postgres() as server, trio.open_nursery() as nursery:
+        secret = "pw-" + uuid.uuid4().hex
+        url = await nursery.start(serve_dashboard, with_password(server.dsn, secret), "127.0.0.1:0")
+        _, body = await get(f"{url}status.json")
+        before = json.loads(body)
+        assert (before["error"], before["stale"]) == (None, False)
+        await server.stop_server(mode="immediate")
+        with trio.fail_after(WAIT):
+            while True:
+                down = json.loads((await get(f"{url}status.json"))[1])
+                if down["error"]:
+                    break
+                await trio.sleep(0.05)
+        assert f"PostgreSQL at {describe_dsn(server.dsn)}" in down["error"], down["error"]
+        assert secret not in json.dumps(down)
+        assert down["stale"] is True
+        assert down["cluster"] == before["cluster"]
+        await server.start_server()
+        with trio.fail_after(WAIT):
+            while True:
+                back = json.loads((await get(f"{url}status.json"))[1])
+                if back["error"] is None:
+                    break
+                await trio.sleep(0.05)
+        assert back["stale"] is False
+        nursery.cancel_scope.cancel()
 
 
 def with_password(dsn: str, password: str) -> str:
