@@ -495,3 +495,22 @@ async def test_the_dashboard_command_fails_in_one_line() -> None:
         'pgbus: error: dashboard listen must be "HOST:PORT", e.g. "127.0.0.1:9464" or '
         "\"[::1]:9464\", port 0..65535 (got 'localhost')."
     )
+
+
+async def test_the_dashboard_command_takes_dsn_and_name_from_config(
+    pg: PgHelper, tmp_path: Path
+) -> None:
+    """--config: its [postgres] dsn and application_name (the connection is NAME:dashboard)."""
+    name = unique("pgbus-ops")
+    config = tmp_path / "bus.toml"
+    config.write_text(f'[postgres]\ndsn = "{pg.dsn}"\napplication_name = "{name}"\n')
+    args = ("dashboard", "--config", str(config), "--listen", "127.0.0.1:0")
+    async with running(*args) as dashboard:
+        line = await dashboard.expect("stderr", "dashboard of ")
+        url = line.split(" on ")[1].split(" ")[0]
+        status, _ = await get(f"{url}status.json")
+        assert status == 200
+        names = [r["application_name"] for r in await pg.backends()]
+        assert f"{name}:dashboard" in names
+        assert await dashboard.stop(signal.SIGINT, timeout=10) == 0
+    await pg.wait_for_no_backends()
