@@ -231,6 +231,7 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     listen.set_defaults(command_function=_listen)
     _add_cluster_commands(commands, prog)
     add_grants_command(commands, _Formatter, prog)
+    _add_dashboard_command(commands, prog)
     add_durable_commands(commands, formatter, prog, _add_dsn, ENV_DSN)
     return parser
 
@@ -670,48 +671,58 @@ def _add_cluster_commands(commands: Any, prog: str) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     dsn = _dsn_for_client(args.dsn)
-    found: list[Any] = []
+    found: list[dict[str, Any]] = []
 
     async def read() -> None:
-        from ._bus import open_bus
+        from ._dashboard import read_overview  # the dashboard shows the very same data
+        from ._pg import open_database
 
-        async with open_bus(dsn) as bus:
-            found.append(await bus.cluster_status())
+        async with (
+            open_database(dsn, "pgbus") as database,
+            database.connection("status") as connection,
+        ):
+            found.append(await read_overview(connection))
 
     with _logging_to_stderr("warning"):
         status = _trio_run(read)
     if status != EXIT_OK:
         return status
-    (cluster,) = found
+    (overview,) = found
     if args.json:
-        _print_line(json.dumps(cluster.as_json(), ensure_ascii=False))
+        _print_line(json.dumps(overview, ensure_ascii=False))
         return EXIT_OK
-    for line in _status_lines(cluster, describe_dsn(dsn)):
+    for line in _status_lines(overview, describe_dsn(dsn)):
         if not _print_line(line):
             break
     return EXIT_OK
 
 
-def _status_lines(cluster: Any, where: str) -> Iterator[str]:
-    nodes = cluster.nodes
+def _status_lines(overview: dict[str, Any], where: str) -> Iterator[str]:
+    nodes = overview["nodes"]
     yield f"cluster at {where}: {len(nodes)} node{'' if len(nodes) == 1 else 's'}"
     for node in nodes:
         yield (
-            f"node {node.name!r}: host {node.host}, pid {node.os_pid}, backend {node.pid}, "
-            f"since {node.started}"
+            f"node {node['name']!r}: host {node['host']}, pid {node['os_pid']}, "
+            f"backend {node['pid']}, since {node['started']}"
         )
-        yield f"  public actors: {', '.join(node.public) or '-'}"
-        if node.singletons:
-            yield f"  singletons: {', '.join(node.singletons)}"
-        yield f"  inbound channels: {', '.join(map(repr, node.inbound)) or '-'}"
-    for singleton in cluster.singletons:
-        holder = f"held by {singleton.holder!r}" if singleton.holder else "held by nobody"
-        candidates = ", ".join(map(repr, singleton.candidates))
-        yield f"singleton {singleton.name!r}: {holder} (candidates: {candidates})"
-    for group in cluster.durable or ():
+        yield f"  public actors: {', '.join(node['public']) or '-'}"
+        if node["singletons"]:
+            yield f"  singletons: {', '.join(node['singletons'])}"
+        yield f"  inbound channels: {', '.join(map(repr, node['inbound'])) or '-'}"
+    for singleton in overview["singletons"]:
+        holder = singleton["holder"]
+        held = f"held by {holder!r}" if holder else "held by nobody"
+        candidates = ", ".join(map(repr, singleton["candidates"]))
+        yield f"singleton {singleton['name']!r}: {held} (candidates: {candidates})"
+    for group in overview["durable"] or ():
         yield (
             f"durable {group['channel']!r} group {group['group']!r}: lag {group['lag']}, "
             f"in flight {group['in_flight']}, dead letters {group['dead_letters']}"
+        )
+    for letter in overview["dead_letters"]:
+        yield (
+            f"dead letter {letter['id']} of {letter['channel']!r} group {letter['group']!r} "
+            f"after {letter['attempts']} attempt(s): {letter['error'] or '(no reason recorded)'}"
         )
 
 
@@ -738,6 +749,104 @@ def _ask(args: argparse.Namespace) -> int:
     if status == EXIT_OK:
         _print_line(json.dumps(replies[0], ensure_ascii=False, separators=(",", ":")))
     return status
+
+
+# -- the dashboard -------------------------------------------------------------------------------
+
+ENV_DASHBOARD_TOKEN = "PGBUS_DASHBOARD_TOKEN"
+DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:8080"
+
+
+def _add_dashboard_command(commands: Any, prog: str) -> None:
+    from ._dashboard import DEFAULT_REFRESH
+
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="serve a live, read-only web page of the cluster",
+        description="Serve a web page of the cluster that shares this PostgreSQL, refreshed\n"
+        "live: nodes with their public actors, singletons with their holders, durable\n"
+        "groups with lag, in-flight and dead letters (with their reasons). The same data\n"
+        "as status --json, read on one connection at most every --refresh seconds for\n"
+        "all viewers, only while a page is open. Needs the 'metrics' extra. Runs until\n"
+        "Ctrl-C or SIGTERM. A bus run with [metrics] serves the same page on /.",
+        epilog=f"examples:\n  {prog} dashboard --dsn postgresql://app@db/app"
+        " --listen 127.0.0.1:8080\n"
+        f"  {ENV_DASHBOARD_TOKEN}=s3cret {prog} dashboard --allow-actions",
+        formatter_class=_Formatter,
+    )
+    _add_dsn(dashboard, f"default: {ENV_DSN}, else --config's [postgres] dsn")
+    _add_config(dashboard)
+    dashboard.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_DASHBOARD_LISTEN,
+        help=f"where to serve the page (default: {DEFAULT_DASHBOARD_LISTEN}; port 0 picks one)",
+    )
+    dashboard.add_argument(
+        "--refresh",
+        metavar="SECONDS",
+        type=_refresh_seconds,
+        default=DEFAULT_REFRESH,
+        help=f"read the database at most every SECONDS (default: {DEFAULT_REFRESH:g})",
+    )
+    dashboard.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="let the page retry and purge dead letters, given the token in "
+        f"{ENV_DASHBOARD_TOKEN} (one is made up and printed if it is unset)",
+    )
+    dashboard.set_defaults(command_function=_dashboard)
+
+
+def _refresh_seconds(text: str) -> float:
+    from ._dashboard import check_refresh
+
+    try:
+        return check_refresh(float(text))
+    except ValueError as exc:
+        message = str(exc) if "must be" in str(exc) else f"must be a number (got {text!r})"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import secrets
+
+    from ._dashboard import serve_dashboard
+
+    dsn = _dsn_for_client(args.dsn, args.config)
+    application_name = "pgbus"
+    if args.config is not None:
+        application_name = load_config(args.config).postgres.application_name
+    token = None
+    if args.allow_actions:
+        token = os.environ.get(ENV_DASHBOARD_TOKEN) or None
+        if token is None:
+            token = secrets.token_urlsafe(18)
+            _say(f"dashboard actions token (set {ENV_DASHBOARD_TOKEN} to choose one): {token}")
+
+    async def serve() -> None:
+        with trio.open_signal_receiver(*stop_signals()) as signals:
+            if _signals.early:
+                return
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(
+                    partial(
+                        serve_dashboard,
+                        dsn,
+                        args.listen,
+                        refresh=args.refresh,
+                        actions_token=token,
+                        application_name=application_name,
+                    )
+                )
+                mode = "actions allowed with the token" if token else "read-only"
+                _say(f"dashboard of {describe_dsn(dsn)} on {url} ({mode}); stop with Ctrl-C")
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+
+    with _logging_to_stderr("warning"):
+        return _trio_run(serve, handles_signals=True)
 
 
 def _tell(args: argparse.Namespace) -> int:

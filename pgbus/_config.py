@@ -138,10 +138,12 @@ class DurableBridgeConfig:
 
 @attrs.frozen
 class MetricsConfig:
-    """The ``[metrics]`` table: where ``/metrics`` and ``/healthz`` are served."""
+    """The ``[metrics]`` table: where ``/metrics``, ``/healthz`` and the dashboard are served."""
 
     listen: str
     """``"HOST:PORT"`` (see `pgbus._metrics.parse_listen`)."""
+    dashboard: bool = True
+    """Whether ``/`` serves the read-only dashboard (`pgbus._dashboard`) too."""
 
 
 @attrs.frozen
@@ -268,7 +270,8 @@ class BusConfig:
             cluster = ", singleton" if a.singleton else ", public" if a.public else ""
             lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}{cluster}")
         if self.metrics is not None:
-            lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz")
+            dashboard = ", dashboard on /" if self.metrics.dashboard else ""
+            lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz{dashboard}")
         lines += [f"warning: {warning}" for warning in self.warnings()]
         return "\n".join(lines)
 
@@ -361,13 +364,14 @@ def _parse_metrics(root: _Table) -> MetricsConfig | None:
     if "metrics" not in root.data:
         return None
     t = root.table("metrics", "[metrics]")
-    t.no_unknown_keys(("listen",))
+    t.no_unknown_keys(("listen", "dashboard"))
     listen: str = t.get("listen", "a string", hint='"HOST:PORT", e.g. "127.0.0.1:9464"')
     try:
         parse_listen(listen)
     except ValueError as exc:
         t.fail("listen", f"{exc}.")
-    return MetricsConfig(listen)
+    dashboard: bool = t.get("dashboard", "true or false", True)
+    return MetricsConfig(listen, dashboard)
 
 
 _TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors", "metrics", "node")

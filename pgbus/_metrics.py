@@ -258,7 +258,8 @@ def health_problems(stats: BusStatistics, *, starting: bool = False) -> list[str
 
 class MetricsServer:
     """
-    The ``/metrics`` and ``/healthz`` endpoints of one bus. Any other path is 404.
+    The ``/metrics`` and ``/healthz`` endpoints of one bus, and its dashboard on ``/`` (unless
+    *dashboard* is false: see `pgbus._dashboard`). Any other path is 404.
 
     `bind` takes the address (call it early, so a taken port fails before anything starts);
     `serve` serves a bus until cancelled. While `starting` is true, ``/healthz`` says 503 (``pgbus
@@ -266,12 +267,14 @@ class MetricsServer:
     `serve` never took over.
     """
 
-    def __init__(self, listen: str, *, starting: bool = False) -> None:
+    def __init__(self, listen: str, *, starting: bool = False, dashboard: bool = True) -> None:
         try:
             self.host, self.port = parse_listen(listen)
         except ValueError as exc:
             raise ConfigError(f"metrics listen {exc}.") from None
         self.starting = starting
+        self.dashboard = dashboard
+        """Whether ``/`` serves the dashboard (`pgbus._dashboard`) too."""
         self.bus: Bus | None = None
         self._socket: socket.socket | None = None
         self._data: ScrapeData | None = None
@@ -287,18 +290,7 @@ class MetricsServer:
         if self._socket is not None:
             return
         _import_extra()
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise MetricsUnavailableError(
-                f"metrics: cannot listen on {self.address}: {exc.strerror or exc}."
-            ) from None
-        self._socket = sock
+        self._socket = listen_socket(self.host, self.port, "metrics")
 
     @property
     def address(self) -> str:
@@ -325,22 +317,20 @@ class MetricsServer:
         Raises:
             MetricsUnavailableError: as `bind` does, before anything is served.
         """
-        from hypercorn.config import Config
-        from hypercorn.trio import serve
-
         self.bind()
         self.bus = bus
-        url = f"http://{self.address}"
         sock, self._socket = self._socket, None
         assert sock is not None
-        config = Config()
-        config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) it from here
-        config.accesslog = None
-        config.errorlog = _http_log
-        config.graceful_timeout = 0.5
-        app = _App(self, _prometheus_app(self))
+        dashboard = None
+        if self.dashboard:
+            from ._dashboard import Dashboard
+
+            dashboard = Dashboard.of_bus(bus)
+        app = _App(self, _prometheus_app(self), dashboard)
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, app, config)
+            if dashboard is not None:
+                await nursery.start(dashboard.run)
+            url = await nursery.start(serve_asgi, app, sock)
             task_status.started(url)
 
     async def refresh(self) -> None:
@@ -368,6 +358,7 @@ async def serve_metrics(
     bus: Bus,
     listen: str = DEFAULT_LISTEN,
     *,
+    dashboard: bool = True,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -377,13 +368,68 @@ async def serve_metrics(
     gives the base URL once it is listening.
 
     ``/healthz`` answers 200 ``ok`` while every bridge is connected and no actor has failed,
-    else 503 with one reason per line. Needs ``pip install 'pgbus[metrics]'``.
+    else 503 with one reason per line. ``/`` is a read-only live dashboard of the cluster and of
+    this bus (the same data as ``pgbus status --json``, plus this bus's channels, bridges with
+    their rates, and actors), unless *dashboard* is false. Needs ``pip install 'pgbus[metrics]'``.
 
     Raises:
         MetricsUnavailableError: the extra is not installed, or *listen* cannot be bound.
         ConfigError: *listen* is not ``"HOST:PORT"``.
     """
-    await MetricsServer(listen).serve(bus, task_status=task_status)
+    await MetricsServer(listen, dashboard=dashboard).serve(bus, task_status=task_status)
+
+
+def listen_socket(host: str, port: int, what: str) -> socket.socket:
+    """
+    A listening TCP socket bound to (*host*, *port*) (blocking: a host name is resolved).
+
+    Raises:
+        MetricsUnavailableError: the address cannot be bound (taken, or not this machine's),
+            said as ``"<what>: cannot listen on HOST:PORT: <reason>."``.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise MetricsUnavailableError(
+            f"{what}: cannot listen on {address}: {exc.strerror or exc}."
+        ) from None
+    return sock
+
+
+def socket_address(sock: socket.socket) -> str:
+    """``HOST:PORT`` of a bound socket (IPv6 in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_asgi(
+    app: Any, sock: socket.socket, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """
+    Serve the ASGI *app* with hypercorn's Trio worker on the listening *sock* (which hypercorn
+    takes over and closes) until cancelled; ``task_status.started`` gets the base URL.
+
+    Cancellation closes every open HTTP connection within half a second (requests still
+    running then, such as an event stream, are cancelled).
+    """
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    url = f"http://{socket_address(sock)}"
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) it from here
+    config.accesslog = None
+    config.errorlog = _http_log
+    config.graceful_timeout = 0.5
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, app, config)
+        task_status.started(url)
 
 
 def _import_extra() -> None:
@@ -418,9 +464,12 @@ class _Collector:
 class _App:
     """The ASGI application: /metrics (prometheus-client), /healthz, and lifespan events."""
 
-    def __init__(self, server: MetricsServer, metrics_app: Any) -> None:
+    def __init__(self, server: MetricsServer, metrics_app: Any, dashboard: Any = None) -> None:
+        from ._dashboard import DashboardApp
+
         self._server = server
         self._metrics_app = metrics_app
+        self._dashboard = DashboardApp(dashboard) if dashboard is not None else None
         self._scrape_lock = trio.Lock()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -437,8 +486,9 @@ class _App:
         elif path == "/healthz":
             status, text = self._server.health()
             await _respond(receive, send, status, text)
-        else:
-            await _respond(receive, send, 404, "not found: try /metrics or /healthz")
+        elif self._dashboard is None or not await self._dashboard.handle(scope, receive, send):
+            where = "/metrics or /healthz" if self._dashboard is None else "/, /metrics or /healthz"
+            await _respond(receive, send, 404, f"not found: try {where}")
 
 
 async def _lifespan(receive: Any, send: Any) -> None:

@@ -80,7 +80,9 @@ async def _run_bus(
 ) -> None:
     metrics = None
     if config.metrics is not None:
-        metrics = MetricsServer(config.metrics.listen, starting=True)
+        metrics = MetricsServer(
+            config.metrics.listen, starting=True, dashboard=config.metrics.dashboard
+        )
         metrics.bind()  # before anything starts: a taken port is one line and exit 2, at once
     try:
         await _run_bus_serving(config, metrics, stats_every=stats_every, report=report)
@@ -115,7 +117,8 @@ async def _run_bus_serving(
         if metrics is not None:
             # Served from the start: /healthz says 503 "starting" while bridges wait for a server.
             url = await services.start(metrics.serve, bus)
-            report(f"metrics on {url}/metrics, health on {url}/healthz")
+            dashboard = f", dashboard on {url}/" if metrics.dashboard else ""
+            report(f"metrics on {url}/metrics, health on {url}/healthz{dashboard}")
         if embedded and bus.dsn is not None:
             version = await _server_version(bus)
             report(

@@ -181,9 +181,9 @@ async def test_restarts_are_counted(pg_dsn: str) -> None:
 
 
 async def test_unknown_path_is_404(pg_dsn: str) -> None:
-    """Only /metrics and /healthz exist."""
+    """Only /metrics, /healthz and the dashboard's paths exist."""
     async with pgbus.open_bus(pg_dsn) as bus, serving(bus) as url:
-        assert await get(f"{url}/") == (404, "not found: try /metrics or /healthz\n")
+        assert await get(f"{url}/nope") == (404, "not found: try /, /metrics or /healthz\n")
 
 
 async def test_while_the_database_is_down() -> None:
@@ -297,7 +297,9 @@ async def test_run_serves_metrics_from_the_config(pg: PgHelper, tmp_path: Path) 
     async with running("run", str(config)) as bus:
         line = await bus.expect("stderr", "pgbus: metrics on ")
         url = line.split(" ")[3].removesuffix("/metrics,")
+        assert line.endswith(f", dashboard on {url}/")
         await bus.expect("stderr", "running; stop with Ctrl-C")
+        assert (await get(f"{url}/"))[0] == 200
         await pg.execute("SELECT pg_notify('metrics test', 'hello')")
         await bus.expect("stdout", "hello")
         assert await get(f"{url}/healthz") == (200, "ok\n")
