@@ -136,3 +136,19 @@ async def pg(pg_dsn: str) -> AsyncIterator[PgHelper]:
     """A `PgHelper` on the session's test database."""
     async with trio_asyncio.open_loop() as loop, _connect(pg_dsn, loop) as connection:
         yield PgHelper(connection, loop, pg_dsn)
+
+
+def require_system_tool(path: str, package: str) -> None:
+    """
+    Tests of a real external component (PgBouncer, Chromium) need its Debian package. CI
+    installs it (.ci/run) and there its absence fails the test; on a machine that has only
+    Python (the README's test command) the test is skipped, naming the package to install.
+    """
+    import os
+
+    if os.path.exists(path):
+        return
+    message = f"{path} is missing: apt-get install -y {package}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

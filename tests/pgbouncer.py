@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from conftest import require_system_tool
 from proxy import via
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
@@ -44,6 +45,7 @@ def _server_of(dsn: str) -> tuple[str, int, str, str]:
 @contextmanager
 def run_pgbouncer(dsn: str, mode: str, *, users: tuple[str, ...] = ()) -> Iterator[str]:
     """Yield *dsn* rewritten to go through a fresh PgBouncer in *mode* (session | transaction)."""
+    require_system_tool(PGBOUNCER, "pgbouncer")
     host, port, database, user = _server_of(dsn)
     listen = _free_port()
     folder = Path(tempfile.mkdtemp(prefix="pgbus-pgbouncer-"))

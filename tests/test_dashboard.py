@@ -31,6 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trio
+from conftest import require_system_tool
 from processes import pgbus_env, run_to_completion, running
 from test_cli import closed_port, one_error_line
 
@@ -94,11 +95,7 @@ class Browser:
 @asynccontextmanager
 async def chromium() -> AsyncIterator[Browser]:
     """A browser page; the process is ended on the way out."""
-    if not await trio.Path(CHROMIUM).exists():
-        pytest.fail(
-            f"no Chromium at {CHROMIUM}: install Debian's (apt-get install -y chromium) or set "
-            "PGBUS_TEST_CHROMIUM to a Chromium executable"
-        )
+    require_system_tool(CHROMIUM, "chromium")
     process = await trio.lowlevel.open_process(
         [sys.executable, str(Path(__file__).parent / "browser.py"), CHROMIUM],
         stdin=subprocess.PIPE,
