@@ -181,6 +181,7 @@ class TableChanges(pgbus.Actor):
     """
 
     channel_options = ("to",)
+    needs_database = True  # it installs its trigger through the bus
 
     def __init__(
         self,

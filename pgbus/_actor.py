@@ -51,6 +51,12 @@ class Actor:
     The constructor's options whose values name bus channels (``Heartbeat``'s ``to``).
     ``pgbus check`` and `Bus.spawn` make sure each names a channel that exists.
     """
+    needs_database: ClassVar[bool] = False
+    """
+    True for an actor that talks to PostgreSQL itself (``self.bus.transaction()``), as
+    ``TableChanges`` does: ``pgbus run`` then starts an embedded PostgreSQL for a config without
+    a DSN even when nothing else in it (bridges, ``[node]``, public or singleton actors) needs one.
+    """
 
     async def on_start(self) -> None:
         """Called once per (re)start, before any message is handled."""

@@ -342,7 +342,7 @@ def _notify(args: argparse.Namespace) -> int:
         size = len(encode(channel, message, args.codec, limit).encode())
     except PgbusError as exc:  # too large, or a NUL character
         raise UsageError(str(exc)) from None
-    dsn = _dsn_for_client(args.dsn, args.config)
+    dsn = _dsn_for_client(args.dsn, args.config, accepts_config=True)
     with _logging_to_stderr("warning"):
         status = _trio_run(partial(_send_one, dsn, channel, message, args.codec, args.durable))
     if status == EXIT_OK:
@@ -362,7 +362,7 @@ async def _send_one(
 
 def _listen(args: argparse.Namespace) -> int:
     channels = [_checked_channel(name) for name in args.channels]
-    dsn = _dsn_for_client(args.dsn, args.config)
+    dsn = _dsn_for_client(args.dsn, args.config, accepts_config=True)
     with _logging_to_stderr("warning"):
         return _trio_run(
             partial(_print_notifications, dsn, channels, args.codec, args.count),
@@ -438,7 +438,9 @@ def _load_config(path: str, dsn_option: str | None) -> BusConfig:
     return config
 
 
-def _dsn_for_client(dsn_option: str | None, config_path: str | None = None) -> str:
+def _dsn_for_client(
+    dsn_option: str | None, config_path: str | None = None, *, accepts_config: bool = False
+) -> str:
     """
     The DSN for notify and listen: ``--dsn``, else ``PGBUS_DSN``, else ``--config``'s
     ``[postgres] dsn``; checked, never guessed.
@@ -455,9 +457,11 @@ def _dsn_for_client(dsn_option: str | None, config_path: str | None = None) -> s
             )
         return dsn  # checked by load_config
     if dsn is None:
+        # Only the commands that take --config suggest it.
+        or_config = ", or name a config file with --config" if accepts_config else ""
         raise UsageError(
-            "no PostgreSQL to connect to: pass --dsn postgresql://user@host/db, set "
-            f"{ENV_DSN}, or name a config file with --config."
+            "no PostgreSQL to connect to: pass --dsn postgresql://user@host/db or set "
+            f"{ENV_DSN}{or_config}."
         )
     try:
         return check_dsn(dsn)
@@ -813,7 +817,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     from ._dashboard import serve_dashboard
 
-    dsn = _dsn_for_client(args.dsn, args.config)
+    dsn = _dsn_for_client(args.dsn, args.config, accepts_config=True)
     application_name = "pgbus"
     if args.config is not None:
         application_name = load_config(args.config).postgres.application_name

@@ -185,6 +185,19 @@ class BusConfig:
     node: NodeConfig | None = None
     """The ``[node]`` table, if the file has one (then the bus joins the cluster at start)."""
 
+    @property
+    def needs_database(self) -> bool:
+        """
+        Whether anything declared here needs PostgreSQL: a bridge, ``[node]``, a public or
+        singleton actor, or an actor class that says so (`Actor.needs_database`). Without a
+        DSN, ``run`` starts an embedded PostgreSQL only then.
+        """
+        return bool(
+            self.bridges
+            or self.node is not None
+            or any(a.public or a.singleton or a.actor_class.needs_database for a in self.actors)
+        )
+
     def with_metrics(self, listen: str, *, origin: str = "--metrics") -> BusConfig:
         """Return a copy serving metrics on *listen* (``run --metrics HOST:PORT``)."""
         try:
@@ -242,7 +255,10 @@ class BusConfig:
         """A short human summary, several lines, with any password in the DSN redacted."""
         pg = self.postgres
         sv = self.supervisor
-        where = "embedded" if pg.dsn is None else redact_dsn(pg.dsn)
+        if pg.dsn is not None:
+            where = redact_dsn(pg.dsn)
+        else:
+            where = "embedded" if self.needs_database else "none (nothing here needs PostgreSQL)"
         lines = [
             f"{self.source}: {_count(self.channels, 'channel')}, {_count(self.bridges, 'bridge')}, "
             f"{_count(self.actors, 'actor')}",

@@ -37,7 +37,9 @@ __all__ = [
 
 _logger = logging.getLogger("pgbus")
 
-INSTALL_HINT = "pip install 'pgbus[embedded]'"
+INSTALL_HINT = (
+    "pip install 'pgbus[embedded]' (in a clone of the repository: pip install -e '.[embedded]')"
+)
 _STOP_TIMEOUT = 30.0
 _DEFAULT_PORT = 5432
 

@@ -99,9 +99,11 @@ async def _run_bus_serving(
     report: Callable[[str], None],
 ) -> None:
     pg = config.postgres
-    embedded = pg.dsn is None
+    embedded = pg.dsn is None and config.needs_database
     if embedded:
         log.info("starting an embedded PostgreSQL for this run")
+    elif pg.dsn is None:
+        log.info("nothing in this config needs PostgreSQL: running without a server")
     async with (
         open_bus(
             pg.dsn,

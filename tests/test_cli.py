@@ -220,8 +220,31 @@ def test_notify_without_a_dsn_says_how_to_give_one(
     monkeypatch.delenv("PGBUS_DSN", raising=False)
     assert main(["notify", "orders", "hello"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
-        "pgbus: error: no PostgreSQL to connect to: pass --dsn postgresql://user@host/db, set "
+        "pgbus: error: no PostgreSQL to connect to: pass --dsn postgresql://user@host/db or set "
         "PGBUS_DSN, or name a config file with --config."
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["ask", "a", "1"],
+        ["tell", "a", "1"],
+        ["migrate"],
+        ["groups"],
+        ["dead-letters", "list", "c", "--group", "g"],
+    ],
+)
+def test_commands_without_config_do_not_suggest_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """A command that takes no --config names only --dsn and PGBUS_DSN."""
+    monkeypatch.delenv("PGBUS_DSN", raising=False)
+    assert main(args) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "pgbus: error: no PostgreSQL to connect to: pass --dsn postgresql://user@host/db or set "
+        "PGBUS_DSN."
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,7 +159,8 @@ def help_examples() -> list[str]:
     texts = [build_parser("pgbus").format_help()]
     texts += [p.format_help() for p in subcommands().values()]
     lines = [
-        re.sub(r"\s+#.*$", "", line.strip())
+        # A comment and environment assignments before the command (VAR=value pgbus ...).
+        re.sub(r"^([A-Z_]+=\S+\s+)+", "", re.sub(r"\s+#.*$", "", line.strip()))
         for text in texts
         for line in text.split("example", 1)[-1].splitlines()
         if line.startswith("  ") and "pgbus " in line and line.strip()[0] != "-"
@@ -226,3 +228,21 @@ def test_readme_cli_table_lists_every_option() -> None:
             if not long_options or long_options == ["--help"]:
                 continue
             assert long_options[0] in rows[command], (command, long_options[0])
+
+
+async def test_a_config_that_needs_no_database_starts_no_server(tmp_path: Path) -> None:
+    """Heartbeat -> Printer, no DSN: the bus runs without starting an embedded PostgreSQL."""
+    config = tmp_path / "ticks.toml"
+    config.write_text(
+        "[channels.ticks]\ncapacity = 10\n\n"
+        '[actors.beat]\nclass = "pgbus.actors.heartbeat:Heartbeat"\n'
+        'options = { to = "ticks", every = 0.05 }\n\n[actors.printer]\n'
+        'class = "pgbus.actors.printer:Printer"\ninbox = "ticks"\n'
+    )
+    async with running("run", str(config)) as bus:
+        await bus.expect("stdout", '"payload":"tick 2"')
+        status = await bus.stop(signal.SIGTERM, timeout=30)
+    assert status == 0, bus.output()
+    stderr = "\n".join(bus.lines["stderr"])
+    assert "postgres: none (nothing here needs PostgreSQL)" in stderr
+    assert "embedded PostgreSQL" not in stderr

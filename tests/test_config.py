@@ -186,11 +186,11 @@ def test_summary() -> None:
 
 
 def test_summary_of_an_empty_file() -> None:
-    """An empty file's summary says PostgreSQL is embedded and counts in the singular too."""
+    """An empty file's summary says no PostgreSQL is needed and counts in the singular too."""
     config = parse("[channels.a]\ncapacity = 0\n")
     assert config.summary().splitlines()[:2] == [
         "bus.toml: 1 channel, 0 bridges, 0 actors",
-        "postgres: embedded (application_name 'pgbus')",
+        "postgres: none (nothing here needs PostgreSQL) (application_name 'pgbus')",
     ]
 
 

