@@ -57,7 +57,7 @@ def add_grants_command(commands: Any, formatter: type[argparse.HelpFormatter], p
         "channels, groups, dead letters, the cluster, status) without owning or\n"
         "creating anything. The owner of schema pgbus runs it once; nothing is\n"
         "changed by this command itself.",
-        epilog=f"example:\n  {prog} grants app_worker    # then run its output as the schema's owner",
+        epilog=f"example:\n  {prog} grants app_worker    # then run its output as the owner",
         formatter_class=formatter,
     )
     grants.add_argument("role", metavar="ROLE", help="the role, exactly (case-sensitive)")
