@@ -16,13 +16,7 @@ import trio
 from ._actor import Actor, Request, check_actor_options
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
-from ._cluster import (
-    CLUSTER_CHANNEL,
-    Cluster,
-    ClusterStatistics,
-    ClusterStatus,
-    read_status,
-)
+from ._cluster import Cluster, ClusterStatistics, ClusterStatus, read_status
 from ._codec import encode, validate_channel_name
 from ._dsn import check_dsn, check_keepalive
 from ._durable._admin import GroupStatus, group_status
@@ -365,16 +359,18 @@ class Bus:
             if self._cluster is None:
                 # Kept across a cancelled attempt (an ask that timed out while joining), so
                 # the next attempt listens on the same channel instead of adding another.
+                listener = await self._get_listener()
                 cluster = self._cluster_draft
                 if cluster is None:
                     name = self._node_name or default_node_name()
-                    cluster = Cluster(self, self._database(), name=name, keepalive=self._keepalive)
-                    if cluster.inbox.name in self._channels:
-                        raise DuplicateNameError("channel", cluster.inbox.name)
-                    self._channels[cluster.inbox.name] = cluster.inbox
+                    cluster = Cluster(
+                        self._database(),
+                        self._supervisor,
+                        listener,
+                        name=name,
+                        keepalive=self._keepalive,
+                    )
                     self._cluster_draft = cluster
-                await self.bridge_in(cluster.channel, cluster.inbox.name)
-                await self.bridge_in(CLUSTER_CHANNEL, cluster.inbox.name)
                 service = _Service("cluster")
                 try:
                     await self._nursery.start(service.run, cluster.serve)
@@ -643,6 +639,12 @@ class Bus:
         ]
         if undelivered:
             parts.append(f"{undelivered} notification(s) read but not delivered")
+        if self._cluster is not None:
+            parts += [
+                f"{count} request(s) from other nodes waiting for room in {inbox!r}"
+                for inbox, count in self._cluster.left()
+                if count
+            ]
         if parts:
             log.warning("shutdown after %gs: messages left: %s", stop_timeout, "; ".join(parts))
         if self._cluster is not None and self._cluster_service is not None:

@@ -647,7 +647,12 @@ def _status_lines(cluster: Any, where: str) -> Iterator[str]:
             yield f"  singletons: {', '.join(node.singletons)}"
         yield f"  inbound channels: {', '.join(map(repr, node.inbound)) or '-'}"
     for singleton in cluster.singletons:
-        holder = f"held by {singleton.holder!r}" if singleton.holder else "held by nobody"
+        if singleton.holder:
+            holder = f"held by {singleton.holder!r}"
+        elif singleton.foreign_holder:
+            holder = f"held by {singleton.foreign_holder}, which is not a node of the cluster"
+        else:
+            holder = "held by nobody"
         candidates = ", ".join(map(repr, singleton.candidates))
         yield f"singleton {singleton.name!r}: {holder} (candidates: {candidates})"
     for group in cluster.durable or ():

@@ -245,11 +245,11 @@ async def test_bad_input_on_a_node_channel_is_counted_and_the_node_goes_on(pg: P
         await bus.spawn(LocalEcho, name="local_echo", inbox_capacity=10, public=True)
         status = await bus.cluster_status()
         [me] = [n for n in status.nodes if n.name == "tester"]
-        async with pg.listen("test replies") as replies:
+        async with pg.listen("pgbus.node.0123456789abcdef") as replies:
             for payload in (
                 "not json",
                 '{"k": "zz", "i": 1}',
-                '{"k": "a", "i": 7, "a": "nobody", "r": "test replies", "m": 1}',
+                '{"k": "a", "i": 7, "a": "nobody", "r": "pgbus.node.0123456789abcdef", "m": 1}',
             ):
                 await pg.execute("SELECT pg_notify($1, $2)", me.channel, payload)
             with trio.fail_after(WAIT):
@@ -262,7 +262,7 @@ async def test_bad_input_on_a_node_channel_is_counted_and_the_node_goes_on(pg: P
         }
         statistics = bus.statistics().cluster
         assert statistics is not None
-        assert (statistics.dropped, statistics.refused) == (2, 1)
+        assert (statistics.junk, statistics.refused) == (2, 1)
         with trio.fail_after(WAIT):  # and the node works on
             async with asker(pg.dsn, node_name="other") as other:
                 assert await other.ask("local_echo", [1], timeout=WAIT) == [1]
@@ -493,6 +493,7 @@ async def test_status_shows_what_runs_and_forgets_a_node_that_ended(pg: PgHelper
                     "holder": "worker-1",
                     "holder_pid": names["worker-1"]["pid"],
                     "candidates": ["worker-1", "worker-2"],
+                    "foreign_holder": None,
                 }
             ]
             text = await run_to_completion("status", "--dsn", pg.dsn)
