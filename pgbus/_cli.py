@@ -663,10 +663,14 @@ def _status_lines(cluster: Any, where: str) -> Iterator[str]:
 
 
 def _json_message(text: str) -> Any:
+    """MESSAGE as strict JSON (what crosses between nodes), or one line saying what is wrong."""
     try:
-        return json.loads(_checked_utf8(text, "MESSAGE"))
-    except ValueError as exc:
-        raise UsageError(f"MESSAGE is not valid JSON ({exc}); quote strings: '\"text\"'.") from None
+        return decoder("json")("MESSAGE", _checked_utf8(text, "MESSAGE"))
+    except CodecError as exc:
+        detail = exc.detail.removeprefix("payload ")
+        if detail.startswith("is not valid JSON"):
+            detail += "; quote strings: '\"text\"'"
+        raise UsageError(f"MESSAGE {detail}.") from None
 
 
 def _ask(args: argparse.Namespace) -> int:

@@ -69,7 +69,7 @@ from ._wire import (
 if TYPE_CHECKING:
     from .._channel import Channel
     from .._inbound import InboundBridge
-    from .._pg import Database
+    from .._pg import Connection, Database
     from .._supervisor import ActorSpec, Supervisor
 
 __all__ = [
@@ -282,8 +282,10 @@ class Cluster:
         pid = self._sender.pid
         return [] if pid is None else [pid]
 
-    def _sender_connected(self) -> None:
-        self._membership.senders_changed()
+    async def _sender_connected(self, connection: Connection) -> None:
+        # Registered from the new backend itself, before it sends anything: a reply it sends
+        # next is committed after the registry says it may come from there.
+        await self._membership.advertise_sender(connection)
 
     # -- asking other nodes ------------------------------------------------------------------
 
@@ -480,7 +482,8 @@ class Cluster:
                     await inbox.send(item)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._refuse(message, "its inbox is closed")
-                queue.popleft()
+                if queue:  # (emptied by `left` meanwhile)
+                    queue.popleft()
         finally:
             if self._overflows.get(inbox) is queue and not queue:
                 del self._overflows[inbox]

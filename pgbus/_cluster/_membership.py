@@ -182,16 +182,18 @@ class NodeInfo:
 
 
 def read_nodes(rows: Iterable[Any], warned: set[Any] | None = None) -> dict[int, NodeInfo]:
-    """The valid nodes of *rows* by pid; each invalid row is skipped with one warning."""
+    """
+    The valid nodes of *rows* by pid. An invalid row is skipped, with a warning the first time
+    (its pid and reason not yet in *warned*); without *warned*, silently (``pgbus status``).
+    """
     nodes: dict[int, NodeInfo] = {}
     for row in rows:
         try:
             node = NodeInfo.from_row(row)
         except ValueError as exc:
-            key = tuple(row)
-            if warned is None or key not in warned:
-                if warned is not None:
-                    warned.add(key)
+            key = (row[0], str(exc))
+            if warned is not None and key not in warned:
+                warned.add(key)
                 log.warning(
                     "cluster: skipped the registry row of backend %s in pgbus.cluster_nodes: %s "
                     "(no pgbus node writes such a row; a client with write access to pgbus's "
@@ -376,8 +378,19 @@ class Membership:
         if self._wake is not None:
             self._wake.cancel()
 
-    def senders_changed(self) -> None:
-        """The sender reconnected (a new pid): advertise it at the next poll, soon."""
+    async def advertise_sender(self, connection: Connection) -> None:
+        """*connection* is this node's sender from now on: say so, on it (bounded)."""
+        pid = self.pid
+        if pid is not None:  # else the registration will say it
+            with trio.fail_after(self.keepalive):
+                await connection.execute(
+                    "UPDATE pgbus.cluster_nodes SET sender_pids = ARRAY[pg_backend_pid()]"
+                    " WHERE pid = $1",
+                    pid,
+                )
+                await connection.execute(
+                    "SELECT pg_notify($1, $2)", CLUSTER_CHANNEL, f"change {self.name}"
+                )
         self._dirty = True
         self.poll_soon()
 
@@ -426,36 +439,52 @@ class Membership:
 
     async def _join(self, connection: Connection) -> None:
         """Settings, schema, registration, first poll: each wait bounded, a failure explained."""
-        step = "connecting"
-        try:
-            with trio.fail_after(self.keepalive):
-                step = "setting up the session"
-                version = int(
-                    await connection.fetchval("SELECT current_setting('server_version_num')")
-                )
-                for key, value in session_settings(self.keepalive).items():
-                    if key == "idle_session_timeout" and version < 140000:
-                        continue
-                    await connection.execute("SELECT set_config($1, $2, false)", key, value)
-                # Advertise this node only once its channel is listened to again (after a
-                # reconnect): a request sent before would be lost.
-                step = "waiting for the listening connection"
-                await self._listener.wait_listening()
-                step = "migrating pgbus's schema"
-                from .._durable._schema import migrate
+        step = ["connecting"]
+        blockers = [""]
 
-                await migrate(connection, self._db.where)
-                step = "registering"
-                await self._register(connection)
-                self.pid = connection.pid
-                step = "reading the membership"
-                await self._poll(connection)
-        except trio.TooSlowError:
+        async def name_blockers() -> None:
+            # Asked while still waiting: once the wait is cut short, nothing blocks any more.
+            await trio.sleep(self.keepalive * 0.75)
+            blockers[0] = await self._blockers(connection.pid)
+
+        error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(name_blockers)
+            try:
+                with trio.fail_after(self.keepalive):
+                    await self._join_steps(connection, step)
+            except Exception as exc:  # raised below, outside the nursery (no group)
+                error = exc
+            nursery.cancel_scope.cancel()
+        if isinstance(error, trio.TooSlowError):
             self.pid = None
             raise JoinError(
-                f"{step} did not finish within {self.keepalive:g}s"
-                f"{await self._blockers(connection.pid)}"
+                f"{step[0]} did not finish within {self.keepalive:g}s{blockers[0]}"
             ) from None
+        if error is not None:
+            self.pid = None
+            raise error
+
+    async def _join_steps(self, connection: Connection, step: list[str]) -> None:
+        step[0] = "setting up the session"
+        version = int(await connection.fetchval("SELECT current_setting('server_version_num')"))
+        for key, value in session_settings(self.keepalive).items():
+            if key == "idle_session_timeout" and version < 140000:
+                continue
+            await connection.execute("SELECT set_config($1, $2, false)", key, value)
+        # Advertise this node only once its channel is listened to again (after a reconnect):
+        # a request sent before would be lost.
+        step[0] = "waiting for the listening connection"
+        await self._listener.wait_listening()
+        step[0] = "migrating pgbus's schema"
+        from .._durable._schema import migrate
+
+        await migrate(connection, self._db.where)
+        step[0] = "registering"
+        await self._register(connection)
+        self.pid = connection.pid
+        step[0] = "reading the membership"
+        await self._poll(connection)
 
     async def _blockers(self, pid: int) -> str:
         """``; waiting for backend 12 (role ...)`` naming what blocks *pid*, or ''."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -49,11 +49,15 @@ class Sender:
 
     *on_lost(items, reason)* is told of items that may not have gone out and will not go again
     (a request or tell when the connection broke mid-send, or an item PostgreSQL refused).
-    *on_connected()* is called after each (re)connection: the node advertises the new pid.
+    *on_connected(connection)* runs after each (re)connection, before anything is sent on it:
+    the node advertises the new backend as its sender.
     """
 
     def __init__(
-        self, database: Database, on_lost: LostHandler, on_connected: Callable[[], None]
+        self,
+        database: Database,
+        on_lost: LostHandler,
+        on_connected: Callable[[Connection], Awaitable[None]],
     ) -> None:
         self._db = database
         self._on_lost = on_lost
@@ -98,11 +102,18 @@ class Sender:
 
     async def _connect(self, backoff: Backoff) -> Connection:
         self._connection = None
-        connection = await connect_with_retry(self._db, "cluster send", backoff)
-        self._connection = connection
-        self.pid = connection.pid
-        self._on_connected()
-        return connection
+        while True:
+            connection = await connect_with_retry(self._db, "cluster send", backoff)
+            self.pid = connection.pid
+            try:
+                await self._on_connected(connection)
+            except (DatabaseError, DatabaseUnavailableError, trio.TooSlowError) as exc:
+                log.warning("cluster: the new sending connection could not register: %s", exc)
+                connection.abort()
+                await trio.sleep(backoff.next_delay())
+                continue
+            self._connection = connection
+            return connection
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         backoff = Backoff()

@@ -188,7 +188,7 @@ def decode(payload: str) -> Message:
     try:
         data = _strict_decode("", payload)
     except CodecError as exc:
-        raise WireError(exc.args[0] if exc.args else str(exc)) from None
+        raise WireError(exc.detail) from None
     if type(data) is not dict:
         raise WireError(f"not a JSON object (got {type(data).__name__})")
     kind = data.get("k")
