@@ -354,6 +354,33 @@ async def test_malformed_requests_are_refused_on_receipt_counted_and_logged_once
     await pg.wait_for_no_backends()
 
 
+# -- sending -------------------------------------------------------------------------------------
+
+
+async def test_a_batch_postgresql_refuses_is_sent_again_item_by_item(pg: PgHelper) -> None:
+    """One item PostgreSQL refuses (a 70-byte channel) costs only itself, not its batch."""
+    from pgbus._cluster._sender import Sender
+    from pgbus._pg import Connection, open_database
+
+    lost: list[Any] = []
+
+    async def connected(_connection: Connection) -> None:
+        pass
+
+    async with open_database(pg.dsn, "pgbus") as database, pg.listen("ok") as received:
+        sender = Sender(database, lambda items, _reason: lost.extend(items), connected)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.serve)
+            for i in range(20):  # the first goes out at once, the other 19 in one batch
+                sender.send("x" * 70 if i == 10 else "ok", f"m{i}", reply=True)
+            with trio.fail_after(WAIT):
+                arrived = [(await received.receive())[1] for _ in range(19)]
+            nursery.cancel_scope.cancel()
+    assert arrived == [f"m{i}" for i in range(20) if i != 10]
+    assert [(channel, payload) for channel, payload, _, _ in lost] == [("x" * 70, "m10")]
+    await pg.wait_for_no_backends()
+
+
 # -- overflow ------------------------------------------------------------------------------------
 
 
@@ -375,7 +402,7 @@ async def test_a_slow_actor_holds_back_only_its_own_requests(
     """Other actors answer; beyond its overflow a request is refused with an answer; counted."""
     import pgbus._cluster
 
-    monkeypatch.setattr(pgbus._cluster, "MAX_OVERFLOW_PER_ACTOR", 5)
+    monkeypatch.setattr(pgbus._cluster, "MAX_OVERFLOW_PER_ACTOR", 5, raising=False)
     Gated.gate, Gated.handling = trio.Event(), trio.Event()
     async with pgbus.open_bus(pg.dsn, node="tester", keepalive=KEEPALIVE, stop_timeout=0.5) as bus:
         await bus.spawn(Gated, name="slow", inbox_capacity=1, public=True)
