@@ -348,6 +348,15 @@ async def test_malformed_requests_are_refused_on_receipt_counted_and_logged_once
         assert statistics.junk == len(JUNK)
         with pytest.raises(trio.WouldBlock):
             nothing.receive_nowait()
+        from pgbus._metrics import gather, metric_families
+
+        families = {f.name: f for f in metric_families(await gather(bus))}
+        [sample] = families["pgbus_cluster_junk"].samples
+        assert (sample.name, sample.labels, sample.value) == (
+            "pgbus_cluster_junk_total",
+            {"node": "tester"},
+            len(JUNK),
+        )
     cluster_records = [r for r in records.records if r.name == "pgbus.cluster"]
     assert not [r for r in cluster_records if r.exc_info]
     assert len([r for r in cluster_records if "ignored" in r.getMessage()]) == 1
