@@ -316,6 +316,7 @@ class Bus:
                     await self._join_cluster()
             cluster = self._cluster
             if cluster is None:
+                self._raise_join_problem(actor, f"{timeout:g}s")
                 raise AskTimeoutError(actor, timeout)
             return await cluster.ask(actor, message, timeout=timeout, deadline=deadline)
         if spec.inbox is None:
@@ -350,6 +351,7 @@ class Bus:
             with trio.move_on_after(self._keepalive):
                 cluster = await self._join_cluster()
             if self._cluster is None:
+                self._raise_join_problem(actor, f"{self._keepalive:g}s")
                 reason = f"the cluster could not be joined within {self._keepalive:g}s"
                 raise ActorUnavailableError(actor, None, reason, while_handling=False)
             await cluster.tell(actor, message)
@@ -357,6 +359,14 @@ class Bus:
         if spec.inbox is None:
             raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be told anything.")
         await spec.inbox.send(message)
+
+    def _raise_join_problem(self, actor: str, within: str) -> None:
+        """Say why this bus could not join (ActorUnavailableError), if an attempt said why."""
+        draft = self._cluster_draft
+        problem = draft.join_problem if draft is not None else None
+        if problem is not None:
+            reason = f"this process could not join the cluster within {within}: {problem}"
+            raise ActorUnavailableError(actor, None, reason, while_handling=False)
 
     @property
     def node(self) -> str | None:

@@ -102,6 +102,10 @@ async def test_ask_and_tell_reach_an_actor_in_another_process(pg: PgHelper) -> N
             await bus.tell("echo", {"tell": 7})
             told = event(await worker.expect("stdout", '"event": "told"'))
         assert told == {"event": "told", "node": "worker-1", "message": {"tell": 7}}
+        # The cluster is no channel of the bus's: it subscribes through the listener.
+        assert bus.channels == {}
+        statistics = bus.statistics()
+        assert (statistics.channels, statistics.bridges) == ((), ())
     await pg.wait_for_no_backends()
 
 
@@ -287,25 +291,26 @@ async def test_kill_9_fails_pending_asks_fast_and_the_next_ask_goes_to_a_survivo
                 outcome.append(exc)
             failed.set()
 
-        async with node(pg.dsn, "survivor", "--public", "echo"), trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             # The first ask goes to 'doomed' only: 'survivor' joins after it is in flight.
             nursery.start_soon(pending_ask)
             await doomed.expect("stdout", '"event": "sleeping"')
-            start = trio.current_time()
-            doomed.process.kill()
-            with trio.fail_after(WAIT):  # far below the ask's own 600 s
-                await failed.wait()
-            print(f"pending ask failed {trio.current_time() - start:.2f}s after SIGKILL")
-            [error] = outcome
-            assert isinstance(error, pgbus.ActorUnavailableError)
-            assert str(error) == (
-                "actor 'echo' on node 'doomed' became unavailable (its session ended) "
-                "while handling the request"
-            )
-            with trio.fail_after(WAIT):
-                for i in range(5):
-                    reply = await bus.ask("echo", i, timeout=WAIT)
-                    assert reply == {"node": "survivor", "echo": i}
+            async with node(pg.dsn, "survivor", "--public", "echo"):
+                start = trio.current_time()
+                doomed.process.kill()
+                with trio.fail_after(WAIT):  # far below the ask's own 600 s
+                    await failed.wait()
+                print(f"pending ask failed {trio.current_time() - start:.2f}s after SIGKILL")
+                [error] = outcome
+                assert isinstance(error, pgbus.ActorUnavailableError)
+                assert str(error) == (
+                    "actor 'echo' on node 'doomed' became unavailable (its session ended) "
+                    "while handling the request"
+                )
+                with trio.fail_after(WAIT):
+                    for i in range(5):
+                        reply = await bus.ask("echo", i, timeout=WAIT)
+                        assert reply == {"node": "survivor", "echo": i}
     await pg.wait_for_no_backends()
 
 

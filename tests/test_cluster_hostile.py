@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 import trio
 import trio_asyncio
+from processes import run_to_completion
 from test_cluster import KEEPALIVE, asker, node
 
 import pgbus
@@ -194,6 +195,11 @@ async def test_a_join_that_waits_names_the_backend_it_waits_for(
                 record = await records.wait_for("could not join")
             assert f"waiting for backend {blocker.pid} (role " in record.getMessage()
             assert "application 'migration-tool'" in record.getMessage()
+            # An ask from the command line meanwhile says why it could not go, in one line.
+            asked = await run_to_completion("ask", "echo", "1", "--dsn", pg.dsn, "--timeout", "12")
+            assert asked.returncode == 1
+            error = asked.stderr.decode().splitlines()[-1]  # after the node's own warnings
+            assert "could not join the cluster within 12s: registering did not finish" in error
             await blocker.execute("ROLLBACK")
             with trio.fail_after(WAIT):
                 await joined.wait()

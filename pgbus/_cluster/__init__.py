@@ -248,6 +248,11 @@ class Cluster:
         self._junk_since = 0.0
 
     @property
+    def join_problem(self) -> str | None:
+        """Why the last attempt to join failed, or None."""
+        return self._membership.join_problem
+
+    @property
     def pid(self) -> int | None:
         """Backend pid of the node connection while joined (the node's identity)."""
         return self._membership.pid

@@ -338,6 +338,8 @@ class Membership:
         self._warned_rows: set[Any] = set()
         self._node_pids: set[int] = set()  # the live nodes' backends, as last read
         self.stopping = False
+        self.join_problem: str | None = None
+        """Why the last attempt to join failed (None once joined)."""
         self.rejoined = 0
         """Times this node found its row gone and wrote it again."""
 
@@ -403,7 +405,8 @@ class Membership:
     # -- the node connection ------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        backoff = Backoff()
+        backoff = Backoff()  # connecting
+        retry = Backoff()  # joining
         first = True
         while True:
             connection = await connect_with_retry(self._db, "node", backoff)
@@ -414,18 +417,20 @@ class Membership:
                     if first:
                         raise
                     # Our own previous session, not yet ended by the server: wait for it.
-                    await trio.sleep(backoff.next_delay() or self.period)
+                    await trio.sleep(retry.next_delay() or self.period)
                     continue
                 except (DatabaseUnavailableError, DatabaseError, JoinError) as exc:
                     if first and isinstance(exc, DatabaseError) and exc.sqlstate == "42501":
                         raise  # not allowed: retrying cannot help
+                    self.join_problem = str(exc) or type(exc).__name__
                     log.warning("cluster: node %r could not join: %s; retrying", self.name, exc)
-                    await trio.sleep(backoff.next_delay())
+                    await trio.sleep(retry.next_delay())
                     continue
+                self.join_problem = None
                 if first:
                     task_status.started()
                     first = False
-                backoff.reset()
+                retry.reset()
                 await self._watch(connection)
             finally:
                 self.pid = None
@@ -443,8 +448,9 @@ class Membership:
         blockers = [""]
 
         async def name_blockers() -> None:
-            # Asked while still waiting: once the wait is cut short, nothing blocks any more.
-            await trio.sleep(self.keepalive * 0.75)
+            # Asked halfway, and finished even if the join gives up meanwhile: a backend that
+            # waits for a lock keeps waiting after its client has gone, so it is still named.
+            await trio.sleep(self.keepalive / 2)
             blockers[0] = await self._blockers(connection.pid)
 
         error: BaseException | None = None
@@ -455,8 +461,10 @@ class Membership:
                     await self._join_steps(connection, step)
             except Exception as exc:  # raised below, outside the nursery (no group)
                 error = exc
-            nursery.cancel_scope.cancel()
-        if isinstance(error, trio.TooSlowError):
+            waited = isinstance(error, DatabaseError) and error.sqlstate == "55P03"
+            if not (waited or isinstance(error, trio.TooSlowError)):
+                nursery.cancel_scope.cancel()
+        if waited or isinstance(error, trio.TooSlowError):
             self.pid = None
             raise JoinError(
                 f"{step[0]} did not finish within {self.keepalive:g}s{blockers[0]}"
@@ -502,7 +510,10 @@ class Membership:
         offered, singletons, inbound, senders = current = self._current()
         async with connection.transaction():
             # Joins take turns on the table itself: only a role with rights on pgbus's tables
-            # can take this lock, so no other client can hold joins up.
+            # can take this lock, so no other client can hold joins up. The wait gives up on
+            # its own (the backend would wait on after its client gave up and left).
+            timeout = f"{max(1, int(self.keepalive * 750))}ms"
+            await connection.execute("SELECT set_config('lock_timeout', $1, true)", timeout)
             await connection.execute("LOCK TABLE pgbus.cluster_nodes IN SHARE ROW EXCLUSIVE MODE")
             await connection.execute(f"DELETE FROM pgbus.cluster_nodes n WHERE NOT {_ALIVE}")
             taken = await connection.fetchval(
