@@ -125,7 +125,7 @@ class _Pending:
 
     __slots__ = ("actor", "id", "node", "result", "suspects", "task")
 
-    def __init__(self, id: str, actor: str, node: NodeInfo) -> None:
+    def __init__(self, id: int, actor: str, node: NodeInfo) -> None:
         self.id = id
         self.actor = actor
         self.node = node
@@ -236,7 +236,7 @@ class Cluster:
         # A random first turn: a process that asks once (the CLI) must not always pick the
         # first node by name.
         self._turn = itertools.count(secrets.randbelow(1 << 16))
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[int | str, _Pending] = {}
         self._overflows: dict[Channel, deque[tuple[object, Ask | Tell]]] = {}
         self._nursery: trio.Nursery | None = None
         self.late_replies = 0
@@ -417,7 +417,7 @@ class Cluster:
             self._deliver(message)
             return
         assert isinstance(message, Reply | Failure | Refusal)
-        pending = self._pending.get(message.id)  # type: ignore[arg-type]
+        pending = self._pending.get(message.id)
         if pending is None:
             self.late_replies += 1
             log.debug("cluster: dropped a reply to ask %s, which had already given up", message.id)

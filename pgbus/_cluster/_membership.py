@@ -576,6 +576,9 @@ class Membership:
                 try:
                     with trio.fail_after(self.period):
                         await self._poll(connection)
+                except (NodeNameTakenError, JoinError) as exc:  # registering again failed
+                    log.warning("cluster: node %r could not register again: %s", self.name, exc)
+                    return
                 except (DatabaseUnavailableError, trio.TooSlowError, DatabaseError) as exc:
                     log.warning(
                         "cluster: node connection to %s did not answer its keepalive (%s)",

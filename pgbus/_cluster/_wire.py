@@ -18,9 +18,10 @@ double, no lone surrogate or NUL, no nesting deeper than the decoder allows). `d
 shape on receipt and raises `WireError` with the reason: a request whose id or reply channel is
 not one a node would send is refused here, before anything reaches an actor.
 
-Ids are what the sender chose: this version sends 16 random hex digits (`new_id`), so a client
-that cannot read a node's traffic cannot guess an ask's id; an integer (sent by pgbus before
-0.x) is still accepted in requests.
+Ids are what the sender chose: this version sends 63 random bits (`new_id`), so a client that
+cannot read a node's traffic cannot guess an ask's id. They stay integers, as earlier releases
+sent (counting from 1) and expect back: a node of either release answers the other's asks.
+Strings of hex digits are accepted too.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ class WireError(ValueError):
     """A payload that is not a message of this protocol; the text says why (one line)."""
 
 
-def new_id() -> str:
-    """An id no other client can guess: 64 random bits in hex."""
-    return secrets.token_hex(8)
+def new_id() -> int:
+    """An id no other client can guess: 63 random bits (a positive bigint, as JSON allows)."""
+    return secrets.randbits(63) or 1
 
 
 def new_node_channel() -> str:
@@ -193,9 +194,12 @@ def decode(payload: str) -> Message:
         raise WireError(f"not a JSON object (got {type(data).__name__})")
     kind = data.get("k")
     id = data.get("i")
+    if not (
+        (type(id) is int and 0 <= id <= _MAX_INT_ID)
+        or (type(id) is str and _ID.match(id) is not None)
+    ):
+        raise WireError(f"an id must be a positive integer or hex digits (got {_short(id)})")
     if kind == "r" or kind == "e":
-        if type(id) is not str or _ID.match(id) is None:
-            raise WireError(f"a reply's id must be up to 64 hex digits (got {_short(id)})")
         if kind == "r":
             if "v" not in data:
                 raise WireError("a reply without a value ('v')")
@@ -206,11 +210,6 @@ def decode(payload: str) -> Message:
         return Refusal(id, text) if type_name is None else Failure(id, type_name, text)
     if kind != "a" and kind != "t":
         raise WireError(f"unknown kind {_short(kind)}")
-    if not (
-        (type(id) is str and _ID.match(id) is not None)
-        or (type(id) is int and 0 <= id <= _MAX_INT_ID)
-    ):
-        raise WireError(f"a request's id must be hex digits or a counter (got {_short(id)})")
     actor = data.get("a")
     if not isinstance(actor, str) or not actor or len(actor) > MAX_ACTOR_NAME:
         raise WireError(f"a request's actor must be a name (got {_short(actor)})")
