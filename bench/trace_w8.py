@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 import pgbus
-from pgbus import _cluster
+from pgbus._cluster import Cluster, _sender
 
 STAMPS: dict[str, list[float]] = {}
 
@@ -33,9 +33,10 @@ def mark(stage: str) -> None:
 
 
 def instrument() -> None:
-    cluster: Any = _cluster.Cluster
-    queue, dispatch = cluster._queue_send, cluster._dispatch
-    start, publish = _cluster.start_publish_each, _cluster.publish_each
+    sender: Any = _sender.Sender
+    cluster: Any = Cluster
+    queue, dispatch = sender.send, cluster._dispatch
+    start, publish = _sender.start_publish_each, _sender.publish_each
 
     def traced_queue(self: Any, *args: Any, **kwargs: Any) -> None:
         mark("queued")
@@ -50,13 +51,13 @@ def instrument() -> None:
         mark("written")  # the sender's task writes it (it was busy when the message came)
         await publish(*args)
 
-    def traced_dispatch(self: Any, payload: str) -> None:
+    def traced_dispatch(self: Any, pid: int, payload: str) -> None:
         mark("parsed")
-        dispatch(self, payload)
+        dispatch(self, pid, payload)
 
-    cluster._queue_send, cluster._dispatch = traced_queue, traced_dispatch
-    _cluster.start_publish_each = traced_start  # type: ignore[assignment]
-    _cluster.publish_each = traced_publish  # type: ignore[assignment]
+    sender.send, cluster._dispatch = traced_queue, traced_dispatch
+    _sender.start_publish_each = traced_start  # type: ignore[assignment]
+    _sender.publish_each = traced_publish  # type: ignore[assignment]
 
 
 class Echo(pgbus.Actor):

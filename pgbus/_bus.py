@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -16,13 +16,7 @@ import trio
 from ._actor import Actor, Request, check_actor_options
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
-from ._cluster import (
-    CLUSTER_CHANNEL,
-    Cluster,
-    ClusterStatistics,
-    ClusterStatus,
-    read_status,
-)
+from ._cluster import Cluster, ClusterStatistics, ClusterStatus, read_status
 from ._codec import encode, validate_channel_name
 from ._dsn import check_dsn, check_keepalive, check_pool_mode
 from ._durable._admin import GroupStatus, group_status
@@ -93,15 +87,30 @@ class BusStatistics:
 
 class _Service:
     """
-    A long-running task of the bus that stops only when asked, so the bus decides the order.
+    A long-running task of the bus that stops only when asked, so the bus decides the order
+    (River's ``startstop.Service``): every bridge, consumer and the cluster is one, in the bus's
+    list, and leaving the bus walks that list in phases (see `Bus._shutdown`).
 
-    Until it has started it can be cancelled like any task; after that its scope is shielded.
+    *stop_intake* (phase 1) makes it take nothing new; *finish(deadline)* (phase 3, or 2 for an
+    *inbound* service, which feeds the actors) hands over what it holds, by *deadline*, and
+    says what is left, as phrases for the shutdown's one line. Until it has started it can be
+    cancelled like any task; after that its scope is shielded.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        stop_intake: Callable[[], Awaitable[None]] | None = None,
+        finish: _Finish | None = None,
+        inbound: bool = False,
+    ) -> None:
         self.name = name
         self.scope = trio.CancelScope()
         self.done = trio.Event()
+        self.stop_intake = stop_intake
+        self.finish = finish
+        self.inbound = inbound
 
     async def run(self, serve: Any, *, task_status: trio.TaskStatus[None]) -> None:
         scope = self.scope
@@ -153,7 +162,6 @@ class Bus:
         self._channels: dict[str, Channel] = {}
         self._supervisor = Supervisor(self, supervision)
         self._listener: InboundBridge | None = None
-        self._listener_service: _Service | None = None
         self._listener_lock = trio.Lock()
         self._outbound: dict[str, tuple[OutboundBridge, _Service]] = {}
         self._sends = 0
@@ -163,9 +171,10 @@ class Bus:
         self._durable_in: list[tuple[DurableConsumer, _Service]] = []
         self._node_name = node
         self._cluster: Cluster | None = None
-        self._cluster_service: _Service | None = None
         self._cluster_draft: Cluster | None = None
         self._cluster_lock = trio.Lock()
+        self._services: list[_Service] = []
+        """Every service started, in start order: what `_shutdown` walks."""
 
     # -- channels ----------------------------------------------------------------------------
 
@@ -308,6 +317,7 @@ class Bus:
                     await self._join_cluster()
             cluster = self._cluster
             if cluster is None:
+                self._raise_join_problem(actor, f"{timeout:g}s")
                 raise AskTimeoutError(actor, timeout)
             return await cluster.ask(actor, message, timeout=timeout, deadline=deadline)
         if spec.inbox is None:
@@ -342,6 +352,7 @@ class Bus:
             with trio.move_on_after(self._keepalive):
                 cluster = await self._join_cluster()
             if self._cluster is None:
+                self._raise_join_problem(actor, f"{self._keepalive:g}s")
                 reason = f"the cluster could not be joined within {self._keepalive:g}s"
                 raise ActorUnavailableError(actor, None, reason, while_handling=False)
             await cluster.tell(actor, message)
@@ -349,6 +360,14 @@ class Bus:
         if spec.inbox is None:
             raise ConfigError(f"actor {actor!r} has no inbox, so it cannot be told anything.")
         await spec.inbox.send(message)
+
+    def _raise_join_problem(self, actor: str, within: str) -> None:
+        """Say why this bus could not join (ActorUnavailableError), if an attempt said why."""
+        draft = self._cluster_draft
+        problem = draft.join_problem if draft is not None else None
+        if problem is not None:
+            reason = f"this process could not join the cluster within {within}: {problem}"
+            raise ActorUnavailableError(actor, None, reason, while_handling=False)
 
     @property
     def node(self) -> str | None:
@@ -368,25 +387,29 @@ class Bus:
             if self._cluster is None:
                 # Kept across a cancelled attempt (an ask that timed out while joining), so
                 # the next attempt listens on the same channel instead of adding another.
+                listener = await self._get_listener("the cluster")
                 cluster = self._cluster_draft
                 if cluster is None:
                     name = self._node_name or default_node_name()
-                    cluster = Cluster(self, self._database(), name=name, keepalive=self._keepalive)
-                    if cluster.inbox.name in self._channels:
-                        raise DuplicateNameError("channel", cluster.inbox.name)
-                    self._channels[cluster.inbox.name] = cluster.inbox
+                    cluster = Cluster(
+                        self._database(),
+                        self._supervisor,
+                        listener,
+                        name=name,
+                        keepalive=self._keepalive,
+                    )
                     self._cluster_draft = cluster
-                await self.bridge_in(cluster.channel, cluster.inbox.name)
-                await self.bridge_in(CLUSTER_CHANNEL, cluster.inbox.name)
-                service = _Service("cluster")
+                service = _Service(
+                    "cluster", stop_intake=cluster.withdraw, finish=_finish_cluster(cluster)
+                )
                 try:
-                    await self._nursery.start(service.run, cluster.serve)
+                    await self._start(service, cluster.serve)
                 except BaseExceptionGroup as group:
                     error = unwrap_group(group, skip_cancelled=False)
                     if error is group:
                         raise
                     raise error from None
-                self._cluster, self._cluster_service = cluster, service
+                self._cluster = cluster
         return self._cluster
 
     # -- PostgreSQL --------------------------------------------------------------------------
@@ -405,6 +428,19 @@ class Bus:
         if self._db is None:
             raise NoDatabaseError()
         return self._db
+
+    async def _start(self, service: _Service, serve: Any) -> None:
+        """Start *service* (running *serve*) and list it; returns once it has started."""
+        await self._nursery.start(service.run, serve)
+        self._services.append(service)
+
+    async def _stop(self, service: _Service, deadline: float) -> list[str]:
+        """Finish (by *deadline*) and stop *service*, and unlist it; what it left."""
+        left = await service.finish(deadline, service.done) if service.finish is not None else []
+        await service.stop()
+        if service in self._services:
+            self._services.remove(service)
+        return left
 
     async def bridge_in(
         self,
@@ -482,15 +518,15 @@ class Bus:
             )
         else:
             bridge = OutboundBridge(database, source, postgres, codec)
-        service = _Service(f"publish {postgres}")
+        service = _Service(f"publish {postgres}", finish=_finish_outbound(bridge))
         self._outbound[channel] = (bridge, service)
-        await self._nursery.start(service.run, bridge.serve)
+        await self._start(service, bridge.serve)
         if bridge.direct:
             self._publishers[channel] = bridge
 
         async def close() -> None:
             self._publishers.pop(channel, None)
-            await self._stop_outbound(bridge, service)
+            await self._stop(service, trio.current_time() + self.supervision.stop_timeout)
             del self._outbound[channel]
 
         return Bridge(f"{channel!r} -> {postgres!r}", close)
@@ -567,19 +603,6 @@ class Bus:
             cluster=self._cluster.statistics() if self._cluster is not None else None,
         )
 
-    async def _stop_outbound(
-        self, bridge: OutboundBridge, service: _Service, deadline: float | None = None
-    ) -> int:
-        """Publish what the channel holds (until *deadline*), stop; return what is left."""
-        if deadline is None:
-            deadline = trio.current_time() + self.supervision.stop_timeout
-        bridge.finish()
-        with trio.move_on_at(max(deadline, trio.current_time() + 0.25)):
-            await service.done.wait()
-        left = bridge.pending
-        await service.stop()
-        return left
-
     def _quiet(self) -> bool:
         """Nothing left to do: no backlog inbound, every actor idle, every outbound sent."""
         if self._listener is not None and not self._listener.drained:
@@ -590,60 +613,44 @@ class Bus:
 
     async def _shutdown(self, *, drain: bool) -> None:
         """
-        Stop in order, all within ``stop_timeout``: stop reading notifications (delivering what
-        was already read), stop producers, let actors handle their inboxes (with *drain*), stop
-        the actors in reverse start order, publish what outbound channels hold, then close.
+        Stop in phases over the list of services, all within ``stop_timeout``:
+
+        1. every service takes nothing new (the cluster withdraws this node, the listener stops
+           reading, durable consumers claim nothing more), last started first;
+        2. producers stop and the actors handle what their inboxes hold (with *drain*); then
+           the inbound services deliver what they had read, and stop;
+        3. the actors stop, in reverse start order;
+        4. the other services, last started first, hand over what they hold (publish, give
+           back, send replies) and stop.
+
         What could not be handled or published in time is counted and logged in one line.
         """
         stop_timeout = self.supervision.stop_timeout
         deadline = trio.current_time() + stop_timeout
-        if self._cluster is not None:
-            # Other nodes send nothing new here; the database gone, so is the node.
-            with trio.move_on_at(deadline), contextlib.suppress(PgbusError):
-                await self._cluster.withdraw()
-        if self._listener is not None:
-            self._listener.stop_reading()
-        for consumer, _ in self._durable_in:
-            consumer.finish()  # claim nothing more; actors handle what their inboxes hold
+        for service in reversed(self._services):
+            if service.stop_intake is not None:
+                with trio.move_on_at(deadline), contextlib.suppress(PgbusError):
+                    await service.stop_intake()
         if drain:
             await self._supervisor.stop_producers()
             with trio.move_on_at(deadline):
                 # Polling: a memory channel has no "became empty" event to wait for.
                 while not self._quiet():  # noqa: ASYNC110
                     await trio.sleep(DRAIN_POLL)
-        undelivered = self._listener.undelivered if self._listener is not None else 0
-        if self._listener_service is not None:
-            await self._listener_service.stop()
+        left: list[str] = []
+        for service in [s for s in reversed(self._services) if s.inbound]:
+            left += await self._stop(service, deadline)
         unhandled = self._supervisor.unhandled()
         await self._supervisor.stop_all(deadline=deadline)
-        for consumer, service in reversed(self._durable_in):
-            # Acknowledge what was handled, give back the rest: let the statement in flight
-            # finish (a cancelled one would take the connection with it).
-            consumer.close()
-            with trio.move_on_at(max(deadline, trio.current_time() + 1.0)):
-                await service.done.wait()
-            await service.stop()
-        unpublished = [
-            (bridge, await self._stop_outbound(bridge, service, deadline))
-            for bridge, service in self._outbound.values()
-        ]
+        for service in list(reversed(self._services)):
+            left += await self._stop(service, deadline)
         parts = [
             f"{count} unhandled in {channel!r} (actor {actor!r})"
             for channel, actor, count in unhandled
         ]
-        parts += [
-            f"{count} unpublished from {bridge.channel.name!r} to {bridge.pg_channel!r}"
-            for bridge, count in unpublished
-            if count
-        ]
-        if undelivered:
-            parts.append(f"{undelivered} notification(s) read but not delivered")
+        parts += left
         if parts:
             log.warning("shutdown after %gs: messages left: %s", stop_timeout, "; ".join(parts))
-        if self._cluster is not None and self._cluster_service is not None:
-            # Replies and tells the actors left, then the node's session ends: its locks go.
-            await self._cluster.flush(max(0.25, deadline - trio.current_time()))
-            await self._cluster_service.stop()
 
     # -- durable channels ---------------------------------------------------------------------
 
@@ -703,8 +710,12 @@ class Bus:
         await support.ensure_schema()
         listener = await self._get_listener(f"the durable wake-ups of {postgres!r}")
         await listener.add_hook(WAKE_CHANNEL, consumer.wake)
-        service = _Service(f"durable {postgres}/{group}")
-        await self._nursery.start(service.run, consumer.serve)
+        service = _Service(
+            f"durable {postgres}/{group}",
+            stop_intake=_sync(consumer.finish),
+            finish=_finish_durable(consumer),
+        )
+        await self._start(service, consumer.serve)
         self._durable_in.append((consumer, service))
         support.consumers.append(consumer)
         if not support.janitor_started:
@@ -713,10 +724,7 @@ class Bus:
 
         async def close() -> None:
             listener.remove_hook(WAKE_CHANNEL, consumer.wake)
-            consumer.close()
-            with trio.move_on_after(self.supervision.stop_timeout):
-                await service.done.wait()
-            await service.stop()
+            await self._stop(service, trio.current_time() + self.supervision.stop_timeout)
             self._durable_in.remove((consumer, service))
             support.consumers.remove(consumer)
 
@@ -729,11 +737,16 @@ class Bus:
             raise SessionNeededError(what)
         async with self._listener_lock:
             if self._listener is None:
-                # Registered only once started: a cancelled start leaves no half-made listener.
+                # Listed only once started: a cancelled start leaves no half-made listener.
                 listener = InboundBridge(database, keepalive=self._keepalive)
-                service = _Service("listener")
-                await self._nursery.start(service.run, listener.serve)
-                self._listener, self._listener_service = listener, service
+                service = _Service(
+                    "listener",
+                    stop_intake=_sync(listener.stop_reading),
+                    finish=_finish_listener(listener),
+                    inbound=True,
+                )
+                await self._start(service, listener.serve)
+                self._listener = listener
         return self._listener
 
     def ack(self, message: DurableMessage) -> None:
@@ -758,6 +771,66 @@ class Bus:
 
 async def _nothing() -> None:
     pass
+
+
+_Finish = Callable[[float, trio.Event], Awaitable[list[str]]]
+"""A service's last phase: ``finish(deadline, done)``, *done* set when its task has ended."""
+
+
+def _sync(function: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        function()
+
+    return call
+
+
+def _finish_listener(listener: InboundBridge) -> _Finish:
+    async def finish(deadline: float, done: trio.Event) -> list[str]:
+        undelivered = listener.undelivered
+        return [f"{undelivered} notification(s) read but not delivered"] if undelivered else []
+
+    return finish
+
+
+def _finish_durable(consumer: DurableConsumer) -> _Finish:
+    async def finish(deadline: float, done: trio.Event) -> list[str]:
+        # Acknowledge what was handled, give back the rest: let the statement in flight finish
+        # (a cancelled one would take the connection with it).
+        consumer.close()
+        with trio.move_on_at(max(deadline, trio.current_time() + 1.0)):
+            await done.wait()
+        return []
+
+    return finish
+
+
+def _finish_outbound(bridge: OutboundBridge) -> _Finish:
+    async def finish(deadline: float, done: trio.Event) -> list[str]:
+        """Publish what the channel holds (until *deadline*); what is left."""
+        bridge.finish()
+        with trio.move_on_at(max(deadline, trio.current_time() + 0.25)):
+            await done.wait()
+        left = bridge.pending
+        if not left:
+            return []
+        return [f"{left} unpublished from {bridge.channel.name!r} to {bridge.pg_channel!r}"]
+
+    return finish
+
+
+def _finish_cluster(cluster: Cluster) -> _Finish:
+    async def finish(deadline: float, done: trio.Event) -> list[str]:
+        # Requests still waiting for room are refused (answered), then replies and tells the
+        # actors left are sent; then the node's session ends, and its locks with it.
+        left = [
+            f"{count} request(s) from other nodes waiting for room in {inbox!r}"
+            for inbox, count in cluster.left()
+            if count
+        ]
+        await cluster.flush(max(0.25, deadline - trio.current_time()))
+        return left
+
+    return finish
 
 
 async def _ack_in(connection: Connection, message: DurableMessage) -> None:

@@ -714,8 +714,13 @@ def _status_lines(overview: dict[str, Any], where: str) -> Iterator[str]:
             yield f"  singletons: {', '.join(node['singletons'])}"
         yield f"  inbound channels: {', '.join(map(repr, node['inbound'])) or '-'}"
     for singleton in overview["singletons"]:
-        holder = singleton["holder"]
-        held = f"held by {holder!r}" if holder else "held by nobody"
+        holder, foreign = singleton["holder"], singleton.get("foreign_holder")
+        if holder:
+            held = f"held by {holder!r}"
+        elif foreign:
+            held = f"held by {foreign}, which is not a node of the cluster"
+        else:
+            held = "held by nobody"
         candidates = ", ".join(map(repr, singleton["candidates"]))
         yield f"singleton {singleton['name']!r}: {held} (candidates: {candidates})"
     for group in overview["durable"] or ():
@@ -731,10 +736,14 @@ def _status_lines(overview: dict[str, Any], where: str) -> Iterator[str]:
 
 
 def _json_message(text: str) -> Any:
+    """MESSAGE as strict JSON (what crosses between nodes), or one line saying what is wrong."""
     try:
-        return json.loads(_checked_utf8(text, "MESSAGE"))
-    except ValueError as exc:
-        raise UsageError(f"MESSAGE is not valid JSON ({exc}); quote strings: '\"text\"'.") from None
+        return decoder("json")("MESSAGE", _checked_utf8(text, "MESSAGE"))
+    except CodecError as exc:
+        detail = exc.detail.removeprefix("payload ")
+        if detail.startswith("is not valid JSON"):
+            detail += "; quote strings: '\"text\"'"
+        raise UsageError(f"MESSAGE {detail}.") from None
 
 
 def _ask(args: argparse.Namespace) -> int:

@@ -182,7 +182,7 @@ class InboundBridge:
         self._lock = trio.Lock()  # one statement at a time on the connection
         self._blocked: tuple[Route, float] | None = None  # the full route holding the socket
         self._commands: set[trio.CancelScope] = set()  # LISTEN/UNLISTEN awaiting their reply
-        self._hooks: dict[str, list[Callable[[str], None]]] = {}  # pgbus's own wake-ups
+        self._hooks: dict[str, list[_Subscriber]] = {}  # pgbus's own subscribers
         self._plain: dict[str, Route] = {}  # see _update_plain
         self._nursery: trio.Nursery | None = None
         self._probe_channel = ""
@@ -346,7 +346,7 @@ class InboundBridge:
         hooks = self._hooks.get(pg_channel)
         if hooks is not None:
             for hook in hooks:
-                hook(payload)
+                hook.on_message(pid, payload)
         routes = self._routes.get(pg_channel)
         if routes is None:
             if pg_channel == self._probe_channel:
@@ -635,33 +635,69 @@ class InboundBridge:
         except DatabaseUnavailableError:
             return None
 
-    # -- hooks: pgbus's own wake-ups (durable channels) ---------------------------------------
+    # -- subscribers: pgbus's own consumers of PostgreSQL channels ------------------------------
 
-    async def add_hook(self, pg_channel: str, hook: Callable[[str], None]) -> None:
+    async def subscribe(
+        self,
+        pg_channel: str,
+        on_message: Callable[[int, str], None],
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
         """
-        Call *hook(payload)* for each notification on *pg_channel* (LISTEN if new), and
-        ``hook("")`` after each reconnect (notifications may have been missed meanwhile).
+        Call ``on_message(pid, payload)`` for each notification on *pg_channel* (LISTEN if
+        new), and ``on_reconnect()`` after each reconnect, once LISTEN is active again
+        (notifications may have been missed meanwhile). As River's notifier ``Listen``: the
+        one way pgbus's own services (durable wake-ups, the cluster) subscribe; they appear
+        in no channel registry and no statistics.
 
-        The hook runs inside the socket read: it must be quick and must not raise.
+        Both run inside the socket read: they must be quick and must not raise.
         """
         hooks = self._hooks.setdefault(pg_channel, [])
-        hooks.append(hook)
+        hooks.append(_Subscriber(on_message, on_reconnect))
         self._update_plain()
         if len(hooks) == 1 and pg_channel not in self._routes:
             try:
                 await self._command(pg_channel, listen=True)
             except DatabaseError:
                 self._hooks.pop(pg_channel, None)
+                self._update_plain()
                 raise
+
+    def unsubscribe(self, pg_channel: str, on_message: Callable[..., None]) -> None:
+        """Stop calling *on_message* (the channel stays LISTENed: an extra one costs nothing)."""
+        hooks = self._hooks.get(pg_channel, [])
+        for hook in hooks:
+            if hook.key == on_message:
+                hooks.remove(hook)
+                break
+        self._update_plain()
+
+    async def add_hook(self, pg_channel: str, hook: Callable[[str], None]) -> None:
+        """
+        Call *hook(payload)* for each notification on *pg_channel* (LISTEN if new), and
+        ``hook("")`` after each reconnect: `subscribe` for a wake-up that needs no pid.
+        """
+        await self.subscribe(pg_channel, lambda _pid, payload: hook(payload), lambda: hook(""))
+        self._hooks[pg_channel][-1].key = hook
 
     def remove_hook(self, pg_channel: str, hook: Callable[[str], None]) -> None:
         """Stop calling *hook* (the channel stays LISTENed: an extra wake-up costs nothing)."""
-        hooks = self._hooks.get(pg_channel, [])
-        if hook in hooks:
-            hooks.remove(hook)
-        self._update_plain()
+        self.unsubscribe(pg_channel, hook)
 
     def _call_hooks(self, payload: str) -> None:
-        for hooks in self._hooks.values():
-            for hook in hooks:
-                hook(payload)
+        """After a reconnect: every subscriber's ``on_reconnect``."""
+        for hooks in list(self._hooks.values()):
+            for hook in list(hooks):
+                if hook.on_reconnect is not None:
+                    hook.on_reconnect()
+
+
+class _Subscriber:
+    __slots__ = ("key", "on_message", "on_reconnect")
+
+    def __init__(
+        self, on_message: Callable[[int, str], None], on_reconnect: Callable[[], None] | None
+    ) -> None:
+        self.on_message = on_message
+        self.on_reconnect = on_reconnect
+        self.key: Callable[..., None] = on_message

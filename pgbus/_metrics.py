@@ -209,6 +209,23 @@ def metric_families(data: ScrapeData) -> Iterator[Any]:
         state.add_metric([a.name, a.state], 1)
     yield from (restarts, state)
 
+    if stats.cluster is not None:
+        node = [stats.cluster.node]
+        junk = CounterMetricFamily(
+            "pgbus_cluster_junk",
+            "Payloads on this node's channel that are not messages of the cluster's protocol, "
+            "or replies from a backend that is not the serving node's: ignored.",
+            labels=["node"],
+        )
+        junk.add_metric(node, stats.cluster.junk)
+        refused = CounterMetricFamily(
+            "pgbus_cluster_refused",
+            "Requests this node refused: an actor it does not run, or beyond an actor's overflow.",
+            labels=["node"],
+        )
+        refused.add_metric(node, stats.cluster.refused)
+        yield from (junk, refused)
+
     usage = GaugeMetricFamily(
         "pg_notification_queue_usage",
         "Fraction (0..1) of PostgreSQL's notification queue in use, asked at scrape time.",

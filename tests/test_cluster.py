@@ -102,6 +102,10 @@ async def test_ask_and_tell_reach_an_actor_in_another_process(pg: PgHelper) -> N
             await bus.tell("echo", {"tell": 7})
             told = event(await worker.expect("stdout", '"event": "told"'))
         assert told == {"event": "told", "node": "worker-1", "message": {"tell": 7}}
+        # The cluster is no channel of the bus's: it subscribes through the listener.
+        assert bus.channels == {}
+        statistics = bus.statistics()
+        assert (statistics.channels, statistics.bridges) == ((), ())
     await pg.wait_for_no_backends()
 
 
@@ -245,11 +249,11 @@ async def test_bad_input_on_a_node_channel_is_counted_and_the_node_goes_on(pg: P
         await bus.spawn(LocalEcho, name="local_echo", inbox_capacity=10, public=True)
         status = await bus.cluster_status()
         [me] = [n for n in status.nodes if n.name == "tester"]
-        async with pg.listen("test replies") as replies:
+        async with pg.listen("pgbus.node.0123456789abcdef") as replies:
             for payload in (
                 "not json",
                 '{"k": "zz", "i": 1}',
-                '{"k": "a", "i": 7, "a": "nobody", "r": "test replies", "m": 1}',
+                '{"k": "a", "i": 7, "a": "nobody", "r": "pgbus.node.0123456789abcdef", "m": 1}',
             ):
                 await pg.execute("SELECT pg_notify($1, $2)", me.channel, payload)
             with trio.fail_after(WAIT):
@@ -262,7 +266,7 @@ async def test_bad_input_on_a_node_channel_is_counted_and_the_node_goes_on(pg: P
         }
         statistics = bus.statistics().cluster
         assert statistics is not None
-        assert (statistics.dropped, statistics.refused) == (2, 1)
+        assert (statistics.junk, statistics.refused) == (2, 1)
         with trio.fail_after(WAIT):  # and the node works on
             async with asker(pg.dsn, node_name="other") as other:
                 assert await other.ask("local_echo", [1], timeout=WAIT) == [1]
@@ -287,25 +291,26 @@ async def test_kill_9_fails_pending_asks_fast_and_the_next_ask_goes_to_a_survivo
                 outcome.append(exc)
             failed.set()
 
-        async with node(pg.dsn, "survivor", "--public", "echo"), trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             # The first ask goes to 'doomed' only: 'survivor' joins after it is in flight.
             nursery.start_soon(pending_ask)
             await doomed.expect("stdout", '"event": "sleeping"')
-            start = trio.current_time()
-            doomed.process.kill()
-            with trio.fail_after(WAIT):  # far below the ask's own 600 s
-                await failed.wait()
-            print(f"pending ask failed {trio.current_time() - start:.2f}s after SIGKILL")
-            [error] = outcome
-            assert isinstance(error, pgbus.ActorUnavailableError)
-            assert str(error) == (
-                "actor 'echo' on node 'doomed' became unavailable (its session ended) "
-                "while handling the request"
-            )
-            with trio.fail_after(WAIT):
-                for i in range(5):
-                    reply = await bus.ask("echo", i, timeout=WAIT)
-                    assert reply == {"node": "survivor", "echo": i}
+            async with node(pg.dsn, "survivor", "--public", "echo"):
+                start = trio.current_time()
+                doomed.process.kill()
+                with trio.fail_after(WAIT):  # far below the ask's own 600 s
+                    await failed.wait()
+                print(f"pending ask failed {trio.current_time() - start:.2f}s after SIGKILL")
+                [error] = outcome
+                assert isinstance(error, pgbus.ActorUnavailableError)
+                assert str(error) == (
+                    "actor 'echo' on node 'doomed' became unavailable (its session ended) "
+                    "while handling the request"
+                )
+                with trio.fail_after(WAIT):
+                    for i in range(5):
+                        reply = await bus.ask("echo", i, timeout=WAIT)
+                        assert reply == {"node": "survivor", "echo": i}
     await pg.wait_for_no_backends()
 
 
@@ -493,6 +498,7 @@ async def test_status_shows_what_runs_and_forgets_a_node_that_ended(pg: PgHelper
                     "holder": "worker-1",
                     "holder_pid": names["worker-1"]["pid"],
                     "candidates": ["worker-1", "worker-2"],
+                    "foreign_holder": None,
                 }
             ]
             text = await run_to_completion("status", "--dsn", pg.dsn)

@@ -1,7 +1,8 @@
 """
 pgbus's own schema ``pgbus``: versioned migrations, applied once, under an advisory lock.
 
-Tables (version 1; version 2 replaced the claim function):
+Tables (version 1; version 2 replaced the claim function; `_V_CLUSTER` added the cluster's
+registry ``pgbus.cluster_nodes``):
 
 - ``pgbus.messages``: one row per durable message: ``id``, ``xid`` (the publishing transaction,
   ``pg_current_xact_id()``), ``channel``, ``payload``, ``created_at``.
@@ -259,7 +260,28 @@ END
 $$;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+# The cluster's registry (see pgbus._cluster._membership). Until this migration, nodes created
+# the table with CREATE TABLE IF NOT EXISTS on every join: a database may already have it, so
+# this is idempotent, and it only adds (a released node keeps reading and writing its columns).
+# sender_pids: the backends a node sends requests and replies from; receivers accept replies
+# only from those.
+_V_CLUSTER = r"""
+CREATE TABLE IF NOT EXISTS pgbus.cluster_nodes (
+    pid integer PRIMARY KEY,
+    name text NOT NULL,
+    channel text NOT NULL,
+    host text NOT NULL,
+    os_pid integer NOT NULL,
+    started timestamptz NOT NULL DEFAULT now(),
+    public text[] NOT NULL DEFAULT '{}',
+    singletons text[] NOT NULL DEFAULT '{}',
+    inbound text[] NOT NULL DEFAULT '{}'
+);
+ALTER TABLE pgbus.cluster_nodes
+    ADD COLUMN IF NOT EXISTS sender_pids integer[] NOT NULL DEFAULT '{}';
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V_CLUSTER)
 """Migration *n* (1-based) brings the schema from version n-1 to n; never edit a released one."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
