@@ -86,8 +86,12 @@ _FATAL_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
 # pgbus's own sessions must not be ended by a server-wide idle timeout (PostgreSQL 14+). Set after
 # connecting, never as a startup parameter: a pooler (PgBouncer) refuses startup parameters it
 # does not know. On the fast path this statement is also the seam's check (`_set_up`).
-_SESSION_SETUP = "SELECT set_config('idle_session_timeout', '0', false)"
+# It also reads the backend's real pid: behind a pooler (PgBouncer) the pid the startup sent is
+# the pooler's own invention, and pids are what self-echo filtering, the probe of a silent
+# statement and the cluster's check of who replied rely on.
+_SESSION_SETUP = "SELECT set_config('idle_session_timeout', '0', false), pg_backend_pid()"
 _SESSION_SETUP_RESULT = "0"
+_PID_ONLY = "SELECT 1, pg_backend_pid()"
 
 COMMAND_LOCK_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "pgbus_command_lock_timeout", default=None
@@ -313,6 +317,8 @@ class Connection:
                 await self._check_working()
 
     async def _check_working(self) -> None:
+        if self._db.transaction_pooling:
+            return  # the backend running it is the pooler's choice: nothing to ask about
         working, self._blockers = await self._db.probe_backend(self.pid)
         if not working:
             raise _Unanswered
@@ -650,13 +656,13 @@ class Database:
         A server or pooler that refuses the setting gets one warning; the connection is used
         without it (and so are later ones).
         """
-        if not self._session_setup and not connection.driven_statements:
-            return True
+        if self.transaction_pooling and not connection.driven_statements:
+            return True  # no session to set up, and each statement may run on another backend
         sql, expected = (
-            (_SESSION_SETUP, _SESSION_SETUP_RESULT) if self._session_setup else ("SELECT 1", 1)
+            (_SESSION_SETUP, _SESSION_SETUP_RESULT) if self._session_setup else (_PID_ONLY, 1)
         )
         try:
-            value = await connection.fetchval(sql)
+            value, pid = await connection.fetchrow(sql)
         except DatabaseError as exc:
             if not self._session_setup:
                 raise
@@ -676,6 +682,10 @@ class Database:
         if value != expected:
             self._fall_back(f"a statement driven from Trio returned {value!r}")
             return False
+        if pid != connection.pid and not self.transaction_pooling:
+            self.own_pids.discard(connection.pid)
+            connection.pid = pid
+            self.own_pids.add(pid)
         return True
 
     def _fall_back(self, problem: str) -> None:

@@ -98,3 +98,14 @@ async def test_the_command_line_reaches_postgresql_through_pgbouncer(pg: PgHelpe
     with run_pgbouncer(pg.dsn, "session") as dsn:
         done = await run_to_completion("notify", "pgb_cli", "hello", "--dsn", dsn)
     assert done.returncode == 0, done.stderr.decode()
+
+
+async def test_behind_pgbouncer_pids_are_the_real_backends(pg: PgHelper) -> None:
+    """own_pids are the server's backends (not PgBouncer's made-up ones): a statement longer
+    than the silence check is asked about on the right backend and runs to its end."""
+    with run_pgbouncer(pg.dsn, "session") as dsn:
+        async with pgbus.open_bus(dsn, keepalive=1.0) as bus:
+            async with bus.transaction() as tx:
+                await tx.execute("SELECT pg_sleep(1.2)")  # past keepalive/2 without a reply
+                backend = await tx.fetchval("SELECT pg_backend_pid()")
+            assert backend in bus.own_pids
