@@ -26,6 +26,15 @@ DELETE_BATCH = 20000
 VACUUM_AFTER = 50000
 """Deleted messages after which the janitor vacuums pgbus's tables when autovacuum is off."""
 
+# A message is claimed by group g when it is visible in the group's tick_from, or in the open
+# batch (visible in tick_to) at or before the batch's marker; a group last moved by a
+# version-2 member (tick_from NULL) has claimed up to (position_xid, position_id).
+_CLAIMED_BY_G = """(CASE WHEN g.tick_from IS NULL
+            THEN (m.xid, m.id) <= (g.position_xid, g.position_id)
+            ELSE pg_visible_in_snapshot(m.xid, g.tick_from)
+                 OR (g.tick_to IS NOT NULL AND pg_visible_in_snapshot(m.xid, g.tick_to)
+                     AND (m.xid, m.id) <= (g.batch_xid, g.batch_id)) END)"""
+
 _RETIRE_GROUPS = """
 WITH retired AS (
     DELETE FROM pgbus.groups
@@ -38,23 +47,26 @@ DELETE FROM pgbus.deliveries d USING retired r
 
 _HAS_GROUP = "SELECT EXISTS (SELECT FROM pgbus.groups WHERE channel = $1)"
 
-# A message every group of its channel has claimed (it is at or before the slowest group's
-# position) and none still holds (no delivery row: not in flight, not waiting for a retry,
-# not a dead letter). MATERIALIZED: the batch is chosen once, whatever the planner thinks of
-# the table's size (inlined, a table nobody analyzed can turn this into a loop per row).
+# A message every group of its channel has claimed (visible in each group's tick_from, or at
+# or before a version-2 group's position) and none still holds (no delivery row: not in flight,
+# not waiting for a retry, not a dead letter). Only xids below the newest tick can qualify.
+# MATERIALIZED: the batch is chosen once, whatever the planner thinks of the table's size
+# (inlined, a table nobody analyzed can turn this into a loop per row).
 _DELETE_HANDLED = """
-WITH slowest AS (
-    SELECT position_xid, position_id FROM pgbus.groups
-     WHERE channel = $1 ORDER BY position_xid, position_id LIMIT 1
+WITH horizon AS (
+    SELECT min(coalesce(pg_snapshot_xmax(tick_from), position_xid)) AS xid
+      FROM pgbus.groups WHERE channel = $1
 ), doomed AS MATERIALIZED (
-    SELECT m.id FROM pgbus.messages m, slowest s
-     WHERE m.channel = $1 AND (m.xid, m.id) <= (s.position_xid, s.position_id)
+    SELECT m.id FROM pgbus.messages m, horizon h
+     WHERE m.channel = $1 AND m.xid <= h.xid
+       AND NOT EXISTS (SELECT FROM pgbus.groups g
+                        WHERE g.channel = $1 AND NOT {claimed})
        AND NOT EXISTS (SELECT 1 FROM pgbus.deliveries d WHERE d.message_id = m.id)
      ORDER BY m.channel, m.xid, m.id
      LIMIT $2
 )
 DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
-"""
+""".replace("{claimed}", _CLAIMED_BY_G)
 
 # With no group at all, messages are kept for the retention period (a group joining with
 # start = "earliest" gets them), then deleted.
@@ -150,7 +162,8 @@ class GroupStatus:
 _GROUP_STATUS = """
 SELECT g.channel, g.group_name,
        (SELECT count(*) FROM pgbus.messages m
-         WHERE m.channel = g.channel AND (m.xid, m.id) > (g.position_xid, g.position_id)) AS lag,
+         WHERE m.channel = g.channel AND m.xid >= g.position_xid
+           AND NOT {claimed}) AS lag,
        (SELECT count(*) FROM pgbus.deliveries d
          WHERE d.channel = g.channel AND d.group_name = g.group_name
            AND d.available_at < 'infinity') AS in_flight,
@@ -161,7 +174,7 @@ SELECT g.channel, g.group_name,
   FROM pgbus.groups g
  WHERE $1::text IS NULL OR g.channel = $1
  ORDER BY g.channel, g.group_name
-"""
+""".replace("{claimed}", _CLAIMED_BY_G)
 
 
 async def group_status(connection: Connection, channel: str | None = None) -> list[GroupStatus]:

@@ -259,7 +259,245 @@ END
 $$;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+# Version 3: delivery by snapshot ticks (no foreign transaction stalls it), leases renewed while
+# held, expired leases on their last attempt and dangling deliveries dead-lettered with a reason.
+# Additive: new columns (NULL until a version-3 claim moves the group) and a new function; the
+# version-2 function keeps its signature and becomes a wrapper, so members still running the
+# previous release share the group's position with upgraded ones.
+_V3 = r"""
+ALTER TABLE pgbus.groups
+    ADD COLUMN tick_from pg_snapshot,
+    ADD COLUMN tick_to pg_snapshot,
+    ADD COLUMN batch_xid xid8,
+    ADD COLUMN batch_id bigint;
+
+-- One round trip per consumer cycle:
+--   1. acknowledge p_ack_ids (with their attempts);
+--   2. renew the lease of p_held (what this member holds: waiting in its channel or in
+--      handle); each id it no longer holds comes back as a row (id, 0, NULL);
+--   3. when p_reclaim: due retries and expired leases of other members, oldest first; an
+--      expired lease on its last attempt and a delivery whose message is gone become dead
+--      letters with a reason instead;
+--   4. new messages, tick by tick: a batch is what is visible in the snapshot tick_to and
+--      not in tick_from, in (xid, id) order; (batch_xid, batch_id) is the last one claimed.
+-- p_held NULL (the version-2 wrapper): no renewal, and a member may reclaim its own expired
+-- leases, as version 2 did.
+CREATE FUNCTION pgbus.claim_v3(
+    p_channel text, p_group text, p_member text, p_limit integer, p_lease double precision,
+    p_max_attempts integer, p_ack_ids bigint[], p_ack_attempts integer[], p_held bigint[],
+    p_reclaim boolean
+) RETURNS TABLE (id bigint, attempt integer, payload text)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET enable_sort = off
+AS $$
+DECLARE
+    v_from pg_snapshot;
+    v_to pg_snapshot;
+    v_from0 text;
+    v_to0 text;
+    v_bxid xid8;
+    v_bid bigint;
+    v_pxid xid8;
+    v_pid bigint;
+    v_seen timestamptz;
+    v_taken integer := 0;
+    v_left integer;
+    v_fresh boolean := false;
+    v_done xid8[];
+    v_xid xid8;
+    v_ids bigint[] := '{}';
+    v_payloads text[] := '{}';
+    v_i bigint[];
+    v_x xid8[];
+    v_p text[];
+BEGIN
+    IF cardinality(p_ack_ids) > 0 THEN
+        DELETE FROM pgbus.deliveries d
+         USING unnest(p_ack_ids, p_ack_attempts) AS a(id, attempt)
+         WHERE d.message_id = a.id AND d.group_name = p_group
+           AND d.attempts = a.attempt AND d.member = p_member;
+    END IF;
+
+    IF cardinality(p_held) > 0 THEN
+        RETURN QUERY
+        WITH renewed AS (
+            UPDATE pgbus.deliveries d
+               SET available_at = now() + make_interval(secs => p_lease)
+             WHERE d.message_id = ANY(p_held) AND d.group_name = p_group
+               AND d.member = p_member AND d.available_at < 'infinity'
+            RETURNING d.message_id
+        )
+        SELECT h.id, 0, NULL::text FROM unnest(p_held) AS h(id)
+         WHERE NOT EXISTS (SELECT FROM renewed r WHERE r.message_id = h.id);
+    END IF;
+    IF p_limit <= 0 THEN
+        RETURN;
+    END IF;
+
+    IF p_reclaim THEN
+        RETURN QUERY
+        WITH due AS (
+            SELECT d.message_id FROM pgbus.deliveries d
+             WHERE d.channel = p_channel AND d.group_name = p_group AND d.available_at <= now()
+               AND (p_held IS NULL OR d.member IS DISTINCT FROM p_member)
+             ORDER BY d.channel, d.group_name, d.available_at
+             LIMIT p_limit
+               FOR UPDATE SKIP LOCKED
+        ), taken AS (
+            UPDATE pgbus.deliveries d
+               SET member = CASE WHEN m.id IS NOT NULL AND d.attempts < p_max_attempts
+                                 THEN p_member END,
+                   attempts = CASE WHEN m.id IS NOT NULL AND d.attempts < p_max_attempts
+                                   THEN d.attempts + 1 ELSE d.attempts END,
+                   available_at = CASE WHEN m.id IS NOT NULL AND d.attempts < p_max_attempts
+                                       THEN now() + make_interval(secs => p_lease)
+                                       ELSE 'infinity' END,
+                   last_error = CASE
+                       WHEN m.id IS NULL THEN 'its message was deleted while a delivery was due'
+                       WHEN d.attempts >= p_max_attempts THEN format(
+                           'the lease of attempt %s expired (member %s); max_attempts is %s',
+                           d.attempts, coalesce(d.member, '?'), p_max_attempts)
+                       ELSE d.last_error END
+              FROM due LEFT JOIN pgbus.messages m ON m.id = due.message_id
+             WHERE d.message_id = due.message_id AND d.group_name = p_group
+            RETURNING d.message_id, d.attempts, m.payload, d.member
+        )
+        SELECT t.message_id, t.attempts, t.payload FROM taken t WHERE t.member = p_member;
+        GET DIAGNOSTICS v_taken = ROW_COUNT;
+        IF v_taken >= p_limit THEN
+            RETURN;
+        END IF;
+    END IF;
+
+    -- Members of a group take turns here: the lock is held until this transaction commits.
+    SELECT g.tick_from, g.tick_to, g.batch_xid, g.batch_id, g.position_xid, g.position_id,
+           g.seen_at
+      INTO v_from, v_to, v_bxid, v_bid, v_pxid, v_pid, v_seen
+      FROM pgbus.groups g
+     WHERE g.channel = p_channel AND g.group_name = p_group
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgbus: group % of channel % is not registered', p_group, p_channel
+              USING ERRCODE = 'P0002';
+    END IF;
+    v_from0 := v_from::text;
+    v_to0 := v_to::text;
+    IF v_from IS NULL THEN
+        -- Last moved by a version-2 member: everything up to (position_xid, position_id)
+        -- is claimed, which is a tick seeing xids below position_xid plus a batch marker.
+        v_from := format('%s:%s:', greatest(v_pxid, '1'::xid8), greatest(v_pxid, '1'::xid8))
+                  ::pg_snapshot;
+        v_to := NULL;
+        v_bxid := v_pxid;
+        v_bid := v_pid;
+    END IF;
+    v_bxid := coalesce(v_bxid, '0'::xid8);
+    v_bid := coalesce(v_bid, 0);
+    v_left := p_limit - v_taken;
+
+    LOOP
+        IF v_to IS NULL THEN  -- the next tick
+            v_to := pg_current_snapshot();
+            v_fresh := true;
+            IF v_to::text = v_from::text THEN
+                v_to := NULL;
+                EXIT;
+            END IF;
+        END IF;
+        -- Transactions in progress at tick_from that committed by tick_to, in xid order:
+        -- one index probe each (a long transaction's messages come here, once it commits).
+        SELECT array_agg(x ORDER BY x) INTO v_done
+          FROM pg_snapshot_xip(v_from) AS x
+         WHERE x >= v_bxid AND pg_visible_in_snapshot(x, v_to);
+        IF v_done IS NOT NULL THEN
+            FOREACH v_xid IN ARRAY v_done LOOP
+                SELECT array_agg(b.id), array_agg(b.xid), array_agg(b.payload)
+                  INTO v_i, v_x, v_p
+                  FROM (SELECT m.id, m.xid, m.payload
+                          FROM pgbus.messages m
+                         WHERE m.channel = p_channel AND m.xid = v_xid
+                           AND (m.xid, m.id) > (v_bxid, v_bid)
+                         ORDER BY m.channel, m.xid, m.id
+                         LIMIT v_left) b;
+                IF v_i IS NOT NULL THEN
+                    v_ids := v_ids || v_i;
+                    v_payloads := v_payloads || v_p;
+                    v_left := v_left - cardinality(v_i);
+                    v_bxid := v_x[cardinality(v_x)];
+                    v_bid := v_i[cardinality(v_i)];
+                    EXIT WHEN v_left <= 0;
+                END IF;
+            END LOOP;
+        END IF;
+        -- Transactions that began since tick_from and committed by tick_to: one range scan.
+        IF v_left > 0 THEN
+            SELECT array_agg(b.id), array_agg(b.xid), array_agg(b.payload) INTO v_i, v_x, v_p
+              FROM (SELECT m.id, m.xid, m.payload
+                      FROM pgbus.messages m
+                     WHERE m.channel = p_channel
+                       AND m.xid >= pg_snapshot_xmax(v_from)
+                       AND m.xid < pg_snapshot_xmax(v_to)
+                       AND (m.xid, m.id) > (v_bxid, v_bid)
+                       AND pg_visible_in_snapshot(m.xid, v_to)
+                     ORDER BY m.channel, m.xid, m.id
+                     LIMIT v_left) b;
+            IF v_i IS NOT NULL THEN
+                v_ids := v_ids || v_i;
+                v_payloads := v_payloads || v_p;
+                v_left := v_left - cardinality(v_i);
+                v_bxid := v_x[cardinality(v_x)];
+                v_bid := v_i[cardinality(v_i)];
+            END IF;
+        END IF;
+        EXIT WHEN v_left <= 0;  -- the batch may hold more: the next claim goes on with it
+        v_from := v_to;  -- the batch is done
+        v_to := NULL;
+        v_bxid := '0'::xid8;
+        v_bid := 0;
+        EXIT WHEN v_fresh;
+    END LOOP;
+
+    IF cardinality(v_ids) = 0 AND v_from::text IS NOT DISTINCT FROM v_from0
+       AND v_to::text IS NOT DISTINCT FROM v_to0 THEN
+        IF v_seen < now() - interval '60 seconds' THEN
+            UPDATE pgbus.groups SET seen_at = now()
+             WHERE channel = p_channel AND group_name = p_group;
+        END IF;
+        RETURN;
+    END IF;
+    IF cardinality(v_ids) > 0 THEN
+        INSERT INTO pgbus.deliveries (message_id, group_name, channel, member, attempts,
+                                      available_at)
+        SELECT u.id, p_group, p_channel, p_member, 1, now() + make_interval(secs => p_lease)
+          FROM unnest(v_ids) AS u(id);
+    END IF;
+    -- (position_xid, 0) stays a safe watermark for readers of version 2: every message with
+    -- an older xid is visible in tick_from, so claimed.
+    UPDATE pgbus.groups
+       SET tick_from = v_from, tick_to = v_to, batch_xid = v_bxid, batch_id = v_bid,
+           position_xid = pg_snapshot_xmin(v_from), position_id = 0, seen_at = now()
+     WHERE channel = p_channel AND group_name = p_group;
+    RETURN QUERY SELECT u.id, 1, u.payload FROM unnest(v_ids, v_payloads) AS u(id, payload);
+END
+$$;
+
+-- The version-2 signature, for members still running the previous release during a rolling
+-- upgrade: the same group position as version 3, without renewals.
+CREATE OR REPLACE FUNCTION pgbus.claim(
+    p_channel text, p_group text, p_member text, p_limit integer, p_lease double precision,
+    p_ack_ids bigint[], p_ack_attempts integer[], p_reclaim boolean
+) RETURNS TABLE (id bigint, attempt integer, payload text)
+LANGUAGE sql
+AS $$
+    SELECT c.id, c.attempt, c.payload
+      FROM pgbus.claim_v3(p_channel, p_group, p_member, p_limit, p_lease, 2147483647,
+                          p_ack_ids, p_ack_attempts, NULL, p_reclaim) AS c
+$$;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 """Migration *n* (1-based) brings the schema from version n-1 to n; never edit a released one."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
