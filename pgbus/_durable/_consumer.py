@@ -183,7 +183,8 @@ class DurableConsumer:
             self._work.set()  # its place in the channel is free
 
     def holds(self, message: DurableMessage) -> bool:
-        return self._inflight.get(message.id) == message.attempt
+        """Whether this member still holds *message* (its lease was not lost)."""
+        return message.id in self._inflight
 
     def wake(self, payload: str) -> None:
         """The listener's hook: messages were published to *payload* ("" after a reconnect)."""
