@@ -503,8 +503,40 @@ MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+MIGRATE_LOCK_TIMEOUT = 30.0
+"""How long `migrate` waits for another session's migration lock before saying who holds it."""
+
+
 class SchemaError(PgbusError):
     """pgbus's schema cannot be created or is newer than this pgbus."""
+
+
+# A bigint advisory lock shows in pg_locks as classid (high half), objid (low half), objsubid 1.
+_LOCK_HOLDERS = """
+SELECT a.pid, a.usename, a.application_name, a.state
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.classid = (($1::bigint >> 32) & 4294967295)::oid
+   AND l.objid = ($1::bigint & 4294967295)::oid
+   AND a.pid <> pg_backend_pid()
+ ORDER BY a.pid
+"""
+
+
+async def lock_holders(connection: Connection, key: int) -> str:
+    """Who holds the advisory lock *key*, for a message: "pid 12 (role r, application_name 'a',
+    idle in transaction)"; "an unknown session" when the server does not say."""
+    try:
+        rows = await connection.fetch(_LOCK_HOLDERS, key)
+    except PgbusError:
+        rows = []
+    if not rows:
+        return "an unknown session"
+    return ", ".join(
+        f"pid {r[0]} (role {r[1]!r}, application_name {r[2]!r}, {r[3] or 'state unknown'})"
+        for r in rows
+    )
 
 
 async def schema_version(connection: Connection) -> int:
@@ -515,16 +547,20 @@ async def schema_version(connection: Connection) -> int:
     return int(await connection.fetchval("SELECT coalesce(max(version), 0) FROM pgbus.migrations"))
 
 
-async def migrate(connection: Connection, where: str) -> tuple[int, int]:
+async def migrate(
+    connection: Connection, where: str, *, lock_timeout: float = MIGRATE_LOCK_TIMEOUT
+) -> tuple[int, int]:
     """
     Bring the schema to `SCHEMA_VERSION`; returns (version before, version after).
 
     Safe when many processes do it at once: they queue on one advisory lock, and each applies
     only what is still missing once it holds it. Each migration commits with its version row.
+    The wait for that lock is bounded by *lock_timeout* seconds.
 
     Raises:
-        SchemaError: the role may not create the schema (one line, with what to do), or the
-            schema is newer than this pgbus.
+        SchemaError: the role may not create the schema (one line, with what to do), the
+            migration lock stayed held for *lock_timeout* (naming the holder), or the schema
+            is newer than this pgbus.
     """
     version = await schema_version(connection)
     if version == SCHEMA_VERSION:
@@ -532,7 +568,11 @@ async def migrate(connection: Connection, where: str) -> tuple[int, int]:
     before = version
     try:
         async with connection.transaction():
+            await connection.execute(
+                f"SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}"
+            )
             await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await connection.execute("SET LOCAL lock_timeout = 0")
             await connection.execute("CREATE SCHEMA IF NOT EXISTS pgbus")
             await connection.execute(
                 "CREATE TABLE IF NOT EXISTS pgbus.migrations ("
@@ -550,6 +590,12 @@ async def migrate(connection: Connection, where: str) -> tuple[int, int]:
                 log.info("pgbus schema at %s migrated to version %d", where, number)
             version = max(version, SCHEMA_VERSION)
     except DatabaseError as exc:
+        if exc.sqlstate == "55P03":  # lock_not_available: lock_timeout
+            holders = await lock_holders(connection, MIGRATION_LOCK)
+            raise SchemaError(
+                f"waited {lock_timeout:g}s for pgbus's migration lock at {where}; it is held by "
+                f"{holders}: end that session or let it finish, then migrate again."
+            ) from None
         if exc.sqlstate == "42501":  # insufficient_privilege
             role = await _current_role(connection)
             raise SchemaError(
