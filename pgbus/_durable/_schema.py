@@ -1,23 +1,54 @@
 """
 pgbus's own schema ``pgbus``: versioned migrations, applied once, under an advisory lock.
 
-Tables (version 1; version 2 replaced the claim function):
+Tables (version 1; version 2 replaced the claim function; version 3 added the tick columns and
+``pgbus.claim_v3``):
 
 - ``pgbus.messages``: one row per durable message: ``id``, ``xid`` (the publishing transaction,
   ``pg_current_xact_id()``), ``channel``, ``payload``, ``created_at``.
-- ``pgbus.groups``: per (channel, group) the position up to which the group has claimed, as the
-  pair ``(xid, id)``, and when a member was last seen.
+- ``pgbus.groups``: per (channel, group) how far the group has claimed (below), and when a
+  member was last seen.
 - ``pgbus.deliveries``: one row per message a group has claimed and not yet acknowledged: its
   member, attempts, and ``available_at`` (the lease's end, a retry's time, or ``infinity`` for
   a dead letter).
-- ``pgbus.claim(...)``: acknowledges a batch, then claims due retries (when asked) and new
-  messages.
+- ``pgbus.claim_v3(...)``: acknowledges a batch, renews the leases its member holds, claims due
+  retries and expired leases (when asked), then new messages. ``pgbus.claim(...)`` (version 2's
+  signature) is kept as a wrapper for members of the previous release.
 
-Why positions are ``(xid, id)`` and not ids alone: ids are drawn when a row is inserted, but
-transactions commit in another order; a reader moving past id 101 while id 100's transaction is
-still open would skip 100 forever. A claim takes only messages whose transaction is older than
-every transaction still running (``xid < pg_snapshot_xmin(pg_current_snapshot())``): that set
-never grows behind the position, so nothing is skipped.
+Snapshot ticks (version 3, after PgQ). Ids are drawn when a row is inserted, but transactions
+commit in another order: a reader moving past id 101 while id 100's transaction is still open
+would skip 100 forever. Versions 1 and 2 therefore took only messages older than every running
+transaction (``xid < pg_snapshot_xmin(pg_current_snapshot())``), so any writing transaction held
+open anywhere on the server (xids are cluster-wide: another database counts) stalled every
+durable channel for its whole length (8 s open, 8.05 s delivery).
+
+Now a group's position is a **tick**: a snapshot, ``pg_current_snapshot()``, taken by a claim.
+``tick_from`` is the tick up to which the group has claimed everything (all messages whose
+transaction is visible in it); a claim takes the next tick, ``tick_to``, and the **batch** is
+the messages visible in ``tick_to`` and not in ``tick_from``
+(``pg_visible_in_snapshot(xid, tick_to) AND NOT pg_visible_in_snapshot(xid, tick_from)``).
+Snapshots only ever see more, so successive batches partition every committed message: nothing
+is skipped, nothing comes twice, and nobody waits for a transaction that has not committed: its
+messages are simply not in the batch, and they are in the first batch whose tick sees its
+commit. A batch is read in two index-bound parts, never a scan of what earlier batches took:
+
+1. transactions listed as running in ``tick_from`` (``pg_snapshot_xip``) that ``tick_to`` sees
+   committed: one probe of ``(channel, xid)`` each, in xid order (a long transaction's
+   messages come here, once, in the tick after its commit);
+2. transactions that began since ``tick_from`` (``xid >= xmax(tick_from)``, ``< xmax(tick_to)``)
+   and committed by ``tick_to``: one range scan of ``(channel, xid, id)``.
+
+A batch larger than the claim's limit is taken over several claims: ``(batch_xid, batch_id)``
+marks the last message claimed, and the batch's order is ``(xid, id)``. So one member sees a
+channel's messages in ``(xid, id)`` order within a tick, and tick after tick: a message whose
+transaction commits late arrives in the tick after its commit, after messages with higher ids
+that committed earlier. One publisher committing transactions one after another is seen in its
+publishing order.
+
+Compatibility. ``position_xid`` stays a watermark the previous release understands (every
+message with a lower xid is claimed: ``pg_snapshot_xmin(tick_from)``, ``position_id = 0``), so
+its janitor never deletes an unclaimed message; a group last moved by a version-2 member
+(``tick_from`` NULL) continues from its ``(position_xid, position_id)``.
 """
 
 from __future__ import annotations
