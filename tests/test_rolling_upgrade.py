@@ -76,44 +76,47 @@ async def test_a_schema_2_member_and_an_upgraded_one_share_a_group(pg: PgHelper)
     release published it; the old janitor deletes only what was handled.
     """
     channel = "upgrade"
-    async with fresh_database(pg) as dsn, open_database(dsn, "pgbus-test") as db:
-        async with db.connection("old member") as old:
-            await migrate_to_version_2(old)
-            await old.execute(v2.JOIN, channel, "g", "earliest")
-            await old_publish(old, channel, [f"a{i}" for i in range(5)])
-            first = await old_claim(old, channel, 3)
-            assert [(r[1], r[2]) for r in first] == [(1, "a0"), (1, "a1"), (1, "a2")]
-            await old_claim(old, channel, 0, [(r[0], r[1]) for r in first])
+    async with (
+        fresh_database(pg) as dsn,
+        open_database(dsn, "pgbus-test") as db,
+        db.connection("old member") as old,
+    ):
+        await migrate_to_version_2(old)
+        await old.execute(v2.JOIN, channel, "g", "earliest")
+        await old_publish(old, channel, [f"a{i}" for i in range(5)])
+        first = await old_claim(old, channel, 3)
+        assert [(r[1], r[2]) for r in first] == [(1, "a0"), (1, "a1"), (1, "a2")]
+        await old_claim(old, channel, 0, [(r[0], r[1]) for r in first])
 
-            assert await migrate(old, "the test server") == (2, SCHEMA_VERSION)
+        assert await migrate(old, "the test server") == (2, SCHEMA_VERSION)
 
-            async with pgbus.open_bus(dsn) as bus:
-                for i in range(3):
-                    await bus.notify(channel, f"b{i}", durable=True)  # the new release
-                # The old member goes on from its (xid, id) position: a3, a4, nothing twice.
-                second = await old_claim(old, channel, 2)
-                assert [(r[1], r[2]) for r in second] == [(1, "a3"), (1, "a4")]
-                bus.add_channel("in", 10)
-                await bus.bridge_in(channel, "in", durable=True, group="g")
-                got = await receive_all(bus.channel("in"), 3)
-                assert [m.payload for m in got] == ["b0", "b1", "b2"]
-                for message in got:
-                    bus.ack(message)
-                await old_claim(old, channel, 0, [(r[0], r[1]) for r in second])
-                await old_publish(old, channel, ["c0"])  # the old release publishes
-                [c0] = await receive_all(bus.channel("in"), 1)
-                assert (c0.payload, c0.attempt) == ("c0", 1)
-                bus.ack(c0)
-            async with pgbus.open_bus(dsn) as bus:
-                await bus.notify(channel, "d0", durable=True)
-            assert [(r[1], r[2]) for r in await old_claim(old, channel, 10)] == [(1, "d0")]
-            await old_publish(old, channel, ["e0"])  # not claimed by anyone yet
-            await old.fetch(v2.DELETE_HANDLED, channel, 1000)  # the old release's janitor
-            left = await old.fetch(
-                "SELECT payload FROM pgbus.messages WHERE channel = $1 ORDER BY id", channel
-            )
-            assert "e0" in [r[0] for r in left]
-            assert "d0" in [r[0] for r in left]  # still held by the old member
+        async with pgbus.open_bus(dsn) as bus:
+            for i in range(3):
+                await bus.notify(channel, f"b{i}", durable=True)  # the new release
+            # The old member goes on from its (xid, id) position: a3, a4, nothing twice.
+            second = await old_claim(old, channel, 2)
+            assert [(r[1], r[2]) for r in second] == [(1, "a3"), (1, "a4")]
+            bus.add_channel("in", 10)
+            await bus.bridge_in(channel, "in", durable=True, group="g")
+            got = await receive_all(bus.channel("in"), 3)
+            assert [m.payload for m in got] == ["b0", "b1", "b2"]
+            for message in got:
+                bus.ack(message)
+            await old_claim(old, channel, 0, [(r[0], r[1]) for r in second])
+            await old_publish(old, channel, ["c0"])  # the old release publishes
+            [c0] = await receive_all(bus.channel("in"), 1)
+            assert (c0.payload, c0.attempt) == ("c0", 1)
+            bus.ack(c0)
+        async with pgbus.open_bus(dsn) as bus:
+            await bus.notify(channel, "d0", durable=True)
+        assert [(r[1], r[2]) for r in await old_claim(old, channel, 10)] == [(1, "d0")]
+        await old_publish(old, channel, ["e0"])  # not claimed by anyone yet
+        await old.fetch(v2.DELETE_HANDLED, channel, 1000)  # the old release's janitor
+        left = await old.fetch(
+            "SELECT payload FROM pgbus.messages WHERE channel = $1 ORDER BY id", channel
+        )
+        assert "e0" in [r[0] for r in left]
+        assert "d0" in [r[0] for r in left]  # still held by the old member
 
 
 async def test_a_group_joined_by_schema_2_is_taken_over_by_an_upgraded_member(
