@@ -1,8 +1,9 @@
 """
 The durable inbound bridge: a member of a consumer group, claiming into a Trio channel.
 
-One connection per bridge, one task. Each cycle is one round trip, ``pgbus.claim(...)``: the
-acknowledgements gathered since the last cycle, then at most as many messages as the Trio
+One connection per bridge, one task. Each cycle is one round trip, ``pgbus.claim_v3(...)``: the
+acknowledgements gathered since the last cycle, the ids this member holds when their leases
+are due for renewal (every third of a lease), then at most as many messages as the Trio
 channel has room for (its capacity is the prefetch). Between cycles the task sleeps until there
 is something to do: a wake-up NOTIFY for its channel (delivered by the bus's listening
 connection), an acknowledgement (which also means room in the channel), or the poll deadline.
@@ -98,9 +99,11 @@ class DurableConsumer:
     Messages arrive in *channel* as `DurableMessage`; the bridge never claims more than
     *channel* has room for. `handled` acknowledges (batched into the next cycle), `failed`
     schedules a retry after ``retry_after * 2**(attempt-1)`` seconds (with jitter) or, at
-    *max_attempts*, makes the message a dead letter. A message neither acknowledged nor failed
-    within *lease* seconds is claimed again by any member. `finish` stops claiming; once `serve`
-    returns, what this member claimed and did not handle has been given back to the group.
+    *max_attempts*, makes the message a dead letter. What this member holds (in *channel* or
+    being handled) has its lease renewed every ``lease * RENEW_FRACTION`` seconds, in the
+    claim's round trip; a member that stops renewing (dead, frozen) loses its claims to the
+    other members once *lease* has passed. `finish` stops claiming; once `serve` returns, what
+    this member claimed and did not handle has been given back to the group.
     """
 
     def __init__(
@@ -341,8 +344,7 @@ class DurableConsumer:
         if reclaim:
             self._next_reclaim = now + POLL_EVERY
         held = list(self._inflight) if renew else []
-        if renew or not self._inflight:
-            self._next_renew = now + self.lease * RENEW_FRACTION
+        renews = renew or not self._inflight
         try:
             with trio.fail_after(STATEMENT_TIMEOUT):
                 rows = await self._connection.fetch(
@@ -369,6 +371,8 @@ class DurableConsumer:
         except BaseException:
             self._acks[:0] = acks  # not confirmed: sent again with the next cycle
             raise
+        if renews:  # what this claim takes, or what it renewed, has a whole lease from now
+            self._next_renew = now + self.lease * RENEW_FRACTION
         self.acked += len(acks)
         claimed = self._deliver(rows)
         if reclaim and claimed >= limit:
