@@ -511,6 +511,6 @@ def test_a_claim_finding_its_room_taken_keeps_the_messages() -> None:
     )
     inbox.send_nowait("other 0")
     inbox.send_nowait("other 1")  # full, while a claim counted two free places
-    consumer._deliver([(1, 1, "durable 1"), (2, 1, "durable 2")])
+    consumer._deliver([(1, 1, "durable 1", False), (2, 1, "durable 2", False)])
     assert [m.payload for m in consumer._overflow] == ["durable 1", "durable 2"]
     assert consumer.holds(consumer._overflow[0])

@@ -52,7 +52,10 @@ GIVE_BACK_TIMEOUT = 5.0
 STATEMENT_TIMEOUT = 30.0
 """Bound on one cycle's round trip (it may wait for another member's claim to commit)."""
 
-_CLAIM = "SELECT id, attempt, payload FROM pgbus.claim_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_CLAIM = (
+    "SELECT id, attempt, payload, reclaimed"
+    " FROM pgbus.claim_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+)
 
 # 'latest': what is visible in the snapshot at joining is not for this group; what commits
 # after it is. 'earliest': a tick that sees nothing.
@@ -375,7 +378,7 @@ class DurableConsumer:
             self._next_renew = now + self.lease * RENEW_FRACTION
         self.acked += len(acks)
         claimed = self._deliver(rows)
-        if reclaim and claimed >= limit:
+        if reclaim and sum(1 for row in rows if row[3]) >= limit:
             self._next_reclaim = now  # maybe more are due: look again in the next claim
         return claimed
 
@@ -387,7 +390,7 @@ class DurableConsumer:
         send_nowait = self.channel.send_nowait
         claimed = 0
         lost = 0
-        for message_id, attempt, payload in rows:
+        for message_id, attempt, payload, _reclaimed in rows:
             if attempt == 0:  # held, but another member has it now (this one was frozen)
                 if inflight.pop(message_id, None) is not None:
                     lost += 1

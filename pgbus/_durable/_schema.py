@@ -305,10 +305,10 @@ ALTER TABLE pgbus.groups
 -- One round trip per consumer cycle:
 --   1. acknowledge p_ack_ids (with their attempts);
 --   2. renew the lease of p_held (what this member holds: waiting in its channel or in
---      handle); each id it no longer holds comes back as a row (id, 0, NULL);
---   3. when p_reclaim: due retries and expired leases of other members, oldest first; an
---      expired lease on its last attempt and a delivery whose message is gone become dead
---      letters with a reason instead;
+--      handle); each id it no longer holds comes back as a row (id, 0, NULL, false);
+--   3. when p_reclaim: due retries and expired leases of other members, oldest first
+--      (reclaimed = true); an expired lease on its last attempt and a delivery whose message
+--      is gone become dead letters with a reason instead;
 --   4. new messages, tick by tick: a batch is what is visible in the snapshot tick_to and
 --      not in tick_from, in (xid, id) order; (batch_xid, batch_id) is the last one claimed.
 -- p_held NULL (the version-2 wrapper): no renewal, and a member may reclaim its own expired
@@ -317,7 +317,7 @@ CREATE FUNCTION pgbus.claim_v3(
     p_channel text, p_group text, p_member text, p_limit integer, p_lease double precision,
     p_max_attempts integer, p_ack_ids bigint[], p_ack_attempts integer[], p_held bigint[],
     p_reclaim boolean
-) RETURNS TABLE (id bigint, attempt integer, payload text)
+) RETURNS TABLE (id bigint, attempt integer, payload text, reclaimed boolean)
 LANGUAGE plpgsql
 SET enable_seqscan = off
 SET enable_bitmapscan = off
@@ -360,7 +360,7 @@ BEGIN
                AND d.member = p_member AND d.available_at < 'infinity'
             RETURNING d.message_id
         )
-        SELECT h.id, 0, NULL::text FROM unnest(p_held) AS h(id)
+        SELECT h.id, 0, NULL::text, false FROM unnest(p_held) AS h(id)
          WHERE NOT EXISTS (SELECT FROM renewed r WHERE r.message_id = h.id);
     END IF;
     IF p_limit <= 0 THEN
@@ -395,7 +395,7 @@ BEGIN
              WHERE d.message_id = due.message_id AND d.group_name = p_group
             RETURNING d.message_id, d.attempts, m.payload, d.member
         )
-        SELECT t.message_id, t.attempts, t.payload FROM taken t WHERE t.member = p_member;
+        SELECT t.message_id, t.attempts, t.payload, true FROM taken t WHERE t.member = p_member;
         GET DIAGNOSTICS v_taken = ROW_COUNT;
         IF v_taken >= p_limit THEN
             RETURN;
@@ -510,7 +510,8 @@ BEGIN
        SET tick_from = v_from, tick_to = v_to, batch_xid = v_bxid, batch_id = v_bid,
            position_xid = pg_snapshot_xmin(v_from), position_id = 0, seen_at = now()
      WHERE channel = p_channel AND group_name = p_group;
-    RETURN QUERY SELECT u.id, 1, u.payload FROM unnest(v_ids, v_payloads) AS u(id, payload);
+    RETURN QUERY
+    SELECT u.id, 1, u.payload, false FROM unnest(v_ids, v_payloads) AS u(id, payload);
 END
 $$;
 
