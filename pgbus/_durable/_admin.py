@@ -58,13 +58,15 @@ _HAS_GROUP = "SELECT EXISTS (SELECT FROM pgbus.groups WHERE channel = $1)"
 # (inlined, a table nobody analyzed can turn this into a loop per row).
 _DELETE_HANDLED = """
 WITH horizon AS (
-    SELECT min(coalesce(pg_snapshot_xmax(tick_from), position_xid)) AS xid
+    SELECT min(coalesce(pg_snapshot_xmax(tick_from), position_xid)) AS xid,
+           min(position_xid) AS settled
       FROM pgbus.groups WHERE channel = $1
 ), doomed AS MATERIALIZED (
     SELECT m.id FROM pgbus.messages m, horizon h
      WHERE m.channel = $1 AND m.xid <= h.xid
-       AND NOT EXISTS (SELECT FROM pgbus.groups g
-                        WHERE g.channel = $1 AND NOT {claimed})
+       AND (m.xid < h.settled  -- older than every group's position_xid: claimed by all
+            OR NOT EXISTS (SELECT FROM pgbus.groups g
+                            WHERE g.channel = $1 AND NOT {claimed}))
        AND NOT EXISTS (SELECT 1 FROM pgbus.deliveries d WHERE d.message_id = m.id)
      ORDER BY m.channel, m.xid, m.id
      LIMIT $2
