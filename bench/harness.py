@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import attrs
 from . import report
 from .peers import PEERS
 from .runner import RunOutcome, run_peer
-from .server import Monitor, provide_postgres
+from .server import Monitor, long_transaction, provide_postgres
 from .workloads import REFERENCE, WORKLOADS, Sizes, Workload
 
 
@@ -172,11 +173,35 @@ def _run_one(
 ) -> RunOutcome:
     # A channel name per run, so a late notification from one run never counts in another.
     channel = f"bench_{workload.name.lower()}_{os.getpid()}_{run}"
-    outcome = run_peer(
-        PEERS[peer], workload.name, sizes, dsn=dsn, channel=channel, timeout=args.timeout
-    )
+    if workload.name == "W7L":
+        outcome = _run_w7l(args, dsn, sizes, peer, channel)
+    else:
+        outcome = run_peer(
+            PEERS[peer], workload.name, sizes, dsn=dsn, channel=channel, timeout=args.timeout
+        )
     if args.verbose and outcome.status == "error" and outcome.stderr:
         print(outcome.stderr, file=sys.stderr, flush=True)
+    return outcome
+
+
+def _run_w7l(
+    args: argparse.Namespace, dsn: str, sizes: Sizes, peer: str, channel: str
+) -> RunOutcome:
+    """
+    W7, then W7 again while a writing transaction is open in another database: the second
+    run's latencies, with the first's and their ratios (``w7_p50_us``, ``ratio_p50``, ...).
+    """
+    base = run_peer(
+        PEERS[peer], "W7", sizes, dsn=dsn, channel=channel + "_w7", timeout=args.timeout
+    )
+    if not base.ok:
+        return base
+    with long_transaction(dsn):
+        outcome = run_peer(PEERS[peer], "W7", sizes, dsn=dsn, channel=channel, timeout=args.timeout)
+    if outcome.ok:
+        for key in ("p50_us", "p99_us"):
+            outcome.result[f"w7_{key}"] = base.result[key]
+            outcome.result[f"ratio_{key[:3]}"] = outcome.result[key] / base.result[key]
     return outcome
 
 
@@ -186,6 +211,12 @@ def _brief(workload: Workload, outcome: RunOutcome) -> str:
     if not outcome.ok:
         return f"ERROR: {outcome.message}"
     r = outcome.result
+    if workload.metric == "latency" and "ratio_p50" in r:
+        return (
+            f"p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs (W7 just before: "
+            f"{r['w7_p50_us']:.0f} / {r['w7_p99_us']:.0f} µs; {r['ratio_p50']:.2f}x / "
+            f"{r['ratio_p99']:.2f}x)"
+        )
     if workload.metric == "latency":
         return f"p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs"
     if workload.metric == "memory":
@@ -228,6 +259,16 @@ def _notes(
         for error in dict.fromkeys(cell["errors"]):
             count = cell["errors"].count(error)
             notes.append(f"error: {workload_name} {peer} ({count}/{cell['runs']} runs): {error}")
+    for (workload_name, peer), runs in results.outcomes.items():
+        ratios = [o.result for o in runs if o.ok and "ratio_p50" in o.result]
+        if workload_name == "W7L" and ratios:
+            p50 = statistics.median(r["ratio_p50"] for r in ratios)
+            p99 = statistics.median(r["ratio_p99"] for r in ratios)
+            notes.append(
+                f"W7L {peer}: with a writing transaction open in another database, p50 "
+                f"{p50:.2f}x and p99 {p99:.2f}x W7 run just before it (medians of "
+                f"{len(ratios)}; target within 1.5x)."
+            )
     notes += [f"warning: {w}" for w in results.warnings]
     if results.interrupted:
         notes.append("interrupted: the table holds only the runs that finished.")

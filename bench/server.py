@@ -10,11 +10,12 @@ backends are gone.
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import psycopg
@@ -100,3 +101,34 @@ class Monitor:
         for pid, _name in rows:
             self._conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         return [f"{name} (pid {pid})" for pid, name in rows]
+
+
+@contextlib.contextmanager
+def long_transaction(dsn: str) -> Iterator[int]:
+    """
+    Hold a writing transaction open in another database of the server (one of its own,
+    created and dropped here) for the block: what W7L runs under. Yields its xid.
+
+    Transaction ids are cluster-wide, so this transaction is in every snapshot's list of
+    running transactions, in every database, for as long as it lasts.
+    """
+    database = f"bench_long_transaction_{os.getpid()}"
+    admin = psycopg.connect(
+        dsn, autocommit=True, connect_timeout=10, application_name=HARNESS_APPLICATION_NAME
+    )
+    try:
+        admin.execute(f'CREATE DATABASE "{database}"')
+        parts = urlsplit(dsn)
+        other = urlunsplit(parts._replace(path="/" + database))
+        with psycopg.connect(
+            other, connect_timeout=10, application_name=HARNESS_APPLICATION_NAME
+        ) as long:
+            row = long.execute("SELECT pg_current_xact_id()::text").fetchone()
+            assert row is not None
+            try:
+                yield int(row[0])
+            finally:
+                long.rollback()
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()

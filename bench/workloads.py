@@ -134,6 +134,26 @@ WORKLOADS: dict[str, Workload] = {
             peers=DURABLE_PEERS,
         ),
         Workload(
+            "W7L",
+            "W7 while another session holds a writing transaction open in another database; "
+            "ratio to W7 run just before, same peer",
+            "latency",
+            messages=1_000,
+            warmup=50,
+            reference="pgbus",
+            peers=DURABLE_PEERS,
+            default_peers=("pgbus",),
+        ),
+        Workload(
+            "W6R",
+            "lease renewal cost: W6 with lease 2 s and a 1 ms handler (held leases renewed every "
+            "0.67 s); any message handled twice fails the run",
+            "throughput",
+            messages=20_000,
+            reference="pgbus",
+            peers=("pgbus",),
+        ),
+        Workload(
             "W8",
             "cross-process ask: process A asks an actor in process B, one at a time, p50 / p99",
             "latency",

@@ -154,7 +154,11 @@ async def _handle_durable(actor: Actor, handle: Any, message: DurableMessage) ->
     A failure here is the message's, not the actor's: it is logged with the traceback and
     retried per the bridge's policy (then dead-lettered), and the actor keeps running.
     A cancelled handle neither acknowledges nor fails: the bridge gives the message back.
+    A message whose lease was lost while it waited (the process was frozen past its lease, and
+    another member has it now) is not handled here again.
     """
+    if not message._receipt.holds(message):
+        return
     try:
         await handle(message)
     except Exception as exc:

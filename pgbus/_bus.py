@@ -680,8 +680,10 @@ class Bus:
         The bridge never claims more than *channel* can hold (its capacity is the prefetch).
         An actor's ``handle`` returning acknowledges the message; raising retries it after
         *retry_after* seconds, doubling per attempt with jitter, and after *max_attempts*
-        attempts it becomes a dead letter. A claim not acknowledged within *lease* seconds
-        goes back to the group. A group not seen for *retention* seconds is retired.
+        attempts it becomes a dead letter. What this bridge holds (in *channel* or in
+        ``handle``) has its lease renewed while the process lives; a claim whose lease runs out
+        (its process died or froze) goes back to the group after *lease* seconds. A group not
+        seen for *retention* seconds is retired.
         Returns once the group is joined.
         """
         if group is None:

@@ -12,8 +12,9 @@ Both libraries are imported only when a server starts, so ``pgbus`` itself never
 the one module-level rule they do not need, `parse_listen`, is shared by the TOML loader and the
 command line.
 
-Durable channels (``_durable.py``) feed their lag and dead letters through `add_durable_source`:
-a function of the bus returning `DurableGroupSample` objects, called at scrape time.
+Durable channels (``_durable/_support.py``) feed their lag, in-flight and dead letters through
+`add_durable_source`: a function of the bus returning `DurableGroupSample` objects, called at
+scrape time.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class DurableGroupSample:
     """Messages stored for the group and not yet acknowledged by it."""
     dead_letters: int
     """Messages the group gave up on (moved to dead letters), currently stored."""
+    in_flight: int = 0
+    """Messages the group's members have claimed and not yet acknowledged (or due for retry)."""
 
 
 DurableSource = Callable[["Bus"], Awaitable[Iterable[DurableGroupSample]]]
@@ -104,9 +107,10 @@ _durable_sources: list[DurableSource] = []
 def add_durable_source(source: DurableSource) -> None:
     """
     Have every scrape call ``await source(bus)`` and export what it returns as
-    ``pgbus_durable_lag{channel,group}`` and ``pgbus_dead_letters{channel,group}``.
+    ``pgbus_durable_lag{channel,group}``, ``pgbus_durable_in_flight{channel,group}`` and
+    ``pgbus_dead_letters{channel,group}``.
 
-    For ``_durable.py`` to call once, at import. A source that raises or takes longer than
+    For ``_durable/_support.py`` to call once, at import. A source that raises or takes longer than
     `SOURCE_TIMEOUT` leaves its samples out of that scrape (logged at debug level); it never
     fails the scrape. Adding the same source twice does nothing.
     """
@@ -244,10 +248,16 @@ def metric_families(data: ScrapeData) -> Iterator[Any]:
         "Durable messages a group gave up on, currently stored.",
         labels=["channel", "group"],
     )
+    in_flight = GaugeMetricFamily(
+        "pgbus_durable_in_flight",
+        "Durable messages a group's members claimed and have not acknowledged yet.",
+        labels=["channel", "group"],
+    )
     for sample in data.durable:
         lag.add_metric([sample.channel, sample.group], sample.lag)
         dead.add_metric([sample.channel, sample.group], sample.dead_letters)
-    yield from (lag, dead)
+        in_flight.add_metric([sample.channel, sample.group], sample.in_flight)
+    yield from (lag, dead, in_flight)
 
 
 # -- health ------------------------------------------------------------------------------------

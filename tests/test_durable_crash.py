@@ -189,3 +189,59 @@ async def test_sigterm_gives_back_what_was_claimed_at_once(pg: PgHelper, tmp_pat
     )
     assert len(rows) == 20  # nothing acknowledged: the first was cut off mid-handle
     assert {(r["member"], r["free"]) for r in rows} == {(None, True)}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGSTOP, signal.SIGKILL], ids=["sigstop", "sigkill"])
+async def test_a_frozen_or_killed_holders_claims_move_to_a_live_member(
+    pg: PgHelper, tmp_path: Path, signum: int
+) -> None:
+    """
+    A worker holds 5 messages (one in a 60 s handle, lease 1 s, renewed meanwhile); frozen or
+    killed, its claims go to a live member (attempt 2); a frozen one that wakes up says it lost
+    them.
+    """
+    channel = f"frozen-{uuid.uuid4().hex[:8]}"
+    table = f"effects_{uuid.uuid4().hex[:8]}"
+    await pg.execute(f'CREATE TABLE "{table}" (message_id bigint, payload text, pid int)')
+    config = tmp_path / "frozen.toml"
+    config.write_text(
+        worker_config(tmp_path, channel, table, exactly_once=False)
+        .read_text()
+        .replace(f"pause = {PAUSE}", "pause = 60")
+        .replace("lease = 2", "lease = 1")
+    )
+    env = pgbus_env(PGBUS_DSN=pg.dsn, PYTHONPATH=str(ROOT / "tests"))
+    async with pgbus.open_bus(pg.dsn) as bus:
+        async with bus.transaction() as tx:
+            for i in range(5):
+                await tx.publish(channel, str(i), durable=True)
+        async with running("run", str(config), env=env) as worker:
+            await poll_until(pg, f'SELECT count(*) FROM "{table}"', 1)  # in its long handle
+            bus.add_channel("in", 10)
+            await bus.bridge_in(channel, "in", durable=True, group="workers", lease=1)
+            with trio.move_on_after(2.5):  # 2.5 leases: renewed, so nothing moves
+                moved = await bus.channel("in").receive()
+                pytest.fail(f"taken from a live holder: {moved!r}")
+            worker.process.send_signal(signum)
+            signalled = trio.current_time()
+            got: list[pgbus.DurableMessage] = []
+            with trio.fail_after(WAIT):
+                while len(got) < 5:
+                    message = await bus.channel("in").receive()
+                    assert isinstance(message, pgbus.DurableMessage)
+                    got.append(message)
+            print(f"\n{signum!r}: 5 claims moved after {trio.current_time() - signalled:.2f}s")
+            assert sorted(m.payload for m in got) == [str(i) for i in range(5)]
+            assert {m.attempt for m in got} == {2}
+            if signum == signal.SIGSTOP:
+                worker.process.send_signal(signal.SIGCONT)
+                await worker.expect("stderr", "lease(s) expired before they could be renewed")
+            for message in got:
+                bus.ack(message)
+            await poll_until(
+                pg,
+                "SELECT CASE WHEN count(*) = 0 THEN 1 ELSE 0 END FROM pgbus.deliveries"
+                f" WHERE channel = '{channel}'",
+                1,
+            )
+    assert await pg.fetchval(f'SELECT count(*) FROM "{table}"') == 1

@@ -36,7 +36,7 @@ DEFAULT_WORKERS = 4
 
 def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="worker")
-    parser.add_argument("mode", choices=("W6", "W7"))
+    parser.add_argument("mode", choices=("W6", "W6R", "W7"))
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--channel", required=True)
     parser.add_argument("--application-name", required=True)
@@ -50,7 +50,7 @@ class WorkerReport:
         self.mode = mode
         self.payloads: list[str] = []
         self._stop = threading.Event()
-        if mode == "W6":
+        if mode.startswith("W6"):
             threading.Thread(target=self._progress, daemon=True).start()
 
     def ready(self) -> None:

@@ -5,7 +5,10 @@ pgbus durable channels for W6 and W7, as its README shows them (public names onl
   INSERT and one wake-up per batch); each of the 4 worker processes runs a bus with a durable
   inbound bridge (group ``bench``, channel capacity 1000 = prefetch) feeding an actor. The clock
   stops when the actors have handled every message and no delivery is left unacknowledged.
-- W7: ``bus.notify(channel, payload, durable=True)`` one at a time; one worker process.
+- W6R: W6 with ``lease = 2`` and a handler that takes 1 ms: what renewing the held leases
+  (every 0.67 s, in the claims' round trips) costs; any message handled twice fails the run.
+- W7: ``bus.notify(channel, payload, durable=True)`` one at a time; one worker process (W7L is
+  W7 again while the harness holds a writing transaction open in another database).
 
 Run as ``python -m bench.peers.pgbus_peer W6 ...`` (the harness does); the workers are
 ``python -m bench.peers.pgbus_durable worker W6 ...``.
@@ -51,11 +54,11 @@ async def _storage(bus: pgbus.Bus, channel: str) -> dict[str, Any]:
     return {"rows": row[0], "messages_mb": row[1] / 2**20, "deliveries_mb": row[2] / 2**20}
 
 
-async def durable_throughput(args: PeerArgs) -> Result:
+async def durable_throughput(args: PeerArgs, mode: str = "W6") -> Result:
     expected = [str(i) for i in range(args.messages)]
     async with _bus(args.dsn) as bus:
         await bus.notify(args.channel, "schema", durable=True)  # creates the schema if need be
-        workers = Workers(MODULE, "W6", DEFAULT_WORKERS, args)
+        workers = Workers(MODULE, mode, DEFAULT_WORKERS, args)
         try:
             await trio.to_thread.run_sync(workers.wait_ready, args.timeout)
             workers.expect(args.messages)
@@ -110,12 +113,19 @@ async def durable_latency(args: PeerArgs) -> Result:
     return latency(times)
 
 
+async def lease_renewal(args: PeerArgs) -> Result:
+    return await durable_throughput(args, "W6R")
+
+
 class Handler(pgbus.Actor):
-    def __init__(self, report: WorkerReport) -> None:
+    def __init__(self, report: WorkerReport, pause: float = 0.0) -> None:
         self.report = report
+        self.pause = pause
 
     async def handle(self, message: pgbus.DurableMessage) -> None:
         self.report.handled(message.payload)
+        if self.pause:
+            await trio.sleep(self.pause)
 
 
 async def _worker(argv: list[str]) -> None:
@@ -124,15 +134,18 @@ async def _worker(argv: list[str]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with _bus(args.dsn) as bus:
             bus.add_channel("in", PREFETCH)
-            await bus.bridge_in(args.channel, "in", durable=True, group=GROUP)
-            await bus.spawn(Handler, name="handler", inbox="in", options={"report": report})
+            lease = 2.0 if args.mode == "W6R" else 30.0  # 30 s: the default
+            await bus.bridge_in(args.channel, "in", durable=True, group=GROUP, lease=lease)
+            pause = 0.001 if args.mode == "W6R" else 0.0
+            options = {"report": report, "pause": pause}
+            await bus.spawn(Handler, name="handler", inbox="in", options=options)
             report.ready()
             async for _ in signals:
                 break
     report.final()
 
 
-WORKLOADS = {"W6": durable_throughput, "W7": durable_latency}
+WORKLOADS = {"W6": durable_throughput, "W6R": lease_renewal, "W7": durable_latency}
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["worker"]:

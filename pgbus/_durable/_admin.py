@@ -7,24 +7,37 @@ Looking after durable channels: retention (the janitor), group statistics, dead 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
 
 import attrs
 import trio
 
 from .._errors import DatabaseError, DatabaseUnavailableError
 from .._pg import Connection, Database
+from ._schema import lock_holders
 
 log = logging.getLogger("pgbus.durable")
 
 JANITOR_EVERY = 2.0
 """Seconds between two retention passes of one consumer process."""
 
+JANITOR_WARN_AFTER = 5
+"""Passes in a row a channel's janitor lock may be held elsewhere before a warning names who."""
+
 DELETE_BATCH = 20000
 """The most messages one retention pass deletes (the next pass goes on)."""
 
 VACUUM_AFTER = 50000
 """Deleted messages after which the janitor vacuums pgbus's tables when autovacuum is off."""
+
+# A message is claimed by group g when it is visible in the group's tick_from, or in the open
+# batch (visible in tick_to) at or before the batch's marker; a group last moved by a
+# version-2 member (tick_from NULL) has claimed up to (position_xid, position_id).
+_CLAIMED_BY_G = """(CASE WHEN g.tick_from IS NULL
+            THEN (m.xid, m.id) <= (g.position_xid, g.position_id)
+            ELSE pg_visible_in_snapshot(m.xid, g.tick_from)
+                 OR (g.tick_to IS NOT NULL AND pg_visible_in_snapshot(m.xid, g.tick_to)
+                     AND (m.xid, m.id) <= (g.batch_xid, g.batch_id)) END)"""
 
 _RETIRE_GROUPS = """
 WITH retired AS (
@@ -38,23 +51,28 @@ DELETE FROM pgbus.deliveries d USING retired r
 
 _HAS_GROUP = "SELECT EXISTS (SELECT FROM pgbus.groups WHERE channel = $1)"
 
-# A message every group of its channel has claimed (it is at or before the slowest group's
-# position) and none still holds (no delivery row: not in flight, not waiting for a retry,
-# not a dead letter). MATERIALIZED: the batch is chosen once, whatever the planner thinks of
-# the table's size (inlined, a table nobody analyzed can turn this into a loop per row).
+# A message every group of its channel has claimed (visible in each group's tick_from, or at
+# or before a version-2 group's position) and none still holds (no delivery row: not in flight,
+# not waiting for a retry, not a dead letter). Only xids below the newest tick can qualify.
+# MATERIALIZED: the batch is chosen once, whatever the planner thinks of the table's size
+# (inlined, a table nobody analyzed can turn this into a loop per row).
 _DELETE_HANDLED = """
-WITH slowest AS (
-    SELECT position_xid, position_id FROM pgbus.groups
-     WHERE channel = $1 ORDER BY position_xid, position_id LIMIT 1
+WITH horizon AS (
+    SELECT min(coalesce(pg_snapshot_xmax(tick_from), position_xid)) AS xid,
+           min(position_xid) AS settled
+      FROM pgbus.groups WHERE channel = $1
 ), doomed AS MATERIALIZED (
-    SELECT m.id FROM pgbus.messages m, slowest s
-     WHERE m.channel = $1 AND (m.xid, m.id) <= (s.position_xid, s.position_id)
+    SELECT m.id FROM pgbus.messages m, horizon h
+     WHERE m.channel = $1 AND m.xid <= h.xid
+       AND (m.xid < h.settled  -- older than every group's position_xid: claimed by all
+            OR NOT EXISTS (SELECT FROM pgbus.groups g
+                            WHERE g.channel = $1 AND NOT {claimed}))
        AND NOT EXISTS (SELECT 1 FROM pgbus.deliveries d WHERE d.message_id = m.id)
      ORDER BY m.channel, m.xid, m.id
      LIMIT $2
 )
 DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
-"""
+""".replace("{claimed}", _CLAIMED_BY_G)
 
 # With no group at all, messages are kept for the retention period (a group joining with
 # start = "earliest" gets them), then deleted.
@@ -69,22 +87,40 @@ DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
 """
 
 
+# Every channel with a group or a message: pgbus.groups, plus a loose index scan of
+# pgbus.messages (one probe per distinct channel, not a pass over the table).
+_CHANNELS = """
+WITH RECURSIVE c AS (
+    (SELECT m.channel FROM pgbus.messages m ORDER BY m.channel LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.channel FROM pgbus.messages m WHERE m.channel > c.channel
+             ORDER BY m.channel LIMIT 1)
+      FROM c WHERE c.channel IS NOT NULL
+)
+SELECT channel FROM c WHERE channel IS NOT NULL
+ UNION
+SELECT channel FROM pgbus.groups
+"""
+
+
 async def serve_janitor(
     db: Database,
-    channels: Any,
+    retention: Callable[[str], float],
     *,
-    retention: Any,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
-    Every `JANITOR_EVERY` seconds, for each channel in *channels()*: retire groups not seen for
-    ``retention(channel)`` seconds and delete the messages every group has handled. Only one
-    process does a pass at a time (a transaction-level advisory lock); the others skip it.
+    Every `JANITOR_EVERY` seconds, for every durable channel of the database (not only those
+    this process consumes): retire groups not seen for ``retention(channel)`` seconds and
+    delete the messages every group has handled. Only one process does a pass of a channel at
+    a time (a transaction-level advisory lock); the others skip it. A channel skipped
+    `JANITOR_WARN_AFTER` passes in a row gets a warning naming the session holding its lock.
     """
     task_status.started()
     deleted_since_vacuum = 0
     autovacuum: bool | None = None
     connection: Connection | None = None
+    skipped: dict[str, int] = {}
     try:
         while True:
             await trio.sleep(JANITOR_EVERY)
@@ -94,8 +130,7 @@ async def serve_janitor(
                 if autovacuum is None:
                     setting = await connection.fetchval("SELECT current_setting('autovacuum')")
                     autovacuum = setting == "on"
-                for channel in list(channels()):
-                    deleted_since_vacuum += await retain(connection, channel, retention(channel))
+                deleted_since_vacuum += await janitor_pass(connection, retention, skipped)
                 if not autovacuum and deleted_since_vacuum >= VACUUM_AFTER:
                     deleted_since_vacuum = 0
                     await vacuum(connection)
@@ -106,22 +141,62 @@ async def serve_janitor(
             await connection.aclose()
 
 
-async def retain(connection: Connection, channel: str, retention: float) -> int:
-    """One retention pass over *channel*; the number of messages deleted (0 if another ran)."""
+async def janitor_pass(
+    connection: Connection, retention: Callable[[str], float], skipped: dict[str, int]
+) -> int:
+    """
+    One retention pass over every channel; the messages deleted. *skipped* counts, per
+    channel, the passes in a row another session held its lock (a warning at
+    `JANITOR_WARN_AFTER`, then every `JANITOR_WARN_AFTER` more).
+    """
+    deleted = 0
+    channels = [r[0] for r in await connection.fetch(_CHANNELS)]
+    for channel in channels:
+        done = await retain(connection, channel, retention(channel))
+        if done is not None:
+            deleted += done
+            skipped.pop(channel, None)
+            continue
+        skipped[channel] = count = skipped.get(channel, 0) + 1
+        if count % JANITOR_WARN_AFTER == 0:
+            holders = await lock_holders(connection, await _janitor_key(connection, channel))
+            log.warning(
+                "janitor: retention of durable channel %r skipped %d passes in a row: its "
+                "lock is held by %s",
+                channel,
+                count,
+                holders,
+            )
+    for channel in set(skipped) - set(channels):
+        del skipped[channel]
+    return deleted
+
+
+async def _janitor_key(connection: Connection, channel: str) -> int:
+    return int(await connection.fetchval(_JANITOR_KEY, channel))
+
+
+_JANITOR_KEY = "SELECT hashtextextended('pgbus.janitor:' || $1, 0)"  # as retain() takes it
+
+
+async def retain(connection: Connection, channel: str, retention: float) -> int | None:
+    """
+    One retention pass over *channel*: the number of messages deleted, or None if another
+    session holds the channel's janitor lock.
+    """
     async with connection.transaction():
         got = await connection.fetchval(
             "SELECT pg_try_advisory_xact_lock(hashtextextended('pgbus.janitor:' || $1, 0))",
             channel,
         )
-        deleted = 0
-        if got:
-            await connection.execute(_RETIRE_GROUPS, channel, retention)
-            if await connection.fetchval(_HAS_GROUP, channel):
-                tag = await connection.execute(_DELETE_HANDLED, channel, DELETE_BATCH)
-            else:
-                tag = await connection.execute(_DELETE_AGED, channel, retention, DELETE_BATCH)
-            deleted = int(tag.split()[-1])
-    return deleted
+        if not got:
+            return None
+        await connection.execute(_RETIRE_GROUPS, channel, retention)
+        if await connection.fetchval(_HAS_GROUP, channel):
+            tag = await connection.execute(_DELETE_HANDLED, channel, DELETE_BATCH)
+        else:
+            tag = await connection.execute(_DELETE_AGED, channel, retention, DELETE_BATCH)
+        return int(tag.split()[-1])
 
 
 async def vacuum(connection: Connection) -> None:
@@ -150,7 +225,8 @@ class GroupStatus:
 _GROUP_STATUS = """
 SELECT g.channel, g.group_name,
        (SELECT count(*) FROM pgbus.messages m
-         WHERE m.channel = g.channel AND (m.xid, m.id) > (g.position_xid, g.position_id)) AS lag,
+         WHERE m.channel = g.channel AND m.xid >= g.position_xid
+           AND NOT {claimed}) AS lag,
        (SELECT count(*) FROM pgbus.deliveries d
          WHERE d.channel = g.channel AND d.group_name = g.group_name
            AND d.available_at < 'infinity') AS in_flight,
@@ -161,7 +237,7 @@ SELECT g.channel, g.group_name,
   FROM pgbus.groups g
  WHERE $1::text IS NULL OR g.channel = $1
  ORDER BY g.channel, g.group_name
-"""
+""".replace("{claimed}", _CLAIMED_BY_G)
 
 
 async def group_status(connection: Connection, channel: str | None = None) -> list[GroupStatus]:

@@ -1,8 +1,9 @@
 """
 The durable inbound bridge: a member of a consumer group, claiming into a Trio channel.
 
-One connection per bridge, one task. Each cycle is one round trip, ``pgbus.claim(...)``: the
-acknowledgements gathered since the last cycle, then at most as many messages as the Trio
+One connection per bridge, one task. Each cycle is one round trip, ``pgbus.claim_v3(...)``: the
+acknowledgements gathered since the last cycle, the ids this member holds when their leases
+are due for renewal (every third of a lease), then at most as many messages as the Trio
 channel has room for (its capacity is the prefetch). Between cycles the task sleeps until there
 is something to do: a wake-up NOTIFY for its channel (delivered by the bus's listening
 connection), an acknowledgement (which also means room in the channel), or the poll deadline.
@@ -36,6 +37,12 @@ POLL_EVERY = 1.0
 RECHECK_FIRST = 0.002
 """Seconds before claiming again after a wake-up found nothing (see `_after_claim`)."""
 
+MAX_RECHECK_DOUBLINGS = 9
+"""The recheck delay doubles at most this often (2 ms * 2**9 > POLL_EVERY): no overflow."""
+
+RENEW_FRACTION = 1 / 3
+"""Held leases are renewed every ``lease * RENEW_FRACTION`` seconds, in a claim's round trip."""
+
 MAX_CLAIM = 1000
 """The most messages one cycle claims, whatever the channel's capacity."""
 
@@ -45,13 +52,18 @@ GIVE_BACK_TIMEOUT = 5.0
 STATEMENT_TIMEOUT = 30.0
 """Bound on one cycle's round trip (it may wait for another member's claim to commit)."""
 
-_CLAIM = "SELECT id, attempt, payload FROM pgbus.claim($1, $2, $3, $4, $5, $6, $7, $8)"
+_CLAIM = (
+    "SELECT id, attempt, payload, reclaimed"
+    " FROM pgbus.claim_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+)
 
+# 'latest': what is visible in the snapshot at joining is not for this group; what commits
+# after it is. 'earliest': a tick that sees nothing.
 _JOIN = """
-INSERT INTO pgbus.groups (channel, group_name, position_xid, position_id)
-SELECT $1, $2,
-       CASE WHEN $3 = 'earliest' THEN '0'::xid8 ELSE pg_snapshot_xmin(pg_current_snapshot()) END,
-       0
+INSERT INTO pgbus.groups (channel, group_name, position_xid, position_id, tick_from)
+SELECT $1, $2, pg_snapshot_xmin(s.tick), 0, s.tick
+  FROM (SELECT CASE WHEN $3 = 'earliest' THEN '1:1:'::pg_snapshot
+                    ELSE pg_current_snapshot() END AS tick) s
 ON CONFLICT (channel, group_name) DO UPDATE SET seen_at = now()
 """
 
@@ -90,9 +102,11 @@ class DurableConsumer:
     Messages arrive in *channel* as `DurableMessage`; the bridge never claims more than
     *channel* has room for. `handled` acknowledges (batched into the next cycle), `failed`
     schedules a retry after ``retry_after * 2**(attempt-1)`` seconds (with jitter) or, at
-    *max_attempts*, makes the message a dead letter. A message neither acknowledged nor failed
-    within *lease* seconds is claimed again by any member. `finish` stops claiming; once `serve`
-    returns, what this member claimed and did not handle has been given back to the group.
+    *max_attempts*, makes the message a dead letter. What this member holds (in *channel* or
+    being handled) has its lease renewed every ``lease * RENEW_FRACTION`` seconds, in the
+    claim's round trip; a member that stops renewing (dead, frozen) loses its claims to the
+    other members once *lease* has passed. `finish` stops claiming; once `serve` returns, what
+    this member claimed and did not handle has been given back to the group.
     """
 
     def __init__(
@@ -131,6 +145,7 @@ class DurableConsumer:
         self._work = trio.Event()
         self._maybe_more = True
         self._next_reclaim = 0.0  # when to look for due retries and expired leases again
+        self._next_renew = math.inf  # when to renew the leases of what this member holds
         self._retry_at = math.inf  # the earliest retry this member scheduled
         self._notified = False  # a wake-up for this channel came since the last claim
         self._recheck_at = math.inf
@@ -143,6 +158,7 @@ class DurableConsumer:
         self.dead = 0
         self.rejected = 0
         self.reconnects = 0
+        self.leases_lost = 0
 
     def settings(self) -> tuple[object, ...]:
         return (self.group, self.start, self.max_attempts, self.retry_after, self.lease, self.codec)
@@ -151,15 +167,16 @@ class DurableConsumer:
 
     def handled(self, message: DurableMessage) -> None:
         """Acknowledge *message*: written with the next cycle (a few ms under load)."""
+        # The attempt this member holds now (a copy of an earlier attempt counts: it was handled).
         attempt = self._inflight.pop(message.id, None)
-        if attempt == message.attempt:
+        if attempt is not None:
             self._acks.append((message.id, attempt))
             self._work.set()
 
     def failed(self, message: DurableMessage, error: BaseException | str | None = None) -> None:
         """Give *message* back for a retry (or to the dead letters once attempts are used up)."""
         attempt = self._inflight.pop(message.id, None)
-        if attempt == message.attempt:
+        if attempt is not None:
             text = error if isinstance(error, str) or error is None else _describe(error)
             self._fails.append((message.id, attempt, text or "failed"))
             self._work.set()
@@ -172,7 +189,8 @@ class DurableConsumer:
             self._work.set()  # its place in the channel is free
 
     def holds(self, message: DurableMessage) -> bool:
-        return self._inflight.get(message.id) == message.attempt
+        """Whether this member still holds *message* (its lease was not lost)."""
+        return message.id in self._inflight
 
     def wake(self, payload: str) -> None:
         """The listener's hook: messages were published to *payload* ("" after a reconnect)."""
@@ -249,9 +267,11 @@ class DurableConsumer:
     async def _cycle_forever(self) -> None:
         next_poll = trio.current_time()
         while not self._closing:
-            while self._overflow:
-                await self.channel.send(self._overflow[0])
-                self._overflow.popleft()
+            # Waiting for room never outlasts a renewal: what is held must keep its lease.
+            with trio.move_on_at(self._next_renew if self._inflight else math.inf):
+                while self._overflow:
+                    await self.channel.send(self._overflow[0])
+                    self._overflow.popleft()
             room = 0 if self._stopping else self._room()
             now = trio.current_time()
             if now >= self._retry_at:
@@ -261,11 +281,12 @@ class DurableConsumer:
                 self._recheck_at = math.inf
                 self._maybe_more = self._notified = True
             want_claim = room > 0 and (self._maybe_more or now >= next_poll)
+            want_renew = bool(self._inflight) and now >= self._next_renew
             if self._fails:
                 await self._write_failures()
-            if want_claim or self._acks:
+            if want_claim or self._acks or want_renew:
                 notified, self._notified = self._notified, False
-                claimed = await self._claim(room if want_claim else 0)
+                claimed = await self._claim(room if want_claim else 0, renew=want_renew)
                 if want_claim:
                     next_poll = trio.current_time() + POLL_EVERY
                     self._maybe_more = claimed >= room
@@ -281,21 +302,26 @@ class DurableConsumer:
             ):
                 continue
             wake_at = min(next_poll, self._retry_at, self._recheck_at)
-            with trio.move_on_at(wake_at if not self._stopping else trio.current_time() + 3600):
+            if self._inflight:
+                wake_at = min(wake_at, self._next_renew)
+            if self._stopping:  # acknowledging and renewing only, until cancelled
+                wake_at = self._next_renew if self._inflight else trio.current_time() + 3600
+            with trio.move_on_at(wake_at):
                 await self._work.wait()
 
     def _after_claim(self, claimed: int, notified: bool) -> None:
         """
         Woken for a message and found none: look again soon (2 ms, doubling up to the poll).
 
-        A claim sees a message only once every transaction older than it has ended, and any
-        writing transaction in the cluster counts: one still open when the wake-up came would
-        otherwise cost a whole poll interval.
+        A wake-up comes after its transaction committed, so a claim normally sees its messages
+        at once; this covers the rest (a wake-up a claim already answered, one sent by anyone
+        who can connect) at a bounded cost: the doubling stops at the poll interval, however
+        many fruitless wake-ups come in a row.
         """
         if claimed or not notified:
             self._rechecks = 0
             return
-        self._rechecks += 1
+        self._rechecks = min(self._rechecks + 1, MAX_RECHECK_DOUBLINGS + 1)
         delay = min(POLL_EVERY, RECHECK_FIRST * 2 ** (self._rechecks - 1))
         self._recheck_at = trio.current_time() + delay
 
@@ -303,7 +329,14 @@ class DurableConsumer:
         free = self.prefetch - self.channel.statistics().buffered
         return max(0, min(free, MAX_CLAIM))
 
-    async def _claim(self, limit: int) -> int:
+    async def _claim(self, limit: int, *, renew: bool = False) -> int:
+        """
+        One round trip: acknowledge, renew what this member holds (when *renew*, or when none
+        is held yet), claim up to *limit*; the number of messages claimed.
+
+        Due retries and expired leases are looked for once a second, and again at once while
+        a claim of them fills *limit* (a dead member's claims all come back together).
+        """
         assert self._connection is not None
         acks = self._acks
         self._acks = []
@@ -313,6 +346,8 @@ class DurableConsumer:
         reclaim = limit > 0 and now >= self._next_reclaim
         if reclaim:
             self._next_reclaim = now + POLL_EVERY
+        held = list(self._inflight) if renew else []
+        renews = renew or not self._inflight
         try:
             with trio.fail_after(STATEMENT_TIMEOUT):
                 rows = await self._connection.fetch(
@@ -322,8 +357,10 @@ class DurableConsumer:
                     self.member,
                     limit,
                     self.lease,
+                    self.max_attempts,
                     ids,
                     attempts,
+                    held,
                     reclaim,
                 )
         except trio.TooSlowError:
@@ -337,23 +374,40 @@ class DurableConsumer:
         except BaseException:
             self._acks[:0] = acks  # not confirmed: sent again with the next cycle
             raise
+        if renews:  # what this claim takes, or what it renewed, has a whole lease from now
+            self._next_renew = now + self.lease * RENEW_FRACTION
         self.acked += len(acks)
-        self._deliver(rows)
-        return len(rows)
+        claimed = self._deliver(rows)
+        if reclaim and sum(1 for row in rows if row[3]) >= limit:
+            self._next_reclaim = now  # maybe more are due: look again in the next claim
+        return claimed
 
-    def _deliver(self, rows: list[Any]) -> None:
+    def _deliver(self, rows: list[Any]) -> int:
+        """Put claimed rows in the channel; forget the leases lost (attempt 0); how many claimed."""
         decode = self._decode
         channel = self.pg_channel
         inflight = self._inflight
         send_nowait = self.channel.send_nowait
-        for message_id, attempt, payload in rows:
+        claimed = 0
+        lost = 0
+        for message_id, attempt, payload, _reclaimed in rows:
+            if attempt == 0:  # held, but another member has it now (this one was frozen)
+                if inflight.pop(message_id, None) is not None:
+                    lost += 1
+                continue
+            claimed += 1
+            if message_id in inflight:
+                # Already here (never claimed twice by a live member, but a copy is never
+                # delivered twice by this one either): its acknowledgement covers this attempt.
+                inflight[message_id] = attempt
+                continue
             try:
                 value = decode(channel, payload)
             except CodecError as exc:
-                # Never handled: straight to the dead letters, where it can be looked at.
+                # Never handled: straight to the dead letters, where it can be looked at. Not
+                # held: the failure is written with the next cycle.
                 self.rejected += 1
                 log.error("durable message %d: %s; moved to the dead letters", message_id, exc)
-                inflight[message_id] = attempt
                 self._fails.append((message_id, attempt, str(exc)))
                 self._fails_dead.add(message_id)
                 continue
@@ -367,6 +421,16 @@ class DurableConsumer:
                 send_nowait(message)  # room was counted before claiming...
             except trio.WouldBlock:
                 self._overflow.append(message)  # ...unless someone else sent to the channel
+        if lost:
+            self.leases_lost += lost
+            log.warning(
+                "durable %r, group %r: %d lease(s) expired before they could be renewed (was "
+                "this process stopped?); another member has those messages now",
+                self.pg_channel,
+                self.group,
+                lost,
+            )
+        return claimed
 
     async def _write_failures(self) -> None:
         assert self._connection is not None

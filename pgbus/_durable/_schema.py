@@ -1,24 +1,55 @@
 """
 pgbus's own schema ``pgbus``: versioned migrations, applied once, under an advisory lock.
 
-Tables (version 1; version 2 replaced the claim function; `_V_CLUSTER` added the cluster's
-registry ``pgbus.cluster_nodes``):
+Tables (version 1; version 2 replaced the claim function; version 3 added the tick columns and
+``pgbus.claim_v3``; version 4 made the cluster's registry ``pgbus.cluster_nodes`` part of the
+schema):
 
 - ``pgbus.messages``: one row per durable message: ``id``, ``xid`` (the publishing transaction,
   ``pg_current_xact_id()``), ``channel``, ``payload``, ``created_at``.
-- ``pgbus.groups``: per (channel, group) the position up to which the group has claimed, as the
-  pair ``(xid, id)``, and when a member was last seen.
+- ``pgbus.groups``: per (channel, group) how far the group has claimed (below), and when a
+  member was last seen.
 - ``pgbus.deliveries``: one row per message a group has claimed and not yet acknowledged: its
   member, attempts, and ``available_at`` (the lease's end, a retry's time, or ``infinity`` for
   a dead letter).
-- ``pgbus.claim(...)``: acknowledges a batch, then claims due retries (when asked) and new
-  messages.
+- ``pgbus.claim_v3(...)``: acknowledges a batch, renews the leases its member holds, claims due
+  retries and expired leases (when asked), then new messages. ``pgbus.claim(...)`` (version 2's
+  signature) is kept as a wrapper for members of the previous release.
 
-Why positions are ``(xid, id)`` and not ids alone: ids are drawn when a row is inserted, but
-transactions commit in another order; a reader moving past id 101 while id 100's transaction is
-still open would skip 100 forever. A claim takes only messages whose transaction is older than
-every transaction still running (``xid < pg_snapshot_xmin(pg_current_snapshot())``): that set
-never grows behind the position, so nothing is skipped.
+Snapshot ticks (version 3, after PgQ). Ids are drawn when a row is inserted, but transactions
+commit in another order: a reader moving past id 101 while id 100's transaction is still open
+would skip 100 forever. Versions 1 and 2 therefore took only messages older than every running
+transaction (``xid < pg_snapshot_xmin(pg_current_snapshot())``), so any writing transaction held
+open anywhere on the server (xids are cluster-wide: another database counts) stalled every
+durable channel for its whole length (8 s open, 8.05 s delivery).
+
+Now a group's position is a **tick**: a snapshot, ``pg_current_snapshot()``, taken by a claim.
+``tick_from`` is the tick up to which the group has claimed everything (all messages whose
+transaction is visible in it); a claim takes the next tick, ``tick_to``, and the **batch** is
+the messages visible in ``tick_to`` and not in ``tick_from``
+(``pg_visible_in_snapshot(xid, tick_to) AND NOT pg_visible_in_snapshot(xid, tick_from)``).
+Snapshots only ever see more, so successive batches partition every committed message: nothing
+is skipped, nothing comes twice, and nobody waits for a transaction that has not committed: its
+messages are simply not in the batch, and they are in the first batch whose tick sees its
+commit. A batch is read in two index-bound parts, never a scan of what earlier batches took:
+
+1. transactions listed as running in ``tick_from`` (``pg_snapshot_xip``) that ``tick_to`` sees
+   committed: one probe of ``(channel, xid)`` each, in xid order (a long transaction's
+   messages come here, once, in the tick after its commit);
+2. transactions that began since ``tick_from`` (``xid >= xmax(tick_from)``, ``< xmax(tick_to)``)
+   and committed by ``tick_to``: one range scan of ``(channel, xid, id)``.
+
+A batch larger than the claim's limit is taken over several claims: ``(batch_xid, batch_id)``
+marks the last message claimed, and the batch's order is ``(xid, id)``. So one member sees a
+channel's messages in ``(xid, id)`` order within a tick, and tick after tick: a message whose
+transaction commits late arrives in the tick after its commit, after messages with higher ids
+that committed earlier. One publisher committing transactions one after another is seen in its
+publishing order.
+
+Compatibility. ``position_xid`` stays a watermark the previous release understands (every
+message with a lower xid is claimed: ``pg_snapshot_xmin(tick_from)``, ``position_id = 0``), so
+its janitor never deletes an unclaimed message; a group last moved by a version-2 member
+(``tick_from`` NULL) continues from its ``(position_xid, position_id)``.
 """
 
 from __future__ import annotations
@@ -260,12 +291,247 @@ END
 $$;
 """
 
-# The cluster's registry (see pgbus._cluster._membership). Until this migration, nodes created
-# the table with CREATE TABLE IF NOT EXISTS on every join: a database may already have it, so
+# Version 3: delivery by snapshot ticks (no foreign transaction stalls it), leases renewed while
+# held, expired leases on their last attempt and dangling deliveries dead-lettered with a reason.
+# Additive: new columns (NULL until a version-3 claim moves the group) and a new function; the
+# version-2 function keeps its signature and becomes a wrapper, so members still running the
+# previous release share the group's position with upgraded ones.
+_V3 = r"""
+ALTER TABLE pgbus.groups
+    ADD COLUMN tick_from pg_snapshot,
+    ADD COLUMN tick_to pg_snapshot,
+    ADD COLUMN batch_xid xid8,
+    ADD COLUMN batch_id bigint;
+
+-- One round trip per consumer cycle:
+--   1. acknowledge p_ack_ids (with their attempts);
+--   2. renew the lease of p_held (what this member holds: waiting in its channel or in
+--      handle); each id it no longer holds comes back as a row (id, 0, NULL, false);
+--   3. when p_reclaim: due retries and expired leases of other members, oldest first
+--      (reclaimed = true); an expired lease on its last attempt and a delivery whose message
+--      is gone become dead letters with a reason instead;
+--   4. new messages, tick by tick: a batch is what is visible in the snapshot tick_to and
+--      not in tick_from, in (xid, id) order; (batch_xid, batch_id) is the last one claimed.
+-- p_held NULL (the version-2 wrapper): no renewal, and a member may reclaim its own expired
+-- leases, as version 2 did.
+CREATE FUNCTION pgbus.claim_v3(
+    p_channel text, p_group text, p_member text, p_limit integer, p_lease double precision,
+    p_max_attempts integer, p_ack_ids bigint[], p_ack_attempts integer[], p_held bigint[],
+    p_reclaim boolean
+) RETURNS TABLE (id bigint, attempt integer, payload text, reclaimed boolean)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET enable_sort = off
+AS $$
+DECLARE
+    v_from pg_snapshot;
+    v_to pg_snapshot;
+    v_bxid xid8;
+    v_bid bigint;
+    v_pxid xid8;
+    v_pid bigint;
+    v_seen timestamptz;
+    v_taken integer := 0;
+    v_left integer;
+    v_fresh boolean := false;
+    v_done xid8[];
+    v_xid xid8;
+    v_ids bigint[] := '{}';
+    v_payloads text[] := '{}';
+    v_i bigint[];
+    v_x xid8[];
+    v_p text[];
+BEGIN
+    IF cardinality(p_ack_ids) > 0 THEN
+        DELETE FROM pgbus.deliveries d
+         USING unnest(p_ack_ids, p_ack_attempts) AS a(id, attempt)
+         WHERE d.message_id = a.id AND d.group_name = p_group
+           AND d.attempts = a.attempt AND d.member = p_member;
+    END IF;
+
+    IF cardinality(p_held) > 0 THEN
+        RETURN QUERY
+        WITH renewed AS (
+            UPDATE pgbus.deliveries d
+               SET available_at = now() + make_interval(secs => p_lease)
+             WHERE d.message_id = ANY(p_held) AND d.group_name = p_group
+               AND d.member = p_member AND d.available_at < 'infinity'
+            RETURNING d.message_id
+        )
+        SELECT h.id, 0, NULL::text, false FROM unnest(p_held) AS h(id)
+         WHERE NOT EXISTS (SELECT FROM renewed r WHERE r.message_id = h.id);
+    END IF;
+    IF p_limit <= 0 THEN
+        RETURN;
+    END IF;
+
+    IF p_reclaim THEN
+        RETURN QUERY
+        WITH due AS (
+            SELECT d.message_id FROM pgbus.deliveries d
+             WHERE d.channel = p_channel AND d.group_name = p_group AND d.available_at <= now()
+               AND (p_held IS NULL OR d.member IS DISTINCT FROM p_member)
+             ORDER BY d.channel, d.group_name, d.available_at
+             LIMIT p_limit
+               FOR UPDATE SKIP LOCKED
+        ), taken AS (
+            UPDATE pgbus.deliveries d
+               SET member = CASE WHEN m.id IS NOT NULL AND d.attempts < p_max_attempts
+                                 THEN p_member END,
+                   attempts = CASE WHEN m.id IS NOT NULL AND d.attempts < p_max_attempts
+                                   THEN d.attempts + 1 ELSE d.attempts END,
+                   available_at = CASE WHEN m.id IS NOT NULL AND d.attempts < p_max_attempts
+                                       THEN now() + make_interval(secs => p_lease)
+                                       ELSE 'infinity' END,
+                   last_error = CASE
+                       WHEN m.id IS NULL THEN 'its message was deleted while a delivery was due'
+                       WHEN d.attempts >= p_max_attempts THEN format(
+                           'the lease of attempt %s expired (member %s); max_attempts is %s',
+                           d.attempts, coalesce(d.member, '?'), p_max_attempts)
+                       ELSE d.last_error END
+              FROM due LEFT JOIN pgbus.messages m ON m.id = due.message_id
+             WHERE d.message_id = due.message_id AND d.group_name = p_group
+            RETURNING d.message_id, d.attempts, m.payload, d.member
+        )
+        SELECT t.message_id, t.attempts, t.payload, true FROM taken t WHERE t.member = p_member;
+        GET DIAGNOSTICS v_taken = ROW_COUNT;
+        IF v_taken >= p_limit THEN
+            RETURN;
+        END IF;
+    END IF;
+
+    -- Members of a group take turns here: the lock is held until this transaction commits.
+    SELECT g.tick_from, g.tick_to, g.batch_xid, g.batch_id, g.position_xid, g.position_id,
+           g.seen_at
+      INTO v_from, v_to, v_bxid, v_bid, v_pxid, v_pid, v_seen
+      FROM pgbus.groups g
+     WHERE g.channel = p_channel AND g.group_name = p_group
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgbus: group % of channel % is not registered', p_group, p_channel
+              USING ERRCODE = 'P0002';
+    END IF;
+    IF v_from IS NULL THEN
+        -- Last moved by a version-2 member: everything up to (position_xid, position_id)
+        -- is claimed, which is a tick seeing xids below position_xid plus a batch marker.
+        v_from := format('%s:%s:', greatest(v_pxid, '1'::xid8), greatest(v_pxid, '1'::xid8))
+                  ::pg_snapshot;
+        v_to := NULL;
+        v_bxid := v_pxid;
+        v_bid := v_pid;
+    END IF;
+    v_bxid := coalesce(v_bxid, '0'::xid8);
+    v_bid := coalesce(v_bid, 0);
+    v_left := p_limit - v_taken;
+
+    LOOP
+        IF v_to IS NULL THEN  -- the next tick
+            v_to := pg_current_snapshot();
+            v_fresh := true;
+            IF v_to::text = v_from::text THEN
+                v_to := NULL;
+                EXIT;
+            END IF;
+        END IF;
+        -- Transactions in progress at tick_from that committed by tick_to, in xid order:
+        -- one index probe each (a long transaction's messages come here, once it commits).
+        SELECT array_agg(x ORDER BY x) INTO v_done
+          FROM pg_snapshot_xip(v_from) AS x
+         WHERE x >= v_bxid AND pg_visible_in_snapshot(x, v_to);
+        IF v_done IS NOT NULL THEN
+            FOREACH v_xid IN ARRAY v_done LOOP
+                SELECT array_agg(b.id), array_agg(b.xid), array_agg(b.payload)
+                  INTO v_i, v_x, v_p
+                  FROM (SELECT m.id, m.xid, m.payload
+                          FROM pgbus.messages m
+                         WHERE m.channel = p_channel AND m.xid = v_xid
+                           AND (m.xid, m.id) > (v_bxid, v_bid)
+                         ORDER BY m.channel, m.xid, m.id
+                         LIMIT v_left) b;
+                IF v_i IS NOT NULL THEN
+                    v_ids := v_ids || v_i;
+                    v_payloads := v_payloads || v_p;
+                    v_left := v_left - cardinality(v_i);
+                    v_bxid := v_x[cardinality(v_x)];
+                    v_bid := v_i[cardinality(v_i)];
+                    EXIT WHEN v_left <= 0;
+                END IF;
+            END LOOP;
+        END IF;
+        -- Transactions that began since tick_from and committed by tick_to: one range scan.
+        IF v_left > 0 THEN
+            SELECT array_agg(b.id), array_agg(b.xid), array_agg(b.payload) INTO v_i, v_x, v_p
+              FROM (SELECT m.id, m.xid, m.payload
+                      FROM pgbus.messages m
+                     WHERE m.channel = p_channel
+                       AND m.xid >= pg_snapshot_xmax(v_from)
+                       AND m.xid < pg_snapshot_xmax(v_to)
+                       AND (m.xid, m.id) > (v_bxid, v_bid)
+                       AND pg_visible_in_snapshot(m.xid, v_to)
+                     ORDER BY m.channel, m.xid, m.id
+                     LIMIT v_left) b;
+            IF v_i IS NOT NULL THEN
+                v_ids := v_ids || v_i;
+                v_payloads := v_payloads || v_p;
+                v_left := v_left - cardinality(v_i);
+                v_bxid := v_x[cardinality(v_x)];
+                v_bid := v_i[cardinality(v_i)];
+            END IF;
+        END IF;
+        EXIT WHEN v_left <= 0;  -- the batch may hold more: the next claim goes on with it
+        v_from := v_to;  -- the batch is done
+        v_to := NULL;
+        v_bxid := '0'::xid8;
+        v_bid := 0;
+        EXIT WHEN v_fresh;
+    END LOOP;
+
+    -- Nothing claimed: nothing written (the ticks this claim moved past are taken again, at
+    -- the cost of a few index probes, by the next claim). While a long transaction holds the
+    -- vacuum horizon back, every write of the group's row leaves a version nobody can remove.
+    IF cardinality(v_ids) = 0 THEN
+        IF v_seen < now() - interval '60 seconds' THEN
+            UPDATE pgbus.groups SET seen_at = now()
+             WHERE channel = p_channel AND group_name = p_group;
+        END IF;
+        RETURN;
+    END IF;
+    INSERT INTO pgbus.deliveries (message_id, group_name, channel, member, attempts,
+                                  available_at)
+    SELECT u.id, p_group, p_channel, p_member, 1, now() + make_interval(secs => p_lease)
+      FROM unnest(v_ids) AS u(id);
+    -- (position_xid, 0) stays a safe watermark for readers of version 2: every message with
+    -- an older xid is visible in tick_from, so claimed.
+    UPDATE pgbus.groups
+       SET tick_from = v_from, tick_to = v_to, batch_xid = v_bxid, batch_id = v_bid,
+           position_xid = pg_snapshot_xmin(v_from), position_id = 0, seen_at = now()
+     WHERE channel = p_channel AND group_name = p_group;
+    RETURN QUERY
+    SELECT u.id, 1, u.payload, false FROM unnest(v_ids, v_payloads) AS u(id, payload);
+END
+$$;
+
+-- The version-2 signature, for members still running the previous release during a rolling
+-- upgrade: the same group position as version 3, without renewals.
+CREATE OR REPLACE FUNCTION pgbus.claim(
+    p_channel text, p_group text, p_member text, p_limit integer, p_lease double precision,
+    p_ack_ids bigint[], p_ack_attempts integer[], p_reclaim boolean
+) RETURNS TABLE (id bigint, attempt integer, payload text)
+LANGUAGE sql
+AS $$
+    SELECT c.id, c.attempt, c.payload
+      FROM pgbus.claim_v3(p_channel, p_group, p_member, p_limit, p_lease, 2147483647,
+                          p_ack_ids, p_ack_attempts, NULL, p_reclaim) AS c
+$$;
+"""
+
+# Version 4: the cluster's registry (see pgbus._cluster._membership). Until this migration,
+# nodes created the table with CREATE TABLE IF NOT EXISTS on every join: a database may have it, so
 # this is idempotent, and it only adds (a released node keeps reading and writing its columns).
 # sender_pids: the backends a node sends requests and replies from; receivers accept replies
 # only from those.
-_V_CLUSTER = r"""
+_V4 = r"""
 CREATE TABLE IF NOT EXISTS pgbus.cluster_nodes (
     pid integer PRIMARY KEY,
     name text NOT NULL,
@@ -281,14 +547,46 @@ ALTER TABLE pgbus.cluster_nodes
     ADD COLUMN IF NOT EXISTS sender_pids integer[] NOT NULL DEFAULT '{}';
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V_CLUSTER)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 """Migration *n* (1-based) brings the schema from version n-1 to n; never edit a released one."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+MIGRATE_LOCK_TIMEOUT = 30.0
+"""How long `migrate` waits for another session's migration lock before saying who holds it."""
+
+
 class SchemaError(PgbusError):
     """pgbus's schema cannot be created or is newer than this pgbus."""
+
+
+# A bigint advisory lock shows in pg_locks as classid (high half), objid (low half), objsubid 1.
+_LOCK_HOLDERS = """
+SELECT a.pid, a.usename, a.application_name, a.state
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.classid = (($1::bigint >> 32) & 4294967295)::oid
+   AND l.objid = ($1::bigint & 4294967295)::oid
+   AND a.pid <> pg_backend_pid()
+ ORDER BY a.pid
+"""
+
+
+async def lock_holders(connection: Connection, key: int) -> str:
+    """Who holds the advisory lock *key*, for a message: "pid 12 (role r, application_name 'a',
+    idle in transaction)"; "an unknown session" when the server does not say."""
+    try:
+        rows = await connection.fetch(_LOCK_HOLDERS, key)
+    except PgbusError:
+        rows = []
+    if not rows:
+        return "an unknown session"
+    return ", ".join(
+        f"pid {r[0]} (role {r[1]!r}, application_name {r[2]!r}, {r[3] or 'state unknown'})"
+        for r in rows
+    )
 
 
 async def schema_version(connection: Connection) -> int:
@@ -299,16 +597,20 @@ async def schema_version(connection: Connection) -> int:
     return int(await connection.fetchval("SELECT coalesce(max(version), 0) FROM pgbus.migrations"))
 
 
-async def migrate(connection: Connection, where: str) -> tuple[int, int]:
+async def migrate(
+    connection: Connection, where: str, *, lock_timeout: float = MIGRATE_LOCK_TIMEOUT
+) -> tuple[int, int]:
     """
     Bring the schema to `SCHEMA_VERSION`; returns (version before, version after).
 
     Safe when many processes do it at once: they queue on one advisory lock, and each applies
     only what is still missing once it holds it. Each migration commits with its version row.
+    The wait for that lock is bounded by *lock_timeout* seconds.
 
     Raises:
-        SchemaError: the role may not create the schema (one line, with what to do), or the
-            schema is newer than this pgbus.
+        SchemaError: the role may not create the schema (one line, with what to do), the
+            migration lock stayed held for *lock_timeout* (naming the holder), or the schema
+            is newer than this pgbus.
     """
     version = await schema_version(connection)
     if version == SCHEMA_VERSION:
@@ -316,7 +618,11 @@ async def migrate(connection: Connection, where: str) -> tuple[int, int]:
     before = version
     try:
         async with connection.transaction():
+            await connection.execute(
+                f"SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}"
+            )
             await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await connection.execute("SET LOCAL lock_timeout = 0")
             await connection.execute("CREATE SCHEMA IF NOT EXISTS pgbus")
             await connection.execute(
                 "CREATE TABLE IF NOT EXISTS pgbus.migrations ("
@@ -334,6 +640,12 @@ async def migrate(connection: Connection, where: str) -> tuple[int, int]:
                 log.info("pgbus schema at %s migrated to version %d", where, number)
             version = max(version, SCHEMA_VERSION)
     except DatabaseError as exc:
+        if exc.sqlstate == "55P03":  # lock_not_available: lock_timeout
+            holders = await lock_holders(connection, MIGRATION_LOCK)
+            raise SchemaError(
+                f"waited {lock_timeout:g}s for pgbus's migration lock at {where}; it is held by "
+                f"{holders}: end that session or let it finish, then migrate again."
+            ) from None
         if exc.sqlstate == "42501":  # insufficient_privilege
             role = await _current_role(connection)
             raise SchemaError(

@@ -1,13 +1,20 @@
-"""`DurableSupport`: what a `Bus` holds for durable channels."""
+"""`DurableSupport`: what a `Bus` holds for durable channels, and their metrics source."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 
+from .._metrics import DurableGroupSample, add_durable_source
 from .._pg import Database
 from ._admin import serve_janitor
 from ._consumer import DurableConsumer
+from ._rules import DEFAULT_RETENTION
 from ._schema import ensure_schema
+
+if TYPE_CHECKING:
+    from .._bus import Bus
 
 
 class DurableSupport:
@@ -34,9 +41,32 @@ class DurableSupport:
         return sorted({c.pg_channel for c in self.consumers})
 
     def retention(self, channel: str) -> float:
-        return max(c.retention for c in self.consumers if c.pg_channel == channel)
+        """This process's retention for *channel*; the default for channels it does not consume."""
+        mine = [c.retention for c in self.consumers if c.pg_channel == channel]
+        return max(mine) if mine else DEFAULT_RETENTION
 
     async def serve_janitor(self, *, task_status: trio.TaskStatus[None]) -> None:
-        await serve_janitor(
-            self.db, self.channels, retention=self.retention, task_status=task_status
-        )
+        await serve_janitor(self.db, self.retention, task_status=task_status)
+
+
+async def durable_samples(bus: Bus) -> list[DurableGroupSample]:
+    """Every group of the durable channels *bus* consumes, read at scrape time."""
+    support = bus._durable
+    if support is None or not support.consumers:
+        return []
+    samples = []
+    for channel in support.channels():
+        for status in await bus.durable_groups(channel):
+            samples.append(
+                DurableGroupSample(
+                    status.channel,
+                    status.group,
+                    lag=status.lag,
+                    dead_letters=status.dead_letters,
+                    in_flight=status.in_flight,
+                )
+            )
+    return samples
+
+
+add_durable_source(durable_samples)
