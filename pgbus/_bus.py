@@ -20,7 +20,7 @@ from ._cluster import Cluster, ClusterStatistics, ClusterStatus, read_status
 from ._codec import encode, validate_channel_name
 from ._dsn import check_dsn, check_keepalive, check_pool_mode
 from ._durable._admin import GroupStatus, group_status
-from ._durable._consumer import DurableConsumer
+from ._durable._consumer import POLL_EVERY, DurableConsumer
 from ._durable._publish import DurableOutboundBridge
 from ._durable._publish import ack_in_transaction as durable_ack_in_transaction
 from ._durable._publish import store as durable_store
@@ -457,6 +457,7 @@ class Bus:
         retry_after: float = DEFAULT_RETRY_AFTER,
         lease: float = DEFAULT_LEASE,
         retention: float = DEFAULT_RETENTION,
+        poll: float | None = None,
     ) -> Bridge:
         """
         Deliver notifications sent to the Postgres channel *postgres* into *channel*.
@@ -478,8 +479,19 @@ class Bus:
                     "do not apply to it."
                 )
             return await self._bridge_in_durable(
-                postgres, channel, codec, group, start, max_attempts, retry_after, lease, retention
+                postgres,
+                channel,
+                codec,
+                group,
+                start,
+                max_attempts,
+                retry_after,
+                lease,
+                retention,
+                poll,
             )
+        if poll is not None:
+            raise ConfigError("poll applies only to durable bridges (durable=True).")
         if group is not None:
             raise ConfigError("group applies only to durable bridges (durable=True).")
         route = Route(postgres, self.channel(channel), codec, overflow, ignore_own)
@@ -670,6 +682,7 @@ class Bus:
         retry_after: float,
         lease: float,
         retention: float,
+        poll: float | None = None,
     ) -> Bridge:
         """
         Join consumer *group* of the durable channel *postgres*, delivering into *channel*.
@@ -684,6 +697,11 @@ class Bus:
         ``handle``) has its lease renewed while the process lives; a claim whose lease runs out
         (its process died or froze) goes back to the group after *lease* seconds. A group not
         seen for *retention* seconds is retired.
+        New messages are noticed through a wake-up NOTIFY on the bus's listening connection,
+        with a claim at least every second as a safety net. With *poll* (seconds) the bridge
+        is poll-only, as a bus behind a transaction-pooling proxy needs (`open_bus`'s
+        ``pool_mode="transaction"``, where it polls every second unless *poll* says otherwise):
+        no LISTEN, a claim every *poll* seconds, and at once again while claims come back full.
         Returns once the group is joined.
         """
         if group is None:
@@ -700,6 +718,13 @@ class Bus:
             lease=validate_seconds("lease", lease),
             codec=codec,
             retention=validate_retention(retention),
+            poll=(
+                validate_seconds("poll", poll)
+                if poll is not None
+                else POLL_EVERY
+                if self._database().transaction_pooling
+                else None
+            ),
         )
         for existing, _ in self._durable_in:
             if existing.pg_channel == postgres and existing.channel is consumer.channel:
@@ -710,8 +735,10 @@ class Bus:
                     "other options."
                 )
         await support.ensure_schema()
-        listener = await self._get_listener(f"the durable wake-ups of {postgres!r}")
-        await listener.add_hook(WAKE_CHANNEL, consumer.wake)
+        listener = None
+        if consumer.poll is None:
+            listener = await self._get_listener(f"the durable wake-ups of {postgres!r}")
+            await listener.add_hook(WAKE_CHANNEL, consumer.wake)
         service = _Service(
             f"durable {postgres}/{group}",
             stop_intake=_sync(consumer.finish),
@@ -725,7 +752,8 @@ class Bus:
             await self._nursery.start(support.serve_janitor)
 
         async def close() -> None:
-            listener.remove_hook(WAKE_CHANNEL, consumer.wake)
+            if listener is not None:
+                listener.remove_hook(WAKE_CHANNEL, consumer.wake)
             await self._stop(service, trio.current_time() + self.supervision.stop_timeout)
             self._durable_in.remove((consumer, service))
             support.consumers.remove(consumer)

@@ -134,6 +134,8 @@ class DurableBridgeConfig:
     retry_after: float = DEFAULT_RETRY_AFTER
     lease: float = DEFAULT_LEASE
     retention: float = DEFAULT_RETENTION
+    poll: float | None = None
+    """Seconds between claims, with no LISTEN for wake-ups (poll-only; see `Bus.bridge_in`)."""
 
 
 @attrs.frozen
@@ -301,7 +303,9 @@ def _durable_summary(b: BridgeConfig) -> str:
     return (
         f"bridge #{b.index}: {pg_name} -> {trio_name} (in, {b.codec}, group {d.group!r}, "
         f"start {d.start}, max_attempts {d.max_attempts}, retry_after {d.retry_after:g}s, "
-        f"lease {d.lease:g}s, retention {d.retention:g}s)"
+        f"lease {d.lease:g}s, retention {d.retention:g}s"
+        + ("" if d.poll is None else f", polls every {d.poll:g}s")
+        + ")"
     )
 
 
@@ -589,7 +593,16 @@ def _parse_bridge(
     return BridgeConfig(index, postgres, channel, direction, codec, overflow, ignore_own)
 
 
-_DURABLE_KEYS = ("durable", "group", "start", "max_attempts", "retry_after", "lease", "retention")
+_DURABLE_KEYS = (
+    "durable",
+    "group",
+    "start",
+    "max_attempts",
+    "retry_after",
+    "lease",
+    "retention",
+    "poll",
+)
 
 
 def _parse_durable(
@@ -642,6 +655,7 @@ def _parse_durable(
         retry_after=_durable_seconds(t, "retry_after", d.retry_after),
         lease=_durable_seconds(t, "lease", d.lease),
         retention=retention,
+        poll=_durable_seconds(t, "poll", 0.0) if "poll" in t.data else None,
     )
 
 

@@ -173,6 +173,7 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
                 retry_after=d.retry_after,
                 lease=d.lease,
                 retention=d.retention,
+                poll=d.poll,
             )
         elif bridge.direction == "in":
             await bus.bridge_in(

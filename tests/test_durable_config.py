@@ -50,13 +50,14 @@ def test_check_summarises_durable_bridges(
     """Every durable key shows up in check's summary."""
     monkeypatch.delenv("PGBUS_DSN", raising=False)
     text = CHANNELS + OUT + IN + 'group = "billing"\nstart = "earliest"\nmax_attempts = 3\n'
-    text += "retry_after = 0.5\nlease = 10\n"
+    text += "retry_after = 0.5\nlease = 10\npoll = 0.25\n"
     status, out, err = check(tmp_path, text, capsys)
     assert (status, err) == (0, "")
     assert "bridge #1: channel 'orders_out' -> durable 'orders' (out, text)" in out
     assert (
         "bridge #2: durable 'orders' -> channel 'orders_in' (in, text, group 'billing', "
-        "start earliest, max_attempts 3, retry_after 0.5s, lease 10s, retention 604800s)"
+        "start earliest, max_attempts 3, retry_after 0.5s, lease 10s, retention 604800s, "
+        "polls every 0.25s)"
     ) in out
 
 
@@ -71,6 +72,8 @@ def test_check_summarises_durable_bridges(
         (IN + 'group = "g"\nlease = -1\n', "[[bridge]] #1: lease must be a number of seconds"),
         (IN + 'group = "g"\nretry_after = "soon"\n', "[[bridge]] #1: retry_after must be"),
         (IN + 'group = "g"\nretention = 5\n', "[[bridge]] #1: retention must be at least 300"),
+        (IN + 'group = "g"\npoll = 0\n', "[[bridge]] #1: poll must be a number of seconds"),
+        (OUT + "poll = 1\n", '[[bridge]] #1: poll applies only to durable "in" bridges'),
         (IN + 'group = "g"\noverflow = "drop_oldest"\n', "[[bridge]] #1: overflow does not apply"),
         (IN + 'group = "g"\ndurable = 1\n', ""),  # duplicate key: invalid TOML
         (

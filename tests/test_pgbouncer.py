@@ -77,6 +77,38 @@ async def test_transaction_mode_publishes_and_runs_transactions(pg: PgHelper) ->
         assert stored == 800
 
 
+async def test_transaction_mode_consumes_durable_channels_by_polling(pg: PgHelper) -> None:
+    """Two poll-only members behind transaction pooling share a group: every message, once."""
+    with run_pgbouncer(pg.dsn, "transaction") as dsn:
+        async with (
+            pgbus.open_bus(dsn, pool_mode="transaction") as one,
+            pgbus.open_bus(dsn, pool_mode="transaction") as two,
+        ):
+            seen: list[str] = []
+            for bus in (one, two):
+                bus.add_channel("in", capacity=20)
+                await bus.bridge_in("pgb_tx_poll", "in", durable=True, group="g", poll=0.05)
+            async with bus.transaction() as tx:
+                for n in range(300):
+                    await tx.publish("pgb_tx_poll", str(n), durable=True)
+
+            async def consume(bus: pgbus.Bus) -> None:
+                while True:
+                    message = await bus.channel("in").receive()
+                    seen.append(message.payload)
+                    bus.ack(message)
+
+            with trio.fail_after(WAIT):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(consume, one)
+                    nursery.start_soon(consume, two)
+                    while len(seen) < 300:  # noqa: ASYNC110 (counted by the consumers above)
+                        await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+            assert await one.listening_channels() == set()
+        assert sorted(map(int, seen)) == list(range(300))
+
+
 async def test_transaction_mode_refuses_what_needs_a_session_in_one_line(pg: PgHelper) -> None:
     """A LISTEN bridge and the cluster are refused at once, naming what to do instead."""
     with run_pgbouncer(pg.dsn, "transaction") as dsn:

@@ -122,8 +122,13 @@ class DurableConsumer:
         lease: float,
         codec: str,
         retention: float,
+        poll: float | None = None,
     ) -> None:
         self._db = db
+        self.poll = poll
+        """Poll-only (no wake-ups): claim at least every *poll* seconds. None: wake-ups, and a
+        claim at least every `POLL_EVERY` seconds as the safety net."""
+        self.poll_every = POLL_EVERY if poll is None else poll
         self.channel = channel
         self.pg_channel = validate_channel_name(pg_channel)
         self.prefetch = min(validate_prefetch(channel.name, channel.capacity), MAX_CLAIM)
@@ -161,7 +166,15 @@ class DurableConsumer:
         self.leases_lost = 0
 
     def settings(self) -> tuple[object, ...]:
-        return (self.group, self.start, self.max_attempts, self.retry_after, self.lease, self.codec)
+        return (
+            self.group,
+            self.start,
+            self.max_attempts,
+            self.retry_after,
+            self.lease,
+            self.codec,
+            self.poll,
+        )
 
     # -- called by consumers (synchronous, cheap: no round trip) -------------------------------
 
@@ -255,7 +268,8 @@ class DurableConsumer:
         self._connection = connection
         # Claims and acknowledgements are safe to lose in a crash (the message comes again):
         # they need not wait for the WAL flush. Publishing does.
-        await connection.execute("SET synchronous_commit = off")
+        if not self._db.transaction_pooling:  # a pooled session's settings are not ours
+            await connection.execute("SET synchronous_commit = off")
         await connection.execute(_JOIN, self.pg_channel, self.group, self.start)
         self._maybe_more = True
 
@@ -288,7 +302,7 @@ class DurableConsumer:
                 notified, self._notified = self._notified, False
                 claimed = await self._claim(room if want_claim else 0, renew=want_renew)
                 if want_claim:
-                    next_poll = trio.current_time() + POLL_EVERY
+                    next_poll = trio.current_time() + self.poll_every
                     self._maybe_more = claimed >= room
                     self._after_claim(claimed, notified)
                 # Let the consumers run before the next cycle, so its batch is larger.
@@ -322,7 +336,7 @@ class DurableConsumer:
             self._rechecks = 0
             return
         self._rechecks = min(self._rechecks + 1, MAX_RECHECK_DOUBLINGS + 1)
-        delay = min(POLL_EVERY, RECHECK_FIRST * 2 ** (self._rechecks - 1))
+        delay = min(self.poll_every, RECHECK_FIRST * 2 ** (self._rechecks - 1))
         self._recheck_at = trio.current_time() + delay
 
     def _room(self) -> int:
@@ -345,7 +359,7 @@ class DurableConsumer:
         now = trio.current_time()
         reclaim = limit > 0 and now >= self._next_reclaim
         if reclaim:
-            self._next_reclaim = now + POLL_EVERY
+            self._next_reclaim = now + self.poll_every
         held = list(self._inflight) if renew else []
         renews = renew or not self._inflight
         try:
