@@ -71,6 +71,8 @@ log = logging.getLogger("pgbus")
 SEND_CHECKPOINT_EVERY = 64
 # While shutting down, how often to look whether every queued message has been handled.
 DRAIN_POLL = 0.005
+HURRIED_GRACE = 1.0
+"""Seconds a hurried shutdown (`Bus.hurry`) still gives on_stop, publishing and giving back."""
 _DEFAULT = Supervision()
 
 
@@ -168,6 +170,9 @@ class Bus:
         self._publishers: dict[str, OutboundBridge] = {}  # channels whose bridge takes offers
         self._durable_max_payload = durable_max_payload
         self._durable: DurableSupport | None = None
+        self.hurried = False
+        """True once `hurry` was called: shutdown no longer waits for inboxes to empty."""
+        self._drain_scope: trio.CancelScope | None = None
         self._durable_in: list[tuple[DurableConsumer, _Service]] = []
         self._node_name = node
         self._cluster: Cluster | None = None
@@ -615,6 +620,17 @@ class Bus:
             cluster=self._cluster.statistics() if self._cluster is not None else None,
         )
 
+    def hurry(self) -> None:
+        """
+        Cut a shutdown short (``pgbus run``'s second Ctrl-C): stop waiting for the actors to
+        empty their inboxes; the rest (actors' ``on_stop``, publishing what outbound channels
+        hold, giving back durable claims) gets `HURRIED_GRACE` seconds. What was left is
+        counted and logged as on any shutdown.
+        """
+        self.hurried = True
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
+
     def _quiet(self) -> bool:
         """Nothing left to do: no backlog inbound, every actor idle, every outbound sent."""
         if self._listener is not None and not self._listener.drained:
@@ -645,10 +661,13 @@ class Bus:
                     await service.stop_intake()
         if drain:
             await self._supervisor.stop_producers()
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(deadline) as self._drain_scope:
                 # Polling: a memory channel has no "became empty" event to wait for.
-                while not self._quiet():  # noqa: ASYNC110
+                while not self.hurried and not self._quiet():  # noqa: ASYNC110
                     await trio.sleep(DRAIN_POLL)
+            self._drain_scope = None
+        if self.hurried:
+            deadline = min(deadline, trio.current_time() + HURRIED_GRACE)
         left: list[str] = []
         for service in [s for s in reversed(self._services) if s.inbound]:
             left += await self._stop(service, deadline)

@@ -54,29 +54,48 @@ async def run_config(
     with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as nursery:
             stop = trio.CancelScope()
-            nursery.start_soon(_stop_on_signal, signals, stop, config.supervisor.stop_timeout)
+            opened: list[Bus] = []  # the bus, once open: a second signal hurries its shutdown
+            nursery.start_soon(
+                _stop_on_signal, signals, stop, config.supervisor.stop_timeout, opened
+            )
             if _signals.early:  # one came before these handlers were in place
                 log.info("%s received: stopping", signal.Signals(_signals.early[0]).name)
                 stop.cancel()
             with stop:
-                await _run_bus(config, stats_every=stats_every, report=report)
+                await _run_bus(config, stats_every=stats_every, report=report, opened=opened)
             nursery.cancel_scope.cancel()
 
 
 async def _stop_on_signal(
-    signals: AsyncIterator[int], stop: trio.CancelScope, stop_timeout: float
+    signals: AsyncIterator[int], stop: trio.CancelScope, stop_timeout: float, opened: list[Bus]
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if not stop.cancel_called:
-            log.info("%s received: stopping (actors get up to %gs for on_stop)", name, stop_timeout)
+            log.info(
+                "%s received: stopping (actors get up to %gs to empty their inboxes; "
+                "a second signal stops without waiting)",
+                name,
+                stop_timeout,
+            )
             stop.cancel()
+        elif opened and not opened[0].hurried:
+            log.warning(
+                "%s received again: stopping now, without waiting for actors to empty their "
+                "inboxes (what they hold is counted)",
+                name,
+            )
+            opened[0].hurry()
         else:
             log.warning("%s received: already stopping, please wait", name)
 
 
 async def _run_bus(
-    config: BusConfig, *, stats_every: float | None, report: Callable[[str], None]
+    config: BusConfig,
+    *,
+    stats_every: float | None,
+    report: Callable[[str], None],
+    opened: list[Bus] | None = None,
 ) -> None:
     metrics = None
     if config.metrics is not None:
@@ -85,7 +104,9 @@ async def _run_bus(
         )
         metrics.bind()  # before anything starts: a taken port is one line and exit 2, at once
     try:
-        await _run_bus_serving(config, metrics, stats_every=stats_every, report=report)
+        await _run_bus_serving(
+            config, metrics, stats_every=stats_every, report=report, opened=opened
+        )
     finally:
         if metrics is not None:
             metrics.close()
@@ -97,6 +118,7 @@ async def _run_bus_serving(
     *,
     stats_every: float | None,
     report: Callable[[str], None],
+    opened: list[Bus] | None = None,
 ) -> None:
     pg = config.postgres
     embedded = pg.dsn is None and config.needs_database
@@ -116,6 +138,8 @@ async def _run_bus_serving(
         ) as bus,
         trio.open_nursery() as services,
     ):
+        if opened is not None:
+            opened.append(bus)
         if metrics is not None:
             # Served from the start: /healthz says 503 "starting" while bridges wait for a server.
             url = await services.start(metrics.serve, bus)

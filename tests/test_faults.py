@@ -437,6 +437,26 @@ async def test_sigterm_past_stop_timeout_says_what_was_left(
     await pg.wait_for_no_backends()
 
 
+async def test_a_second_signal_cuts_a_slow_shutdown_short(
+    pg: PgHelper, pg_dsn: str, tmp_path: Path
+) -> None:
+    """stop_timeout 60 s and a slow actor: the second Ctrl-C stops now, counting what was left."""
+    name = unique()
+    config = bus_config(tmp_path, pg_dsn, name, delay=0.05, stop_timeout=60)
+    env = pgbus_env(PYTHONPATH=str(ROOT / "tests"))
+    async with running("run", config, env=env) as bus:
+        await bus.expect("stderr", "running;")
+        await pg.execute("SELECT pg_notify($1, i::text) FROM generate_series(1, 500) AS i", name)
+        await bus.expect("stdout", "3")
+        bus.process.send_signal(signal.SIGINT)
+        await bus.expect("stderr", "SIGINT received: stopping")
+        assert await bus.stop(signal.SIGINT, timeout=10) == 0  # well before the 60 s
+    line = await bus.expect("stderr", "messages left")
+    assert re.search(r"messages left: \d+ unhandled in 'in' \(actor 'slow'\)", line), line
+    assert "received again: stopping now" in bus.output()
+    await pg.wait_for_no_backends()
+
+
 def _fault_runs() -> int:
     return int(os.environ.get("PGBUS_FAULT_RUNS", "24"))
 
