@@ -85,6 +85,8 @@ class BusStatistics:
     bridges: tuple[BridgeStatistics, ...]
     cluster: ClusterStatistics | None = None
     """This bus as a node of the cluster, once it has joined."""
+    connected: bool = True
+    """`Bus.connected` when the snapshot was taken."""
 
 
 class _Service:
@@ -170,6 +172,8 @@ class Bus:
         self._publishers: dict[str, OutboundBridge] = {}  # channels whose bridge takes offers
         self._durable_max_payload = durable_max_payload
         self._durable: DurableSupport | None = None
+        self._starting = 0
+        """Services being started (each waits for its connection first)."""
         self.hurried = False
         """True once `hurry` was called: shutdown no longer waits for inboxes to empty."""
         self._drain_scope: trio.CancelScope | None = None
@@ -436,8 +440,22 @@ class Bus:
 
     async def _start(self, service: _Service, serve: Any) -> None:
         """Start *service* (running *serve*) and list it; returns once it has started."""
-        await self._nursery.start(service.run, serve)
+        self._starting += 1  # a service starts once connected: until then, `connected` is False
+        try:
+            await self._nursery.start(service.run, serve)
+        finally:
+            self._starting -= 1
         self._services.append(service)
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether every connection the bus needs is up: False while a bridge, the listening
+        connection, a durable consumer or the cluster waits for the server (the bridges'
+        `statistics` say which), True otherwise, a bus with no connection to make included.
+        A library user's view of what ``pgbus run`` logs while retrying.
+        """
+        return self.statistics().connected
 
     async def _stop(self, service: _Service, deadline: float) -> list[str]:
         """Finish (by *deadline*) and stop *service*, and unlist it; what it left."""
@@ -618,6 +636,9 @@ class Bus:
             actors=tuple(self._supervisor.statistics()),
             bridges=tuple(bridges),
             cluster=self._cluster.statistics() if self._cluster is not None else None,
+            connected=not self._starting
+            and (self._listener is None or self._listener.connected)
+            and all(bridge.connected for bridge in bridges),
         )
 
     def hurry(self) -> None:

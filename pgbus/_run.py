@@ -263,4 +263,5 @@ def format_statistics(stats: BusStatistics) -> str:
         if c.buffered:
             capacity = "inf" if c.capacity == float("inf") else f"{c.capacity:g}"
             parts.append(f"channel {c.name!r} holds {c.buffered}/{capacity}")
-    return "stats: " + ("; ".join(parts) if parts else "nothing running")
+    state = "" if stats.connected else "not connected to PostgreSQL (retrying); "
+    return "stats: " + state + ("; ".join(parts) if parts else "nothing running")

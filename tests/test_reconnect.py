@@ -7,6 +7,7 @@ import math
 import uuid
 
 import trio
+import trio.testing
 
 import pgbus
 
@@ -103,3 +104,23 @@ async def test_repeated_kills_never_lose_a_listen(pg, pg_dsn) -> None:
                 for _ in names:  # one Gap per route, after which LISTEN is active again
                     assert type(await bus.channel("in").receive()) is pgbus.Gap
         assert await bus.listening_channels() == names
+
+
+async def test_bus_connected_says_whether_the_server_is_reached(pg_dsn: str) -> None:
+    """A library user sees the bus waiting for a server: connected is False, then True."""
+    from test_cli import closed_port
+
+    down = f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere"
+    async with pgbus.open_bus(down, keepalive=1.0) as bus:
+        bus.add_channel("a", 1)
+        assert bus.connected  # nothing to connect yet
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bus.bridge_in, "nobody_listens", "a")
+            await trio.testing.wait_all_tasks_blocked(0.2)
+            assert not bus.connected
+            assert not bus.statistics().connected
+            nursery.cancel_scope.cancel()
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("a", 1)
+        await bus.bridge_in("connected_check", "a")
+        assert bus.connected
