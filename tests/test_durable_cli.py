@@ -132,3 +132,16 @@ async def test_status_shows_each_durable_group(pg: PgHelper) -> None:
     groups = json.loads(as_json.stdout)["durable"]
     [group] = [g for g in groups if g["channel"] == channel]
     assert (group["group"], group["lag"], group["dead_letters"]) == ("g", 0, 1)
+
+
+async def test_dead_letters_of_a_group_that_does_not_exist_is_one_line(pg: PgHelper) -> None:
+    """list/retry/purge on an unknown group or channel: exit 2, naming the groups it has."""
+    channel = f"dead-{uuid.uuid4().hex[:8]}"
+    await make_dead_letter(pg.dsn, channel, "poison")
+    env = pgbus_env(PGBUS_DSN=pg.dsn)
+    wrong_group = await run_to_completion("dead-letters", "list", channel, "--group", "x", env=env)
+    assert wrong_group.returncode == 2
+    assert wrong_group.stderr.decode().strip().endswith("has no group 'x' (its groups: 'g').")
+    nowhere = await run_to_completion("dead-letters", "purge", "nowhere", "--group", "g", env=env)
+    assert nowhere.returncode == 2
+    assert nowhere.stderr.decode().strip().endswith("(no group has joined it).")

@@ -23,8 +23,13 @@ def add_durable_commands(
     migrate_cmd = commands.add_parser(
         "migrate",
         help="create or upgrade pgbus's schema for durable channels",
-        description="Create the schema pgbus (durable channels' tables) or bring it to the\n"
-        "current version. Safe to run while buses are running, and from many places at once.",
+        description="Create the schema pgbus (durable channels' tables, the cluster's registry)\n"
+        "or bring it to the current version, as the role that owns it.\n\n"
+        "Safe while buses of this release and of the previous one run (a rolling\n"
+        "upgrade): a migration only adds tables, columns, indexes and functions under new\n"
+        "names, and never removes or changes what the previous release uses. Safe from\n"
+        "many places at once: they take turns on one lock, and a wait for a lock held\n"
+        "elsewhere gives up after 30 s naming its holder.",
         formatter_class=formatter,
     )
     add_dsn(migrate_cmd, f"default: {env_dsn}")
@@ -119,6 +124,7 @@ async def _dead_letters(connection: Connection, args: argparse.Namespace, where:
     from ._admin import dead_letters, purge_dead_letters, retry_dead_letters
 
     await _require_schema(connection, where)
+    await _require_group(connection, args.channel, args.group, where)
     if args.action == "list":
         for letter in await dead_letters(connection, args.channel, args.group, args.ids):
             print(
@@ -140,6 +146,25 @@ async def _dead_letters(connection: Connection, args: argparse.Namespace, where:
     count = await act(connection, args.channel, args.group, args.ids)
     verb = "gave back" if args.action == "retry" else "purged"
     _say(f"{verb} {count} dead letter(s) of {args.channel!r}, group {args.group!r} at {where}")
+
+
+async def _require_group(connection: Connection, channel: str, group: str, where: str) -> None:
+    """Refuse, in one line, a group the durable channel does not have (naming those it has)."""
+    from .._errors import ConfigError
+
+    groups = [
+        row[0]
+        for row in await connection.fetch(
+            "SELECT group_name FROM pgbus.groups WHERE channel = $1 ORDER BY group_name", channel
+        )
+    ]
+    if group in groups:
+        return
+    known = ", ".join(map(repr, groups))
+    raise ConfigError(
+        f"durable channel {channel!r} at {where} has no group {group!r} "
+        + (f"(its groups: {known})." if groups else "(no group has joined it).")
+    )
 
 
 def _say(line: str) -> None:
