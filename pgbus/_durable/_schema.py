@@ -648,10 +648,12 @@ async def migrate(
             ) from None
         if exc.sqlstate == "42501":  # insufficient_privilege
             role = await _current_role(connection)
+            denied = exc.message.split("; the role lacks")[0]  # the grants hint comes below
             raise SchemaError(
-                f"cannot create pgbus's schema at {where} as role {role!r} ({exc.message}); "
-                "run 'python -m pgbus migrate --dsn ...' once as a role that may (the "
-                "database owner), then grant this role use of schema pgbus."
+                f"cannot create or migrate pgbus's schema at {where} (to version "
+                f"{SCHEMA_VERSION}) as role {role!r} ({denied}); run 'python -m pgbus migrate "
+                "--dsn ...' as the schema's owner (or the database owner), then the SQL of "
+                f"'python -m pgbus grants {role}'."
             ) from None
         raise
     if version > SCHEMA_VERSION:
