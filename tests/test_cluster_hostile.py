@@ -235,6 +235,9 @@ async def test_a_squatted_singleton_is_named_in_status_and_warned_about(
         assert holder in record.getMessage()
         [solo] = (await bus.cluster_status()).singletons
         assert (solo.holder, solo.foreign_holder) == (None, holder)
+        status = await run_to_completion("status", "--dsn", pg.dsn)
+        line = f"singleton 'solo': held by {holder}, which is not a node of the cluster"
+        assert f"{line} (candidates: 'tester')" in status.stdout.decode().splitlines()
         assert not Solo.started.is_set()
         await client.execute("SELECT pg_advisory_unlock($1)", singleton_key("solo"))
         with trio.fail_after(WAIT):
