@@ -228,7 +228,22 @@ def metric_families(data: ScrapeData) -> Iterator[Any]:
             labels=["node"],
         )
         refused.add_metric(node, stats.cluster.refused)
-        yield from (junk, refused)
+        asks = CounterMetricFamily(
+            "pgbus_cluster_asks",
+            "Asks this node sent to actors on other nodes, by outcome (replied, failed, "
+            "unavailable, timeout).",
+            labels=["node", "outcome"],
+        )
+        outcomes = dict.fromkeys(("replied", "failed", "unavailable", "timeout"), 0)
+        for outcome, count in (outcomes | dict(stats.cluster.asks)).items():
+            asks.add_metric([stats.cluster.node, outcome], count)
+        changes = CounterMetricFamily(
+            "pgbus_cluster_singleton_changes",
+            "Singletons this node started or stopped holding.",
+            labels=["node"],
+        )
+        changes.add_metric(node, stats.cluster.singleton_changes)
+        yield from (junk, refused, asks, changes)
 
     usage = GaugeMetricFamily(
         "pg_notification_queue_usage",

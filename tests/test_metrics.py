@@ -6,6 +6,7 @@ also while its PostgreSQL is down, and ``pgbus run --metrics`` / ``[metrics]`` e
 from __future__ import annotations
 
 import math
+import re
 import signal
 import socket
 import sys
@@ -359,3 +360,62 @@ async def test_check_refuses_a_bad_listen_key(tmp_path: Path) -> None:
         f'pgbus: error: {config}: [metrics] listen must be "HOST:PORT", e.g. "127.0.0.1:9464" '
         "or \"[::1]:9464\", port 0..65535 (got 'nope')."
     )
+
+
+def documented_series() -> set[str]:
+    """Every metric the README's "Metrics and health" section names."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Metrics and health", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"`((?:pgbus|pg)_[a-z_]+)[{`]", section))
+    assert len(names) >= 18, names
+    return names
+
+
+class Echo(pgbus.Actor):
+    async def handle(self, message: object) -> object:
+        return message
+
+
+class Fails(pgbus.Actor):
+    async def handle(self, message: object) -> None:
+        raise ValueError(f"no good: {message!r}")
+
+
+async def test_every_documented_series_has_samples_on_a_real_bus(pg: PgHelper, pg_dsn: str) -> None:
+    """A node with bridges both ways, a durable group with a dead letter, an actor, a singleton
+    and an ask to another node: /metrics has a sample of every series the README names."""
+    channel = unique("every")
+    async with (
+        pgbus.open_bus(pg_dsn, node=unique("serving"), keepalive=1.0) as other,
+        pgbus.open_bus(pg_dsn, node=unique("scraped"), keepalive=1.0) as bus,
+    ):
+        await other.spawn(Echo, name=f"{channel}-echo", inbox_capacity=5, public=True)
+        await bus.spawn(Echo, name=f"{channel}-one", inbox_capacity=5, singleton=True)
+        for name in ("in", "out", "durable"):
+            bus.add_channel(name, capacity=5)
+        await bus.bridge_in(channel, "in", overflow="drop_newest")
+        await bus.bridge_out("out", channel)
+        await bus.bridge_in(f"{channel}-d", "durable", durable=True, group="g", max_attempts=1)
+        await bus.spawn(Fails, name="fails", inbox="durable")
+        await bus.notify(f"{channel}-d", "poison", durable=True)
+        await bus.send("out", "hello")
+        assert await bus.ask(f"{channel}-echo", 1, timeout=WAIT) == 1
+        async with serving(bus) as url:
+            with trio.fail_after(WAIT):
+                while True:
+                    _, text = await get(f"{url}/metrics")
+                    names = {s[0] for s in samples(text)}
+                    dead = value(
+                        samples(text), "pgbus_dead_letters", channel=f"{channel}-d", group="g"
+                    )
+                    if dead == 1:
+                        break
+                    await trio.sleep(0.05)  # the failure is written with the next claim
+    missing = {
+        name
+        for name in documented_series()
+        if name not in names
+        and f"{name}_total" not in names
+        and name.removesuffix("_total") + "_total" not in names
+    }
+    assert missing == set(), f"documented but never sampled: {sorted(missing)}"

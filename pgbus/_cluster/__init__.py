@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +118,11 @@ class ClusterStatistics:
     a backend that is not the serving node's: ignored."""
     overflowing: int = 0
     """Requests waiting for room in a full inbox (all actors)."""
+    asks: tuple[tuple[str, int], ...] = ()
+    """Asks this node sent to other nodes, by outcome: ``replied``, ``failed`` (the remote
+    handle raised), ``unavailable`` (the serving node died or refused), ``timeout``."""
+    singleton_changes: int = 0
+    """Singletons this node started or stopped holding."""
 
 
 class _Pending:
@@ -243,6 +248,8 @@ class Cluster:
         self.refused = 0
         self.dropped = 0
         self.junk = 0
+        self.asks: Counter[str] = Counter()
+        """Asks sent to other nodes, by outcome (see `ClusterStatistics.asks`)."""
         self._junk_logged = False
         self._junk_unlogged = 0
         self._junk_since = 0.0
@@ -268,6 +275,8 @@ class Cluster:
             singletons_held=self._membership.held(),
             junk=self.junk,
             overflowing=sum(len(q) for q in self._overflows.values()),
+            asks=tuple(sorted(self.asks.items())),
+            singleton_changes=self._membership.singleton_changes,
         )
 
     # -- what this node offers ---------------------------------------------------------------
@@ -296,6 +305,21 @@ class Cluster:
 
     async def ask(self, actor: str, message: object, *, timeout: float, deadline: float) -> Any:
         """See `Bus.ask`: the remote half, giving up at *deadline* (*timeout* for messages)."""
+        try:
+            reply = await self._ask(actor, message, timeout=timeout, deadline=deadline)
+        except AskTimeoutError:
+            self.asks["timeout"] += 1
+            raise
+        except ActorFailedError:
+            self.asks["failed"] += 1
+            raise
+        except ActorUnavailableError:
+            self.asks["unavailable"] += 1
+            raise
+        self.asks["replied"] += 1
+        return reply
+
+    async def _ask(self, actor: str, message: object, *, timeout: float, deadline: float) -> Any:
         node = self._serving_now(actor)
         if node is None:  # a miss reads the registry again: bounded by the ask's deadline
             dumps(message, actor, "the message")  # not JSON: said before any round trip

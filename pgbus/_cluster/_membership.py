@@ -338,6 +338,8 @@ class Membership:
         self._warned_rows: set[Any] = set()
         self._node_pids: set[int] = set()  # the live nodes' backends, as last read
         self.stopping = False
+        self.singleton_changes = 0
+        """Singletons this node started or stopped holding (a holder change, seen from here)."""
         self.join_problem: str | None = None
         """Why the last attempt to join failed (None once joined)."""
         self.rejoined = 0
@@ -651,6 +653,7 @@ class Membership:
         acquired, self._acquired = self._acquired, []
         for singleton in acquired:
             log.info("cluster: node %r runs singleton %r", self.name, singleton.spec.name)
+            self.singleton_changes += 1
             await self._supervisor.start(singleton.spec)
 
     async def _write_registry(
@@ -713,3 +716,4 @@ class Membership:
                     )
                 await self._supervisor.remove(singleton.spec.name)
                 singleton.held = False
+                self.singleton_changes += 1
