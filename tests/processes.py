@@ -90,10 +90,15 @@ class Pgbus:
 
 
 @asynccontextmanager
-async def running(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Pgbus]:
-    """Start ``python -m pgbus *args*``; on exit, stop it (SIGTERM, then SIGKILL) if it runs."""
+async def running(
+    *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+) -> AsyncIterator[Pgbus]:
+    """
+    Start ``python -m pgbus *args*`` (after *prefix*: ``("nohup",)``); on exit, stop it
+    (SIGTERM, then SIGKILL) if it runs.
+    """
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "pgbus", *args],
+        [*prefix, sys.executable, "-m", "pgbus", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

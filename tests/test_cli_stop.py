@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from processes import ROOT, Pgbus, pgbus_env, run_to_completion
+from processes import ROOT, Pgbus, pgbus_env, run_to_completion, running
 from test_cli import one_error_line
 
 if TYPE_CHECKING:
@@ -67,29 +65,9 @@ async def wait_for_a_lock_wait(pg: PgHelper) -> None:
             await trio.sleep(0.05)
 
 
-@asynccontextmanager
-async def command(*args: str, **env: str) -> AsyncIterator[Pgbus]:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "pgbus", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=pgbus_env(**env),
-        cwd=ROOT,
-    )
-    running = Pgbus(process)
-    async with trio.open_nursery() as nursery:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        nursery.start_soon(running._pump, "stdout", process.stdout)
-        nursery.start_soon(running._pump, "stderr", process.stderr)
-        try:
-            yield running
-        finally:
-            if process.returncode is None:
-                process.kill()
-                with trio.CancelScope(shield=True):
-                    await process.wait()
+def command(*args: str, **env: str) -> AbstractAsyncContextManager[Pgbus]:
+    """``python -m pgbus *args*`` running, with *env* added to the environment."""
+    return running(*args, env=pgbus_env(**env))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -133,26 +111,13 @@ async def test_nohup_keeps_sighup_ignored(pg: PgHelper) -> None:
     nohup = shutil.which("nohup")
     assert nohup is not None
     config = ROOT / "examples" / "quickstart.toml"
-    process = await trio.lowlevel.open_process(
-        [nohup, sys.executable, "-m", "pgbus", "run", str(config), "--dsn", pg.dsn],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=pgbus_env(),
-        cwd=ROOT,
-    )
-    running = Pgbus(process)
-    async with trio.open_nursery() as nursery:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        nursery.start_soon(running._pump, "stdout", process.stdout)
-        nursery.start_soon(running._pump, "stderr", process.stderr)
-        await running.expect("stderr", "running; stop with")
-        process.send_signal(signal.SIGHUP)
-        process.send_signal(signal.SIGTERM)
-        status = await running.wait(timeout=WAIT)
-    assert status == 0, running.output()
-    stderr = "\n".join(running.lines["stderr"])
+    async with running("run", str(config), "--dsn", pg.dsn, prefix=(nohup,)) as bus:
+        await bus.expect("stderr", "running; stop with")
+        bus.process.send_signal(signal.SIGHUP)
+        bus.process.send_signal(signal.SIGTERM)
+        status = await bus.wait(timeout=WAIT)
+    assert status == 0, bus.output()
+    stderr = "\n".join(bus.lines["stderr"])
     assert "SIGTERM received" in stderr
     assert "SIGHUP" not in stderr
 
