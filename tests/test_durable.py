@@ -471,8 +471,9 @@ async def test_a_role_without_rights_gets_one_line(pg: PgHelper) -> None:
         async with pgbus.open_bus(dsn) as bus:
             with pytest.raises(
                 pgbus.SchemaError,
-                match=rf"^cannot create pgbus's schema at .* as role '{role}' \(permission denied "
-                r"for database .*\); run 'python -m pgbus migrate --dsn \.\.\.' once",
+                match=rf"^cannot create or migrate pgbus's schema at .* as role '{role}' "
+                r"\(permission denied for database [^;]*\); run 'python -m pgbus migrate --dsn "
+                rf"\.\.\.' as the schema's owner .*'python -m pgbus grants {role}'\.$",
             ):
                 await bus.notify("x", "y", durable=True)
     finally:

@@ -172,7 +172,8 @@ async def test_backoff_warns_at_each_step_up_to_its_cap_then_once_per_cap(
     steps = [at for at in warned_at if at < 6.4]  # the ceiling grows for 8 steps
     assert len(steps) >= 8
     late = [at for at in warned_at if at >= 20]
-    assert all(b - a >= 5.0 for a, b in itertools.pairwise(late))
-    assert 6 <= len(late) <= 9  # one per 5 s over the last 40 s
+    # At the cap: one warning per 5 s, said at the first retry after that (up to 5 s later).
+    assert all(5.0 <= b - a <= 10.0 for a, b in itertools.pairwise(late))
+    assert len(late) >= 4
     assert said[0] == "retrying now (1 failed attempt)"
     assert not any("in 0.00s" in line for line in said)
