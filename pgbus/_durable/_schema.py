@@ -43,9 +43,11 @@ A batch larger than the claim's limit is taken over several claims: ``(batch_xid
 marks the last message claimed, and the batch's order is ``(xid, id)``. A claim that moved the
 group appends its position (``tick_from``, ``tick_to``, the marker) to ``pgbus.group_ticks``
 rather than updating a row: while a transaction stays open, every version of an updated row
-stays too, and a claim looking the row up would walk them all (measured with one row updated
-per claim: 2.5 ms per publish-and-claim after 1,000 claims, 12 ms after 10,000); the newest
-tick row is one backward index probe however many there are. ``pgbus.group_positions`` is the
+stays too, and a claim looking the row up would walk them all (measured on PostgreSQL 15 with
+autovacuum off and a transaction open, 8,000 claims of one message each: 0.95 ms per claim at
+first, 2.2 ms at the end with the row updated per claim, 1.6 ms appending; the rest of the
+growth is dead delivery rows); the newest tick row is one backward index probe however many
+there are. ``pgbus.group_positions`` is the
 view of each group's current position; the janitor deletes older tick rows. So one member sees a
 channel's messages in ``(xid, id)`` order within a tick, and tick after tick: a message whose
 transaction commits late arrives in the tick after its commit, after messages with higher ids
