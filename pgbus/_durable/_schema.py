@@ -388,16 +388,23 @@ BEGIN
     END IF;
 
     IF cardinality(p_held) > 0 THEN
-        RETURN QUERY
-        WITH renewed AS (
-            UPDATE pgbus.deliveries d
-               SET available_at = now() + make_interval(secs => p_lease)
+        -- A delivery being acknowledged in a caller's transaction (bus.transaction(ack=...))
+        -- is locked by it: skipped, never waited for; it is still held.
+        WITH mine AS (
+            SELECT d.message_id FROM pgbus.deliveries d
              WHERE d.message_id = ANY(p_held) AND d.group_name = p_group
                AND d.member = p_member AND d.available_at < 'infinity'
-            RETURNING d.message_id
+               FOR UPDATE SKIP LOCKED
         )
+        UPDATE pgbus.deliveries d
+           SET available_at = now() + make_interval(secs => p_lease)
+          FROM mine
+         WHERE d.message_id = mine.message_id AND d.group_name = p_group;
+        RETURN QUERY
         SELECT h.id, 0, NULL::text, false FROM unnest(p_held) AS h(id)
-         WHERE NOT EXISTS (SELECT FROM renewed r WHERE r.message_id = h.id);
+         WHERE NOT EXISTS (SELECT FROM pgbus.deliveries d
+                            WHERE d.message_id = h.id AND d.group_name = p_group
+                              AND d.member = p_member AND d.available_at < 'infinity');
     END IF;
     IF p_limit <= 0 THEN
         RETURN;
