@@ -610,17 +610,23 @@ class Bus:
         database = self._database()
         if ack is not None:
             await self._durable_support().ensure_schema()
-        async with database.borrow() as connection:
-            async with connection.transaction():
-                tx = Transaction(
-                    database, connection, self._durable_max_payload, self._durable_support
-                )
+        if ack is not None:
+            ack._receipt.acking(ack, pending=True)
+        try:
+            async with database.borrow() as connection:
+                async with connection.transaction():
+                    tx = Transaction(
+                        database, connection, self._durable_max_payload, self._durable_support
+                    )
+                    if ack is not None:
+                        await _ack_in(connection, ack)
+                    yield tx
+                    await tx._flush()
                 if ack is not None:
-                    await _ack_in(connection, ack)
-                yield tx
-                await tx._flush()
+                    ack._receipt.acked_elsewhere(ack)
+        finally:
             if ack is not None:
-                ack._receipt.acked_elsewhere(ack)
+                ack._receipt.acking(ack, pending=False)
 
     # -- introspection and shutdown ----------------------------------------------------------
 

@@ -267,3 +267,33 @@ async def test_2000_wakeups_from_another_role_cost_nothing_but_rechecks(
         assert message.payload == "still here"
         [(consumer, _)] = bus._durable_in
         assert consumer._rechecks <= 10
+
+
+async def test_a_long_ack_transaction_never_blocks_the_bridge(
+    pg_dsn: str, pg: PgHelper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """
+    bus.transaction(ack=m) open for 5 leases: renewals skip m's locked row instead of waiting
+    for it, so the next message still arrives meanwhile; no lease is called lost.
+    """
+    name = fresh("ack-tx")
+    caplog.set_level(logging.WARNING, logger="pgbus.durable")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 2)
+        await bus.bridge_in(name, "in", durable=True, group="g", lease=0.3)
+        await bus.notify(name, "first", durable=True)
+        [first] = await receive_all(bus.channel("in"), 1)
+        async with bus.transaction(ack=first) as tx:
+            await tx.fetchval("SELECT 1")
+            await trio.sleep(1.5)  # the handler's work, inside its transaction
+            await bus.notify(name, "second", durable=True)
+            [second] = await receive_all(bus.channel("in"), 1)
+            assert second.payload == "second"
+        bus.ack(second)
+        await wait_for(
+            pg, "SELECT count(*) FROM pgbus.deliveries WHERE channel = $1", name, expect=0
+        )
+        [(consumer, _)] = bus._durable_in
+        assert consumer.leases_lost == 0
+        assert consumer._inflight == {}
+    assert "lease(s) expired" not in caplog.text

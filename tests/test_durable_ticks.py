@@ -149,3 +149,34 @@ async def test_out_of_order_commits_reach_every_group_exactly_once(pg_dsn: str) 
         for n in range(6):
             mine = [p for p in got[inbox] if p.startswith(f"{n}.")]
             assert mine == sorted(mine, key=lambda p: tuple(map(int, p.split("."))))
+
+
+async def test_claims_append_positions_instead_of_rewriting_the_groups_row(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """
+    30 claims that each move the group leave its pgbus.groups row as it was (an open
+    transaction would keep every version of it), and only the newest tick row is the position.
+    """
+    name = fresh("append")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 1)
+        await bus.bridge_in(name, "in", durable=True, group="g")
+        before = await pg.fetchval(
+            "SELECT xmin::text FROM pgbus.groups WHERE channel = $1 AND group_name = 'g'", name
+        )
+        for i in range(30):
+            await bus.notify(name, f"m{i}", durable=True)
+            [message] = await receive_all(bus.channel("in"), 1)
+            assert message.payload == f"m{i}"
+            bus.ack(message)
+        after = await pg.fetchval(
+            "SELECT xmin::text FROM pgbus.groups WHERE channel = $1 AND group_name = 'g'", name
+        )
+        assert after == before
+        ticks = await pg.fetchval(
+            "SELECT count(*) FROM pgbus.group_ticks WHERE channel = $1 AND group_name = 'g'", name
+        )
+        assert ticks >= 30
+        [status] = await bus.durable_groups(name)
+        assert status.lag == 0

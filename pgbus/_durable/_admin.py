@@ -44,9 +44,20 @@ WITH retired AS (
     DELETE FROM pgbus.groups
      WHERE channel = $1 AND seen_at < now() - make_interval(secs => $2)
     RETURNING group_name
+), ticks AS (
+    DELETE FROM pgbus.group_ticks k USING retired r
+     WHERE k.channel = $1 AND k.group_name = r.group_name
 )
 DELETE FROM pgbus.deliveries d USING retired r
  WHERE d.channel = $1 AND d.group_name = r.group_name
+"""
+
+# Only each group's newest tick row is its position; the older ones are history.
+_FORGET_OLD_TICKS = """
+DELETE FROM pgbus.group_ticks k
+ USING (SELECT group_name, max(seq) AS newest FROM pgbus.group_ticks
+         WHERE channel = $1 GROUP BY group_name) n
+ WHERE k.channel = $1 AND k.group_name = n.group_name AND k.seq < n.newest
 """
 
 _HAS_GROUP = "SELECT EXISTS (SELECT FROM pgbus.groups WHERE channel = $1)"
@@ -60,12 +71,12 @@ _DELETE_HANDLED = """
 WITH horizon AS (
     SELECT min(coalesce(pg_snapshot_xmax(tick_from), position_xid)) AS xid,
            min(position_xid) AS settled
-      FROM pgbus.groups WHERE channel = $1
+      FROM pgbus.group_positions WHERE channel = $1
 ), doomed AS MATERIALIZED (
     SELECT m.id FROM pgbus.messages m, horizon h
      WHERE m.channel = $1 AND m.xid <= h.xid
        AND (m.xid < h.settled  -- older than every group's position_xid: claimed by all
-            OR NOT EXISTS (SELECT FROM pgbus.groups g
+            OR NOT EXISTS (SELECT FROM pgbus.group_positions g
                             WHERE g.channel = $1 AND NOT {claimed}))
        AND NOT EXISTS (SELECT 1 FROM pgbus.deliveries d WHERE d.message_id = m.id)
      ORDER BY m.channel, m.xid, m.id
@@ -192,6 +203,7 @@ async def retain(connection: Connection, channel: str, retention: float) -> int 
         if not got:
             return None
         await connection.execute(_RETIRE_GROUPS, channel, retention)
+        await connection.execute(_FORGET_OLD_TICKS, channel)
         if await connection.fetchval(_HAS_GROUP, channel):
             tag = await connection.execute(_DELETE_HANDLED, channel, DELETE_BATCH)
         else:
@@ -202,7 +214,9 @@ async def retain(connection: Connection, channel: str, retention: float) -> int 
 async def vacuum(connection: Connection) -> None:
     """Reclaim the space of deleted rows (what autovacuum would do), if this role may."""
     try:
-        await connection.execute("VACUUM pgbus.messages, pgbus.deliveries, pgbus.groups")
+        await connection.execute(
+            "VACUUM pgbus.messages, pgbus.deliveries, pgbus.groups, pgbus.group_ticks"
+        )
     except DatabaseError as exc:
         log.debug("janitor: VACUUM refused: %s", exc)
 
@@ -234,7 +248,7 @@ SELECT g.channel, g.group_name,
          WHERE d.channel = g.channel AND d.group_name = g.group_name
            AND d.available_at = 'infinity') AS dead,
        to_char(g.seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS seen_at
-  FROM pgbus.groups g
+  FROM pgbus.group_positions g
  WHERE $1::text IS NULL OR g.channel = $1
  ORDER BY g.channel, g.group_name
 """.replace("{claimed}", _CLAIMED_BY_G)

@@ -143,6 +143,7 @@ class DurableConsumer:
         self.member = member_name()
         self._connection: Connection | None = None
         self._inflight: dict[int, int] = {}  # id -> attempt, claimed by this member
+        self._acking: set[int] = set()  # being acknowledged in a caller's transaction
         self._acks: list[tuple[int, int]] = []
         self._fails: list[tuple[int, int, str]] = []
         self._fails_dead: set[int] = set()  # undecodable: dead letters at once
@@ -194,8 +195,19 @@ class DurableConsumer:
             self._fails.append((message.id, attempt, text or "failed"))
             self._work.set()
 
+    def acking(self, message: DurableMessage, *, pending: bool) -> None:
+        """
+        *message* is being acknowledged in a caller's transaction (*pending*), or that
+        transaction has ended: meanwhile a renewal that finds it gone does not call it lost.
+        """
+        if pending:
+            self._acking.add(message.id)
+        else:
+            self._acking.discard(message.id)
+
     def acked_elsewhere(self, message: DurableMessage) -> None:
         """*message* was acknowledged in a committed transaction (``bus.transaction(ack=)``)."""
+        self._acking.discard(message.id)
         if self._inflight.get(message.id) == message.attempt:
             del self._inflight[message.id]
             self.acked += 1
@@ -406,6 +418,8 @@ class DurableConsumer:
         lost = 0
         for message_id, attempt, payload, _reclaimed in rows:
             if attempt == 0:  # held, but another member has it now (this one was frozen)
+                if message_id in self._acking:
+                    continue  # or acknowledged by a transaction that just committed
                 if inflight.pop(message_id, None) is not None:
                     lost += 1
                 continue
