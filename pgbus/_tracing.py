@@ -225,27 +225,29 @@ def handling(request: Incoming) -> Iterator[None]:
 # -- durable channels --------------------------------------------------------------------------
 
 
-def publishing(channel: str, count: int) -> Any:
+def publishing(channel: str, count: int, *, root: bool = False) -> Any:
     """
     A context manager around storing *count* messages in the durable channel *channel*: a
-    ``publish {channel}`` span (PRODUCER, child of the current span). It gives the
-    ``traceparent`` to store with them, or None when nothing is traced.
+    ``publish {channel}`` span (PRODUCER, child of the current span, or a root with *root*:
+    a bridge's task has no caller). It gives the ``traceparent`` to store with them, or None
+    when nothing is traced.
     """
     if trace is None:
         return NOTHING
     tracer = _tracer()
     if tracer is None:
         return NOTHING
-    return _publishing(tracer, channel, count)
+    return _publishing(tracer, channel, count, root)
 
 
 @contextmanager
-def _publishing(tracer: Any, channel: str, count: int) -> Iterator[str | None]:
+def _publishing(tracer: Any, channel: str, count: int, root: bool) -> Iterator[str | None]:
     attributes = _attributes(
         "send", channel, **{"messaging.batch.message_count": count if count > 1 else None}
     )
     with tracer.start_as_current_span(
         f"publish {channel}",
+        context=Context() if root else None,
         kind=SpanKind.PRODUCER,
         attributes=attributes,
         record_exception=False,

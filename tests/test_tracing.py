@@ -110,9 +110,9 @@ async def test_a_trace_follows_asks_tells_and_durable_messages_across_processes(
             async with process("client", pg.dsn, channel) as client:
                 await client.expect("stdout", '"event": "done"')
                 assert await client.wait(timeout=WAIT) == 0, client.output()
-            # node: handle echo (ask, tell); consumer: "first", and "fail once" twice.
+            # node: handle echo (ask, tell); consumer: "first", "bridged", "fail once" twice.
             node_spans = await spans_of(node, 2)
-            consumer_spans = await spans_of(consumer, 3)
+            consumer_spans = await spans_of(consumer, 4)
         client_spans = records(client, "span")
 
     assert records(client, "tracing") == [{"event": "tracing", "installed": True, "active": True}]
@@ -121,10 +121,13 @@ async def test_a_trace_follows_asks_tells_and_durable_messages_across_processes(
     trace_id = request["trace"]
     ask = span(client_spans, "ask echo")
     tell = span(client_spans, "tell echo")
-    first, fail_once = (s for s in client_spans if s["name"] == f"publish {channel}")
+    first, fail_once, bridged = (s for s in client_spans if s["name"] == f"publish {channel}")
     for sent, kind in ((ask, "CLIENT"), (tell, "PRODUCER"), (first, "PRODUCER")):
         assert (sent["trace"], sent["parent"], sent["kind"]) == (trace_id, request["span"], kind)
     assert fail_once["parent"] == request["span"]
+    # The bridge's batch: a root of its own (no caller's span reaches the bridge's task).
+    assert (bridged["parent"], bridged["kind"]) == (None, "PRODUCER")
+    assert bridged["trace"] != trace_id
 
     # The node that ran echo: each handle is the child of the span that sent its request.
     handled_ask = next(s for s in node_spans if s["kind"] == "SERVER")
@@ -155,6 +158,13 @@ async def test_a_trace_follows_asks_tells_and_durable_messages_across_processes(
     assert retry["trace"] != trace_id
     assert retry["links"] == [{"trace": trace_id, "span": fail_once["span"]}]
     assert retry["status"] == "UNSET"
+    handled_bridged = span(
+        consumer_spans, "handle worker", **{"messaging.message.id": str(ids["bridged"])}
+    )
+    assert (handled_bridged["trace"], handled_bridged["parent"]) == (
+        bridged["trace"],
+        bridged["span"],
+    )
 
 
 async def test_without_opentelemetry_everything_works_and_nothing_is_traced(
@@ -174,13 +184,14 @@ async def test_without_opentelemetry_everything_works_and_nothing_is_traced(
                 await client.expect("stdout", '"event": "done"')
                 assert await client.wait(timeout=WAIT) == 0, client.output()
             node_spans = await spans_of(node, 2)
-            consumer_spans = await spans_of(consumer, 3)
+            consumer_spans = await spans_of(consumer, 4)
 
     assert records(client, "tracing") == [{"event": "tracing", "installed": False, "active": False}]
     assert records(client, "replied") == [{"event": "replied", "reply": {"echo": {"n": 1}}}]
     assert records(client, "span") == []
     assert [r["message"] for r in records(node, "told")] == [{"tell": 2}]
     assert sorted(r["payload"] for r in records(consumer, "handled")) == [
+        "bridged",
         "fail once",
         "fail once",
         "first",

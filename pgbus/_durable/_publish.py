@@ -49,13 +49,16 @@ DELETE FROM pgbus.deliveries
 """
 
 
-async def store(connection: Connection, channel: str, payloads: Sequence[str]) -> None:
+async def store(
+    connection: Connection, channel: str, payloads: Sequence[str], *, root: bool = False
+) -> None:
     """
     Store *payloads* in *channel*, in order, and wake its consumers: one statement.
 
-    While tracing, in a ``publish {channel}`` span whose context is stored with each of them.
+    While tracing, in a ``publish {channel}`` span (the current span's child, or a root with
+    *root*) whose context is stored with each of them.
     """
-    with _tracing.publishing(channel, len(payloads)) as traceparent:
+    with _tracing.publishing(channel, len(payloads), root=root) as traceparent:
         if traceparent is None:
             await connection.execute(_STORE, channel, list(payloads), WAKE_CHANNEL)
         else:
@@ -125,7 +128,8 @@ class DurableOutboundBridge(OutboundBridge):
     async def _publish(self, batch: list[str]) -> None:
         assert self._connection is not None
         try:
-            await store(self._connection, self.pg_channel, batch)
+            # One span per batch, a root: the senders' spans stayed in their own tasks.
+            await store(self._connection, self.pg_channel, batch, root=True)
         except DatabaseError as exc:
             log.error(
                 "PostgreSQL refused %d durable message(s) for %r: %s",

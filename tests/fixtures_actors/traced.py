@@ -6,8 +6,9 @@ A process of the tracing tests (``tests/test_tracing.py``), printing JSON lines 
 - ``node``: a node running the public actor ``echo``, until SIGTERM;
 - ``consumer``: a member of group ``g`` of the durable channel, its actor ``worker`` failing the
   first attempt of the payload ``"fail once"``, until SIGTERM;
-- ``client``: a node that, inside its own span ``request``, asks and tells ``echo`` and publishes
-  ``"first"`` and ``"fail once"`` to the durable channel, then exits.
+- ``client``: a node that, inside its own span ``request``, asks and tells ``echo``, publishes
+  ``"first"`` and ``"fail once"`` to the durable channel, and sends ``"bridged"`` through a
+  durable outbound bridge to it, then exits.
 
 Each process configures the OpenTelemetry SDK with an exporter that prints every finished span as
 ``{"event": "span", ...}``. With ``--no-otel`` the ``opentelemetry`` package cannot be imported at
@@ -122,6 +123,8 @@ def main() -> None:
                 await serve(bus)
         else:
             async with pgbus.open_bus(args.dsn, node="traced-client", keepalive=1.0) as bus:
+                bus.add_channel("out", 10)
+                await bus.bridge_out("out", args.channel, durable=True)
                 if tracer is None:
                     await client(bus)
                 else:
@@ -136,6 +139,7 @@ def main() -> None:
             await bus.tell("echo", {"tell": 2})
             await bus.notify(args.channel, "first", durable=True)
             await bus.notify(args.channel, "fail once", durable=True)
+            await bus.send("out", "bridged")  # stored by the bridge's task, in its own span
 
     trio.run(run)
 
