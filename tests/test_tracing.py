@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from data import wire_previous
 from processes import ROOT, Pgbus, pgbus_env
 
 from pgbus import _tracing
@@ -284,3 +285,15 @@ def test_a_malformed_tracestate_alone_is_dropped() -> None:
         )
         assert decode(payload) == Tell(5, "echo", 1, TRACEPARENT)
     assert _tracing.valid_traceparent("01-" + TRACEPARENT[3:] + "-future") is not None
+
+
+def test_a_node_of_the_previous_release_takes_traced_requests() -> None:
+    """The previous release's decoder ignores tp and ts, and its requests decode here."""
+    ask = Ask(7, "echo", "pgbus.node.00ff", {"x": 1}, TRACEPARENT, "k=v")
+    assert wire_previous.decode(ask.encode()) == wire_previous.Ask(
+        7, "echo", "pgbus.node.00ff", {"x": 1}
+    )
+    tell = Tell(8, "echo", [1], TRACEPARENT)
+    assert wire_previous.decode(tell.encode()) == wire_previous.Tell(8, "echo", [1])
+    old = wire_previous.Ask(9, "echo", "pgbus.node.00ff", "hi").encode()
+    assert decode(old) == Ask(9, "echo", "pgbus.node.00ff", "hi")
