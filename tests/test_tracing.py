@@ -23,7 +23,9 @@ import pytest
 import trio
 from data import wire_previous
 from processes import ROOT, Pgbus, pgbus_env
+from test_durable import receive_all
 
+import pgbus
 from pgbus import _tracing
 from pgbus._cluster._wire import Ask, Tell, decode
 
@@ -206,6 +208,7 @@ def test_without_opentelemetry_no_span_code_runs() -> None:
     code = """
 import sys
 sys.modules["opentelemetry"] = None
+import pgbus
 from pgbus import _tracing
 assert not _tracing.installed and not _tracing.active()
 assert _tracing.sending("ask", "a", "n") is _tracing.NOTHING
@@ -230,6 +233,22 @@ def test_without_an_sdk_nothing_is_started() -> None:
     assert _tracing.sending("tell", "a", "n") is _tracing.NOTHING
     assert _tracing.publishing("c", 3) is _tracing.NOTHING
     assert _tracing.incoming("tell", "a", TRACEPARENT, None) is None
+
+
+async def test_without_an_sdk_a_consumer_reads_no_context(pg_dsn: str, pg: PgHelper) -> None:
+    """No tracer provider here: the message is stored without a context and none is read."""
+    assert not _tracing.active()
+    channel = f"nosdk_{secrets.token_hex(4)}"
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        await bus.notify(channel, "hello", durable=True)
+        (message,) = await receive_all(bus.channel("in"), 1)
+        stored = await pg.fetchval(
+            "SELECT traceparent FROM pgbus.messages WHERE id = $1", message.id
+        )
+        bus.ack(message)
+    assert (message.payload, stored, message._trace) == ("hello", None, None)
 
 
 # -- the wire: the context is optional and checked strictly -------------------------------------

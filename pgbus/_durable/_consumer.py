@@ -407,7 +407,10 @@ class DurableConsumer:
         claim. Tracing never stops delivery: when this fails, the messages go without.
         """
         assert self._connection is not None
-        ids = [row[0] for row in rows if row[1]]
+        # Only what will be delivered: not a lost lease (attempt 0), not what is held already.
+        ids = [row[0] for row in rows if row[1] and row[0] not in self._inflight]
+        if not ids:
+            return {}
         try:
             with trio.fail_after(STATEMENT_TIMEOUT):
                 found = await self._connection.fetch(_TRACE_CONTEXTS, ids)
