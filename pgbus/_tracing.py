@@ -12,6 +12,9 @@ pgbus[tracing]``) and an SDK's tracer provider is configured:
   the actor's ``handle``: on the first attempt a child of the publish span, on each retry a new
   root span with a link to it (so a retried message does not grow one trace without end).
 
+NOTIFY bridges carry no context: their payload format is the user's, byte for byte. Nothing in
+one process is traced by pgbus (channels, local asks): the caller's span covers it.
+
 Without the package every function here returns at its first line (one global's check), and
 with it but no SDK configured (the API's proxy or no-op provider) nothing is started and no
 context is read from the database. Errors never come from here: a malformed context is ignored.
