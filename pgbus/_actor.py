@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import outcome
 import trio
 
+from . import _tracing
 from ._durable._rules import DurableMessage
 from ._errors import ActorOptionsError
 
@@ -95,14 +96,35 @@ class ReplyTo(Protocol):
     def send_nowait(self, value: outcome.Outcome[Any], /) -> None: ...
 
 
+class _NoReply:
+    """Where the answer to a traced tell goes: nowhere (see `Request`)."""
+
+    __slots__ = ()
+
+    def send_nowait(self, value: outcome.Outcome[Any], /) -> None:
+        pass
+
+
+NO_REPLY = _NoReply()
+
+
 class Request:
-    """An `ask` in flight: the message and where the reply goes (capacity 1, never blocks)."""
+    """
+    An `ask` in flight: the message and where the reply goes (capacity 1, never blocks).
 
-    __slots__ = ("message", "reply")
+    *trace*, when not None, is the context of a request from another node (`_tracing.incoming`):
+    its ``handle`` then runs in a span. A tell from another node that carries one comes as a
+    Request too, answered into `NO_REPLY`.
+    """
 
-    def __init__(self, message: object, reply: ReplyTo) -> None:
+    __slots__ = ("message", "reply", "trace")
+
+    def __init__(
+        self, message: object, reply: ReplyTo, trace: _tracing.Incoming | None = None
+    ) -> None:
         self.message = message
         self.reply = reply
+        self.trace = trace
 
     def answer(self, result: outcome.Outcome[Any]) -> None:
         # A late reply finds the asker gone (its end closed) and is dropped, never blocking.
@@ -139,12 +161,25 @@ async def consume(actor: Actor, inbox: Channel) -> None:
 
 
 async def _answer(handle: Any, request: Request) -> None:
+    if request.trace is not None:
+        await _answer_traced(handle, request, request.trace)
+        return
     try:
         result = await handle(request.message)
     except Exception as exc:
         request.answer(outcome.Error(exc))
         raise
     request.answer(outcome.Value(result))
+
+
+async def _answer_traced(handle: Any, request: Request, trace: _tracing.Incoming) -> None:
+    with _tracing.handling(trace):
+        try:
+            result = await handle(request.message)
+        except Exception as exc:
+            request.answer(outcome.Error(exc))
+            raise
+        request.answer(outcome.Value(result))
 
 
 async def _handle_durable(actor: Actor, handle: Any, message: DurableMessage) -> None:
@@ -160,7 +195,11 @@ async def _handle_durable(actor: Actor, handle: Any, message: DurableMessage) ->
     if not message._receipt.holds(message):
         return
     try:
-        await handle(message)
+        if message._trace is None:
+            await handle(message)
+        else:
+            with _tracing.handling_durable(actor.name, message):
+                await handle(message)
     except Exception as exc:
         message._receipt.failed(message, exc)
         log.error(

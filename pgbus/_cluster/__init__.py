@@ -30,7 +30,8 @@ import attrs
 import outcome
 import trio
 
-from .._actor import Request
+from .. import _tracing
+from .._actor import NO_REPLY, Request
 from .._errors import (
     ActorFailedError,
     ActorUnavailableError,
@@ -95,6 +96,8 @@ MAX_SUSPECTS = 16
 """Replies to one ask kept, until the next registry read, from a backend not known as the node's."""
 JUNK_SUMMARY_EVERY = 60.0
 """After the first one, junk is logged as one summary line per this many seconds."""
+
+_NO_CONTEXT = (None, None)
 
 
 @attrs.frozen
@@ -327,21 +330,22 @@ class Cluster:
                 node = await self._route(actor)
             if node is None:
                 raise AskTimeoutError(actor, timeout)
-        id = new_id()
-        payload = Ask(id, actor, self.channel, message).encode()
-        pending = self._pending[id] = _Pending(id, actor, node)
-        try:
-            # Sent first, then the deadline's cancel scope: its few µs are not on the way out.
-            self._sender.send(node.channel, payload, pending)
-            with trio.move_on_at(deadline) as scope:
-                result = await pending.wait()
-        finally:
-            del self._pending[id]
-        if scope.cancelled_caught:
-            raise AskTimeoutError(actor, timeout)
-        if isinstance(result, outcome.Error) and isinstance(result.error, RemoteError):
-            raise ActorFailedError(actor, result.error) from result.error
-        return result.unwrap()
+        with _tracing.sending("ask", actor, node.name) as context:
+            id = new_id()
+            payload = Ask(id, actor, self.channel, message, *(context or _NO_CONTEXT)).encode()
+            pending = self._pending[id] = _Pending(id, actor, node)
+            try:
+                # Sent first, then the deadline's cancel scope: its few µs are not on the way out.
+                self._sender.send(node.channel, payload, pending)
+                with trio.move_on_at(deadline) as scope:
+                    result = await pending.wait()
+            finally:
+                del self._pending[id]
+            if scope.cancelled_caught:
+                raise AskTimeoutError(actor, timeout)
+            if isinstance(result, outcome.Error) and isinstance(result.error, RemoteError):
+                raise ActorFailedError(actor, result.error) from result.error
+            return result.unwrap()
 
     async def tell(self, actor: str, message: object) -> None:
         """See `Bus.tell`: the remote half. Returns once queued for sending."""
@@ -352,7 +356,9 @@ class Cluster:
         if node is None:
             reason = f"the cluster's registry could not be read within {self.keepalive:g}s"
             raise ActorUnavailableError(actor, None, reason, while_handling=False)
-        self._sender.send(node.channel, Tell(new_id(), actor, message).encode(), None)
+        with _tracing.sending("tell", actor, node.name) as context:
+            tell = Tell(new_id(), actor, message, *(context or _NO_CONTEXT))
+            self._sender.send(node.channel, tell.encode(), None)
         await trio.lowlevel.checkpoint()
 
     def _serving_now(self, actor: str) -> NodeInfo | None:
@@ -467,9 +473,13 @@ class Cluster:
             self._refuse(message, f"it is not running on node {self.name!r}")
             return
         item: object
+        kind = "ask" if type(message) is Ask else "tell"
+        traced = _tracing.incoming(kind, message.actor, message.traceparent, message.tracestate)
         if type(message) is Ask:
             reply = _RemoteReply(self, message.reply_to, message.id, message.actor)
-            item = Request(message.message, reply)
+            item = Request(message.message, reply, traced)
+        elif traced is not None:  # a tell, as a request nobody waits for: traced alike
+            item = Request(message.message, NO_REPLY, traced)
         else:
             item = message.message
         inbox = spec.inbox

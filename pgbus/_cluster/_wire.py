@@ -7,7 +7,8 @@ Five tagged types (the tag is the ``"k"`` key), as tractor's ``msg/types.py`` de
 type       tag   keys
 =========  ====  ===========================================================================
 `Ask`      a     ``i`` id, ``a`` actor, ``r`` the asker's node channel, ``m`` the message
-`Tell`     t     ``i`` id, ``a`` actor, ``m`` the message
+                 (optional: ``tp`` a W3C traceparent, ``ts`` its tracestate)
+`Tell`     t     ``i`` id, ``a`` actor, ``m`` the message (optional: ``tp``, ``ts``)
 `Reply`    r     ``i`` the ask's id, ``v`` what ``handle`` returned
 `Failure`  e     ``i``, ``t`` the remote error's type name, ``e`` its text
 `Refusal`  e     ``i``, ``t`` null, ``e`` why the node did not take the request
@@ -22,6 +23,12 @@ Ids are what the sender chose: this version sends 63 random bits (`new_id`), so 
 cannot read a node's traffic cannot guess an ask's id. They stay integers, as earlier releases
 sent (counting from 1) and expect back: a node of either release answers the other's asks.
 Strings of hex digits are accepted too.
+
+Trace context (`pgbus._tracing`): a request may carry the sender's span as ``tp`` (a W3C
+``traceparent``) and ``ts`` (its ``tracestate``), only when the sender traces. Both are optional
+and checked strictly on receipt: a malformed one is dropped (the request goes on without it),
+never a reason to refuse the request. A node of an earlier release ignores keys it does not know,
+and sends none.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import attrs
 
 from .._codec import MAX_CHANNEL_NAME_BYTES, MAX_PAYLOAD_BYTES, decoder, payload_size
 from .._errors import CodecError, MessageNotJSONError, MessageTooLargeError
+from .._tracing import valid_traceparent, valid_tracestate
 
 NODE_CHANNEL_PREFIX = "pgbus.node."
 """Every node's own channel is this prefix and 16 random hex digits."""
@@ -104,12 +112,16 @@ class Ask:
     actor: str
     reply_to: str
     message: Any
+    traceparent: str | None = None
+    """The asking span's W3C context, when the asker traces (`pgbus._tracing`)."""
+    tracestate: str | None = None
 
     def encode(self) -> str:
         body = dumps(self.message, self.actor, "the message")
         return checked_size(
             f'{{"k":"a","i":{_json_encode(self.id)},"a":{_json_encode(self.actor)},'
-            f'"r":{_json_encode(self.reply_to)},"m":{body}}}',
+            f'"r":{_json_encode(self.reply_to)},"m":{body}'
+            f"{_trace_keys(self.traceparent, self.tracestate)}}}",
             self.actor,
             "the request",
         )
@@ -122,14 +134,26 @@ class Tell:
     id: Id
     actor: str
     message: Any
+    traceparent: str | None = None
+    """The telling span's W3C context, when the sender traces (`pgbus._tracing`)."""
+    tracestate: str | None = None
 
     def encode(self) -> str:
         body = dumps(self.message, self.actor, "the message")
         return checked_size(
-            f'{{"k":"t","i":{_json_encode(self.id)},"a":{_json_encode(self.actor)},"m":{body}}}',
+            f'{{"k":"t","i":{_json_encode(self.id)},"a":{_json_encode(self.actor)},"m":{body}'
+            f"{_trace_keys(self.traceparent, self.tracestate)}}}",
             self.actor,
             "the message",
         )
+
+
+def _trace_keys(traceparent: str | None, tracestate: str | None) -> str:
+    if traceparent is None:
+        return ""
+    if tracestate is None:
+        return f',"tp":{_json_encode(traceparent)}'
+    return f',"tp":{_json_encode(traceparent)},"ts":{_json_encode(tracestate)}'
 
 
 @attrs.frozen
@@ -215,13 +239,19 @@ def decode(payload: str) -> Message:
         raise WireError(f"a request's actor must be a name (got {_short(actor)})")
     if "m" not in data:
         raise WireError("a request without a message ('m')")
+    # Optional, and never a reason to refuse: a malformed context is dropped.
+    traceparent = tracestate = None
+    if "tp" in data:
+        traceparent = valid_traceparent(data["tp"])
+        if traceparent is not None:
+            tracestate = valid_tracestate(data.get("ts"))
     if kind == "t":
-        return Tell(id, actor, data["m"])
+        return Tell(id, actor, data["m"], traceparent, tracestate)
     reply_to = data.get("r")
     if not is_node_channel(reply_to):
         raise WireError(f"an ask's reply channel must be a node's channel (got {_short(reply_to)})")
     assert isinstance(reply_to, str)
-    return Ask(id, actor, reply_to, data["m"])
+    return Ask(id, actor, reply_to, data["m"], traceparent, tracestate)
 
 
 def _short(value: object) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from .. import _tracing
 from .._bridge import BridgeStatistics
 from .._channel import Channel
 from .._codec import decoder, validate_channel_name
@@ -56,6 +57,9 @@ _CLAIM = (
     "SELECT id, attempt, payload, reclaimed"
     " FROM pgbus.claim_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 )
+
+# Only while tracing (pgbus._tracing): the publish contexts of one claim's messages.
+_TRACE_CONTEXTS = "SELECT id, traceparent FROM pgbus.messages WHERE id = ANY($1::bigint[])"
 
 # 'latest': what is visible in the snapshot at joining is not for this group; what commits
 # after it is. 'earliest': a tick that sees nothing.
@@ -403,13 +407,36 @@ class DurableConsumer:
         if renews:  # what this claim takes, or what it renewed, has a whole lease from now
             self._next_renew = now + self.lease * RENEW_FRACTION
         self.acked += len(acks)
-        claimed = self._deliver(rows)
+        contexts = await self._trace_contexts(rows) if rows and _tracing.active() else None
+        claimed = self._deliver(rows, contexts)
         if reclaim and sum(1 for row in rows if row[3]) >= limit:
             self._next_reclaim = now  # maybe more are due: look again in the next claim
         return claimed
 
-    def _deliver(self, rows: list[Any]) -> int:
-        """Put claimed rows in the channel; forget the leases lost (attempt 0); how many claimed."""
+    async def _trace_contexts(self, rows: list[Any]) -> dict[int, str]:
+        """
+        While tracing: the stored publish contexts of the claimed *rows*, one statement per
+        claim. Tracing never stops delivery: when this fails, the messages go without.
+        """
+        assert self._connection is not None
+        # Only what will be delivered: not a lost lease (attempt 0), not what is held already.
+        ids = [row[0] for row in rows if row[1] and row[0] not in self._inflight]
+        if not ids:
+            return {}
+        try:
+            with trio.fail_after(STATEMENT_TIMEOUT):
+                found = await self._connection.fetch(_TRACE_CONTEXTS, ids)
+        except (trio.TooSlowError, DatabaseError, DatabaseUnavailableError) as exc:
+            log.warning("durable %r: could not read trace contexts: %s", self.pg_channel, exc)
+            return {}
+        return {row[0]: row[1] for row in found if row[1] is not None}
+
+    def _deliver(self, rows: list[Any], contexts: dict[int, str] | None = None) -> int:
+        """
+        Put claimed rows in the channel; forget the leases lost (attempt 0); how many claimed.
+
+        *contexts* (while tracing only): the publish contexts stored with them, by id.
+        """
         decode = self._decode
         channel = self.pg_channel
         inflight = self._inflight
@@ -439,7 +466,15 @@ class DurableConsumer:
                 self._fails.append((message_id, attempt, str(exc)))
                 self._fails_dead.add(message_id)
                 continue
-            message = DurableMessage(channel, value, message_id, attempt, self.group, receipt=self)
+            message = DurableMessage(
+                channel,
+                value,
+                message_id,
+                attempt,
+                self.group,
+                receipt=self,
+                trace=None if contexts is None else contexts.get(message_id, ""),
+            )
             inflight[message_id] = attempt
             self.delivered += 1
             if self._overflow:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from .. import _tracing
 from .._channel import Channel
 from .._codec import check_payload
 from .._errors import DatabaseError, PgbusError
@@ -29,22 +30,53 @@ _STORE_ONLY = (
 )
 _WAKE = "SELECT pg_notify($1, $2)"
 
+# The same, with the publish span's context stored with each message (only while tracing).
+_STORE_TRACED = """
+WITH stored AS (
+    INSERT INTO pgbus.messages (channel, payload, traceparent)
+    SELECT $1, p, $4 FROM unnest($2::text[]) AS p
+)
+SELECT pg_notify($3, $1)
+"""
+_STORE_ONLY_TRACED = (
+    "INSERT INTO pgbus.messages (channel, payload, traceparent)"
+    " SELECT $1, p, $3 FROM unnest($2::text[]) AS p"
+)
+
 _ACK_IN_TRANSACTION = """
 DELETE FROM pgbus.deliveries
  WHERE message_id = $1 AND group_name = $2 AND member = $3 AND attempts = $4
 """
 
 
-async def store(connection: Connection, channel: str, payloads: Sequence[str]) -> None:
-    """Store *payloads* in *channel*, in order, and wake its consumers: one statement."""
-    await connection.execute(_STORE, channel, list(payloads), WAKE_CHANNEL)
+async def store(
+    connection: Connection, channel: str, payloads: Sequence[str], *, root: bool = False
+) -> None:
+    """
+    Store *payloads* in *channel*, in order, and wake its consumers: one statement.
+
+    While tracing, in a ``publish {channel}`` span (the current span's child, or a root with
+    *root*) whose context is stored with each of them.
+    """
+    with _tracing.publishing(channel, len(payloads), root=root) as traceparent:
+        if traceparent is None:
+            await connection.execute(_STORE, channel, list(payloads), WAKE_CHANNEL)
+        else:
+            await connection.execute(
+                _STORE_TRACED, channel, list(payloads), WAKE_CHANNEL, traceparent
+            )
 
 
 async def store_in_transaction(
     connection: Connection, channel: str, payloads: Sequence[str]
 ) -> None:
-    """Store *payloads* inside the transaction open on *connection* (no wake-up yet)."""
-    await connection.execute(_STORE_ONLY, channel, list(payloads))
+    """Store *payloads* inside the transaction open on *connection* (no wake-up yet); traced
+    as `store` is."""
+    with _tracing.publishing(channel, len(payloads)) as traceparent:
+        if traceparent is None:
+            await connection.execute(_STORE_ONLY, channel, list(payloads))
+        else:
+            await connection.execute(_STORE_ONLY_TRACED, channel, list(payloads), traceparent)
 
 
 async def wake(connection: Connection, channels: Sequence[str]) -> None:
@@ -96,7 +128,8 @@ class DurableOutboundBridge(OutboundBridge):
     async def _publish(self, batch: list[str]) -> None:
         assert self._connection is not None
         try:
-            await store(self._connection, self.pg_channel, batch)
+            # One span per batch, a root: the senders' spans stayed in their own tasks.
+            await store(self._connection, self.pg_channel, batch, root=True)
         except DatabaseError as exc:
             log.error(
                 "PostgreSQL refused %d durable message(s) for %r: %s",

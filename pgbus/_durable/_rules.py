@@ -52,6 +52,9 @@ class DurableMessage:
     """The consumer group this delivery belongs to."""
     _receipt: Any = attrs.field(eq=False, repr=False, alias="receipt")
     """The bridge that claimed it (acknowledgements go back through it)."""
+    _trace: str | None = attrs.field(default=None, eq=False, repr=False, alias="trace")
+    """None when the bridge traced nothing when claiming it; else the stored ``traceparent``
+    of its publish span, or "" (published without one): its ``handle`` then runs in a span."""
 
 
 def validate_group(group: object, where: str = "group") -> str:

@@ -3,10 +3,11 @@ pgbus's own schema ``pgbus``: versioned migrations, applied once, under an advis
 
 Tables (version 1; version 2 replaced the claim function; version 3 added the tick columns and
 ``pgbus.claim_v3``; version 4 made the cluster's registry ``pgbus.cluster_nodes`` part of the
-schema):
+schema; ``_V_TRACE`` added ``pgbus.messages.traceparent``):
 
 - ``pgbus.messages``: one row per durable message: ``id``, ``xid`` (the publishing transaction,
-  ``pg_current_xact_id()``), ``channel``, ``payload``, ``created_at``.
+  ``pg_current_xact_id()``), ``channel``, ``payload``, ``created_at``, ``traceparent`` (the
+  publish span's W3C context when the publisher traces, else NULL).
 - ``pgbus.groups``: per (channel, group) when a member was last seen, the tick it joined at,
   and ``position_xid``/``position_id`` (version 2's position, kept as a watermark); where it
   is now is in ``pgbus.group_ticks`` (below).
@@ -603,7 +604,14 @@ ALTER TABLE pgbus.cluster_nodes
     ADD COLUMN IF NOT EXISTS sender_pids integer[] NOT NULL DEFAULT '{}';
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+# Tracing (pgbus._tracing): the W3C traceparent of the span that published a message, NULL when
+# its publisher traced nothing. Additive only: a nullable column without default is a catalog
+# change (no table rewrite), and members of the previous release never name it.
+_V_TRACE = r"""
+ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS traceparent text;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V_TRACE)
 """Migration *n* (1-based) brings the schema from version n-1 to n; never edit a released one."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
