@@ -169,7 +169,17 @@ async def janitor_pass(
             )
     for channel in set(skipped) - set(channels):
         del skipped[channel]
+    await connection.execute(_PURGE_DEDUP, DELETE_BATCH)
     return deleted
+
+
+# Deduplication keys whose window has passed (skipping those a publisher is taking over now).
+_PURGE_DEDUP = """
+DELETE FROM pgbus.dedup WHERE (channel, key) IN (
+    SELECT channel, key FROM pgbus.dedup WHERE expires_at <= now()
+     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+"""
 
 
 async def _janitor_key(connection: Connection, channel: str) -> int:

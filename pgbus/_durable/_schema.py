@@ -547,7 +547,36 @@ ALTER TABLE pgbus.cluster_nodes
     ADD COLUMN IF NOT EXISTS sender_pids integer[] NOT NULL DEFAULT '{}';
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+# Time and idempotency (after version 4; the lead renumbers at merge): deduplication keys and
+# delayed messages. Additive: two new tables, nothing existing changes. Both take message ids
+# from pgbus.messages' own sequence, so the id a publisher gets back is the message's id for
+# good (a delayed message keeps it when the mover copies it, with OVERRIDING SYSTEM VALUE).
+# - pgbus.dedup: one row per (channel, key) taken; a publish with a key inserts here with
+#   ON CONFLICT ... DO UPDATE ... WHERE expires_at <= now(): only a free or expired key stores
+#   the message. The janitor deletes expired rows.
+# - pgbus.delayed: messages not yet due; movers (every bus with durable support) move due
+#   rows into pgbus.messages with DELETE ... FOR UPDATE SKIP LOCKED, each row exactly once.
+_V_TIME = r"""
+CREATE TABLE pgbus.dedup (
+    channel text NOT NULL,
+    key text NOT NULL,
+    message_id bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (channel, key)
+);
+CREATE INDEX dedup_expiry ON pgbus.dedup (expires_at);
+
+CREATE TABLE pgbus.delayed (
+    id bigint PRIMARY KEY,
+    channel text NOT NULL,
+    payload text NOT NULL,
+    deliver_at timestamptz NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX delayed_due ON pgbus.delayed (deliver_at, id);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V_TIME)
 """Migration *n* (1-based) brings the schema from version n-1 to n; never edit a released one."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

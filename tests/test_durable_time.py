@@ -1,0 +1,398 @@
+"""
+Durable time and idempotency against a real PostgreSQL: deduplication keys (concurrent
+publishers, rollback, window), delayed messages (never early, all arrive, several movers,
+a mover's process killed), and the refusals of bad input.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import random
+import signal
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+from test_cli import pgbus_env, running
+
+import pgbus
+from pgbus._durable._schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from conftest import PgHelper
+
+WAIT = 30
+
+
+def fresh(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def stored_count(pg: PgHelper, channel: str) -> int:
+    return int(await pg.fetchval("SELECT count(*) FROM pgbus.messages WHERE channel = $1", channel))
+
+
+async def wait_until(pg: PgHelper, sql: str, *args: Any) -> None:
+    """Poll *sql* (a boolean) until true: a lock wait or a commit elsewhere has no event."""
+    with trio.fail_after(WAIT):
+        while not await pg.fetchval(sql, *args):  # noqa: ASYNC110 (no event to await)
+            await trio.sleep(0.01)
+
+
+# -- deduplication keys ------------------------------------------------------------------------
+
+
+async def test_1000_concurrent_publishers_of_one_key_store_one_message(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """50 connections x 20 publishes of one key at once: 1 message, every call gets its id."""
+    channel = fresh("dedup")
+    ids: list[int] = []
+    errors: list[BaseException] = []
+    async with pgbus.open_bus(pg_dsn) as bus:
+        await bus.notify("warm-up", "x", durable=True)  # schema and mover ready before the race
+        go = trio.Event()
+
+        async def publisher(n: int) -> None:
+            await go.wait()
+            for i in range(20):
+                try:
+                    got = await bus.notify(
+                        channel, f"from {n}.{i}", durable=True, dedup_key="order-42"
+                    )
+                    assert isinstance(got, int)
+                    ids.append(got)
+                except Exception as exc:  # counted, not raised: the test says how many
+                    errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(50):
+                nursery.start_soon(publisher, n)
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()
+    assert errors == []
+    assert len(ids) == 1000
+    assert await stored_count(pg, channel) == 1
+    stored_id = await pg.fetchval("SELECT id FROM pgbus.messages WHERE channel = $1", channel)
+    assert set(ids) == {stored_id}
+
+
+async def test_a_rolled_back_first_publisher_leaves_the_key_free(pg_dsn: str, pg: PgHelper) -> None:
+    """A second publisher waits on the first's uncommitted key; the first rolls back: it stores."""
+    channel = fresh("dedup")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        await bus.notify("warm-up", "x", durable=True)
+        second: list[int | None] = []
+
+        async def publish_second() -> None:
+            second.append(await bus.notify(channel, "second", durable=True, dedup_key="k"))
+
+        class Rollback(Exception):
+            pass
+
+        async def publish_first_then_roll_back(nursery: trio.Nursery) -> int | None:
+            async with bus.transaction() as tx:
+                first = await tx.publish(channel, "first", durable=True, dedup_key="k")
+                nursery.start_soon(publish_second)
+                # The second publisher waits for this transaction (a lock on the key's row).
+                await wait_until(
+                    pg,
+                    "SELECT EXISTS (SELECT FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%pgbus.dedup%')",
+                )
+                assert second == []
+                raise Rollback(first)
+
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(Rollback) as rolled_back:
+                await publish_first_then_roll_back(nursery)
+        first = rolled_back.value.args[0]
+        assert len(second) == 1
+        assert second[0] is not None
+        assert second[0] != first
+        rows = await pg.fetch("SELECT id, payload FROM pgbus.messages WHERE channel = $1", channel)
+        assert [(r["id"], r["payload"]) for r in rows] == [(second[0], "second")]
+        # And the key is now taken by the second one.
+        assert await bus.notify(channel, "third", durable=True, dedup_key="k") == second[0]
+    assert await stored_count(pg, channel) == 1
+
+
+async def test_dedup_key_is_per_channel_and_free_again_after_its_window(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """One key on two channels is two messages; after dedup_window the key stores again."""
+    a, b = fresh("dedup-a"), fresh("dedup-b")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        first = await bus.notify(a, "1", durable=True, dedup_key="k", dedup_window=0.3)
+        assert await bus.notify(a, "2", durable=True, dedup_key="k", dedup_window=0.3) == first
+        other = await bus.notify(b, "1", durable=True, dedup_key="k")
+        assert other != first
+        await wait_until(
+            pg,
+            "SELECT expires_at <= now() FROM pgbus.dedup WHERE channel = $1 AND key = 'k'",
+            a,
+        )
+        again = await bus.notify(a, "3", durable=True, dedup_key="k")
+        assert again is not None
+        assert again > first
+    rows = await pg.fetch("SELECT payload FROM pgbus.messages WHERE channel = $1 ORDER BY id", a)
+    assert [r["payload"] for r in rows] == ["1", "3"]
+
+
+async def test_durable_bridge_with_dedup_key_stores_each_key_once(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """An out-bridge with dedup_key: repeats in one batch and across batches are stored once."""
+    channel = fresh("dedup-bridge")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("out", math.inf)
+        bridge = await bus.bridge_out(
+            "out", channel, durable=True, codec="json", dedup_key=lambda m: str(m["key"])
+        )
+        for i in range(300):
+            await bus.send("out", {"key": i % 100, "n": i})
+        await bridge.aclose()
+        for i in range(50):
+            await bus.send("out", {"key": i, "n": 1000 + i})
+        await bus.bridge_out("out", channel, durable=True, codec="json", dedup_key=lambda m: None)
+    rows = await pg.fetch(
+        "SELECT payload FROM pgbus.messages WHERE channel = $1 ORDER BY id", channel
+    )
+    # The first 100 keys once each, in order; then the 50 keyless messages of the second bridge.
+    assert [r["payload"] for r in rows][:100] == [f'{{"key":{i},"n":{i}}}' for i in range(100)]
+    assert len(rows) == 150
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"delay": -1}, r"^delay must be a number of seconds >= 0 \(got -1\)\.$"),
+        ({"delay": math.inf}, r"^delay must be a number of seconds >= 0 \(got inf\)\.$"),
+        ({"delay": "5"}, r"^delay must be a number of seconds >= 0 \(got '5'\)\.$"),
+        (
+            {"delay": 1, "at": datetime.datetime.now(datetime.UTC)},
+            r"^delay and at cannot both be given; pass one of them$",
+        ),
+        ({"at": datetime.datetime(2030, 1, 1)}, r"^at must be an aware datetime"),
+        ({"dedup_key": ""}, r"^dedup_key must be a non-empty string without NUL \(got ''\)\.$"),
+        ({"dedup_key": 5}, r"^dedup_key must be a non-empty string without NUL \(got 5\)\.$"),
+        ({"dedup_key": "k", "dedup_window": 0}, r"^dedup_window must be a number of seconds > 0"),
+    ],
+)
+async def test_bad_time_and_key_options_are_refused_in_one_line(
+    pg_dsn: str, pg: PgHelper, options: dict[str, Any], message: str
+) -> None:
+    """notify and Transaction.publish refuse each bad option before storing anything."""
+    channel = fresh("bad")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        with pytest.raises(pgbus.ConfigError, match=message):
+            await bus.notify(channel, "x", durable=True, **options)
+        with pytest.raises(pgbus.ConfigError, match=message):
+            async with bus.transaction() as tx:
+                await tx.publish(channel, "x", durable=True, **options)
+        with pytest.raises(pgbus.ConfigError, match="only to durable messages"):
+            await bus.notify(channel, "x", delay=1)
+    assert await stored_count(pg, channel) == 0
+
+
+# -- delayed messages ---------------------------------------------------------------------------
+
+
+async def db_clock(pg: PgHelper) -> tuple[datetime.datetime, float]:
+    """
+    The database's clock, and a lower bound of its offset from this process's time.time():
+    the server read its clock before `after`, so its clock at local time t is at least
+    t + offset. The sample with the shortest round trip of ten (the tightest bound) is kept.
+    """
+    samples = []
+    for _ in range(10):
+        before = time.time()
+        now: datetime.datetime = await pg.fetchval("SELECT clock_timestamp()")
+        after = time.time()
+        samples.append((after - before, now, now.timestamp() - after))
+    _, now, offset = min(samples, key=lambda sample: sample[0])
+    return now, offset
+
+
+async def test_delay_counts_from_the_publish_by_the_database_clock(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """delay=2 stores deliver_at = the statement's time + 2 s; the id returned is kept."""
+    channel = fresh("delay")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        before, _ = await db_clock(pg)
+        message_id = await bus.notify(channel, "later", durable=True, delay=2)
+        after, _ = await db_clock(pg)
+        deliver_at = await pg.fetchval(
+            "SELECT deliver_at FROM pgbus.delayed WHERE id = $1", message_id
+        )
+        step = datetime.timedelta(seconds=2)
+        assert before + step <= deliver_at <= after + step
+        assert await stored_count(pg, channel) == 0
+
+
+async def test_delayed_messages_are_never_early_and_all_arrive_with_two_movers(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """
+    2,000 messages due at random times within 3 s, two buses moving: each arrives once, none
+    before its time by the database's clock, and the movers' counts add up to 2,000.
+    """
+    channel = fresh("later")
+    count = 2000
+    received: dict[int, float] = {}
+    done = trio.Event()
+    async with pgbus.open_bus(pg_dsn) as bus, pgbus.open_bus(pg_dsn) as other:
+        bus.add_channel("in", 500)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        await other.notify("warm-up", "x", durable=True)  # the second bus's mover runs
+        db_now, offset = await db_clock(pg)  # measured while idle: a tight bound
+        due: dict[int, datetime.datetime] = {}
+        committed: dict[int, float] = {}  # local time of each message's commit
+
+        async def consume() -> None:
+            while len(received) < count:
+                message = await bus.channel("in").receive()
+                assert message.id not in received, f"message {message.id} came twice"
+                received[message.id] = time.time()
+                bus.ack(message)
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            for chunk in range(20):
+                ids = []
+                async with bus.transaction() as tx:
+                    for i in range(100):
+                        at = db_now + datetime.timedelta(seconds=0.5 + random.uniform(0, 3))
+                        message_id = await tx.publish(channel, f"{chunk}.{i}", durable=True, at=at)
+                        assert message_id is not None
+                        due[message_id] = at
+                        ids.append(message_id)
+                committed.update(dict.fromkeys(ids, time.time()))
+            with trio.fail_after(WAIT):
+                await done.wait()
+        assert bus.mover is not None
+        assert other.mover is not None
+        moved = bus.mover.moved + other.mover.moved
+    assert set(received) == set(due)
+    early = [i for i in due if received[i] + offset < due[i].timestamp()]
+    assert early == []
+    assert moved >= count  # (and earlier tests' leftovers)
+    # Lateness from when it could be moved: due, and committed (the first chunks' earliest
+    # times pass while the last chunks are still being published).
+    late = sorted(received[i] - max(due[i].timestamp() - offset, committed[i]) for i in due)
+    p50, p99 = late[count // 2] * 1000, late[count * 99 // 100] * 1000
+    print(f"\nlateness p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    assert await pg.fetchval("SELECT count(*) FROM pgbus.delayed WHERE channel = $1", channel) == 0
+
+
+async def test_delay_on_a_durable_out_bridge(pg_dsn: str, pg: PgHelper) -> None:
+    """bridge_out(delay=...) holds each message back that long (by the database's clock)."""
+    channel = fresh("bridge-delay")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("out", math.inf)
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        await bus.bridge_out("out", channel, durable=True, delay=1.0)
+        sent_at, offset = await db_clock(pg)
+        await bus.send("out", "hello")
+        with trio.fail_after(WAIT):
+            message = await bus.channel("in").receive()
+        got = time.time() + offset
+        assert message.payload == "hello"
+        assert got >= sent_at.timestamp() + 1.0
+
+
+def mover_config(path: Path) -> Path:
+    """A bus with durable support (a durable out-bridge), so it runs a mover."""
+    config = path / f"mover-{uuid.uuid4().hex[:6]}.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [channels.out]
+            capacity = 10
+
+            [[bridge]]
+            postgres = "{fresh("unused")}"
+            channel = "out"
+            direction = "out"
+            durable = true
+            """
+        )
+    )
+    return config
+
+
+async def test_kill_9_of_a_movers_process_loses_nothing(
+    pg_dsn: str, pg: PgHelper, tmp_path: Path
+) -> None:
+    """The only mover is SIGKILLed while moving: a bus started after moves the rest, once each."""
+    channel = fresh("killed-mover")
+    count = 1000
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")  # the group exists from now
+    async with running(
+        "run", str(mover_config(tmp_path)), "--dsn", pg_dsn, env=pgbus_env()
+    ) as mover:
+        await mover.expect("stderr", "running", timeout=30)
+        db_now, _ = await db_clock(pg)
+        # Publish, then leave (its mover stops): the process is the only mover.
+        async with pgbus.open_bus(pg_dsn) as bus, bus.transaction() as tx:
+            for i in range(count):
+                at = db_now + datetime.timedelta(seconds=1 + 2 * i / count)
+                await tx.publish(channel, str(i), durable=True, at=at)
+        await wait_until(
+            pg, "SELECT count(*) > $2 FROM pgbus.messages WHERE channel = $1", channel, count // 3
+        )
+        mover.process.send_signal(signal.SIGKILL)
+        await mover.wait(timeout=10)
+    moved_by_killed = await stored_count(pg, channel)
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 100)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        seen: list[str] = []
+        with trio.fail_after(WAIT):
+            while len(seen) < count:
+                message = await bus.channel("in").receive()
+                seen.append(message.payload)
+                bus.ack(message)
+    print(f"\nkilled mover had moved {moved_by_killed} of {count}")
+    assert 0 < moved_by_killed < count
+    assert sorted(seen, key=int) == [str(i) for i in range(count)]
+    assert await stored_count(pg, channel) <= count
+
+
+async def test_schema_has_the_time_tables(pg_dsn: str, pg: PgHelper) -> None:
+    """The migration adds pgbus.dedup and pgbus.delayed at the current version."""
+    async with pgbus.open_bus(pg_dsn) as bus:
+        await bus.notify("warm-up", "x", durable=True)
+    assert await pg.fetchval("SELECT max(version) FROM pgbus.migrations") == SCHEMA_VERSION
+    assert await pg.fetchval("SELECT to_regclass('pgbus.dedup') IS NOT NULL")
+    assert await pg.fetchval("SELECT to_regclass('pgbus.delayed') IS NOT NULL")
+
+
+async def test_the_janitor_deletes_expired_dedup_keys(pg_dsn: str, pg: PgHelper) -> None:
+    """A key past its window is deleted by the janitor (a consumer's bus runs one)."""
+    channel = fresh("purge")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        await bus.notify(channel, "1", durable=True, dedup_key="gone", dedup_window=0.1)
+        await bus.notify(channel, "2", durable=True, dedup_key="kept")
+        await wait_until(
+            pg,
+            "SELECT NOT EXISTS (SELECT FROM pgbus.dedup WHERE channel = $1 AND key = 'gone')",
+            channel,
+        )
+    keys = await pg.fetch("SELECT key FROM pgbus.dedup WHERE channel = $1", channel)
+    assert [r["key"] for r in keys] == ["kept"]
