@@ -38,6 +38,7 @@ from ._durable._rules import (
     DEFAULT_START,
     MIN_RETENTION,
     START_POSITIONS,
+    validate_delay,
     validate_group,
     validate_prefetch,
     validate_retention,
@@ -136,6 +137,8 @@ class DurableBridgeConfig:
     retention: float = DEFAULT_RETENTION
     poll: float | None = None
     """Seconds between claims, with no LISTEN for wake-ups (poll-only; see `Bus.bridge_in`)."""
+    delay: float | None = None
+    """An "out" bridge's delay: each message is delivered this many seconds after it is stored."""
 
 
 @attrs.frozen
@@ -299,7 +302,8 @@ def _durable_summary(b: BridgeConfig) -> str:
     assert d is not None
     pg_name, trio_name = f"durable {b.postgres!r}", f"channel {b.channel!r}"
     if b.direction == "out":
-        return f"bridge #{b.index}: {trio_name} -> {pg_name} (out, {b.codec})"
+        delayed = "" if not d.delay else f", delay {d.delay:g}s"
+        return f"bridge #{b.index}: {trio_name} -> {pg_name} (out, {b.codec}{delayed})"
     return (
         f"bridge #{b.index}: {pg_name} -> {trio_name} (in, {b.codec}, group {d.group!r}, "
         f"start {d.start}, max_attempts {d.max_attempts}, retry_after {d.retry_after:g}s, "
@@ -602,6 +606,7 @@ _DURABLE_KEYS = (
     "lease",
     "retention",
     "poll",
+    "delay",
 )
 
 
@@ -611,13 +616,24 @@ def _parse_durable(
     """The durable keys of a bridge, checked with the validators `Bus.bridge_in` uses."""
     if direction == "out":
         for key in _DURABLE_KEYS[1:]:
-            if key in t.data:
+            if key in t.data and key != "delay":
                 t.fail(
                     key,
                     'applies only to durable "in" bridges (consumers); '
                     'remove it from this "out" bridge.',
                 )
-        return DurableBridgeConfig()
+        if "delay" not in t.data:
+            return DurableBridgeConfig()
+        try:
+            delay = validate_delay(t.data["delay"])
+        except ConfigError:
+            t.fail("delay", f"must be a number of seconds >= 0 (got {_show(t.data['delay'])}).")
+        return DurableBridgeConfig(delay=delay)
+    if "delay" in t.data:
+        t.fail(
+            "delay",
+            'applies only to durable "out" bridges (publishers); remove it from this "in" bridge.',
+        )
     for key in ("overflow", "ignore_own"):
         if key in t.data:
             t.fail(key, "does not apply to a durable bridge (it never drops); remove it.")

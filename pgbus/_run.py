@@ -217,6 +217,7 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
                 bridge.postgres,
                 codec=bridge.codec,
                 durable=bridge.durable is not None,
+                delay=bridge.durable.delay if bridge.durable is not None else None,
             )
     # Actors last, in file order: that order is what rest_for_one restarts and what shutdown
     # reverses.

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from test_cli import pgbus_env, running
+from test_cli import pgbus_env, run_to_completion, running
 
 import pgbus
+from pgbus._cli import main
 from pgbus._durable._schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -396,3 +397,107 @@ async def test_the_janitor_deletes_expired_dedup_keys(pg_dsn: str, pg: PgHelper)
         )
     keys = await pg.fetch("SELECT key FROM pgbus.dedup WHERE channel = $1", channel)
     assert [r["key"] for r in keys] == ["kept"]
+
+
+# -- configuration and command line -------------------------------------------------------------
+
+OUT_BRIDGE = """
+[channels.out]
+capacity = 10
+[channels.in]
+capacity = 10
+
+[[bridge]]
+postgres = "orders"
+channel = "out"
+direction = "out"
+durable = true
+"""
+
+
+def check_config(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    path = tmp_path / "bus.toml"
+    path.write_text(textwrap.dedent(text))
+    status = main(["check", str(path)])
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+def test_check_shows_an_out_bridges_delay(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """delay on a durable out-bridge is accepted and summarised."""
+    monkeypatch.delenv("PGBUS_DSN", raising=False)
+    status, out = check_config(tmp_path, OUT_BRIDGE + "delay = 2.5\n", capsys)
+    assert status == 0, out
+    assert "bridge #1: channel 'out' -> durable 'orders' (out, text, delay 2.5s)" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ("delay = -1\n", "[[bridge]] #1: delay must be a number of seconds >= 0 (got -1)."),
+        ('delay = "5"\n', "[[bridge]] #1: delay must be a number of seconds >= 0 (got '5')."),
+        (
+            'postgres = "x"\nchannel = "in"\ndirection = "in"\ndurable = true\ngroup = "g"\n'
+            "delay = 1\n",
+            '[[bridge]] #2: delay applies only to durable "out" bridges',
+        ),
+    ],
+)
+def test_check_refuses_a_bad_delay_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: str,
+    error: str,
+) -> None:
+    """A bad delay key: exit 2 and one line naming the bridge and the key."""
+    monkeypatch.delenv("PGBUS_DSN", raising=False)
+    text = OUT_BRIDGE + ("\n[[bridge]]\n" if extra.startswith("postgres") else "") + extra
+    status, out = check_config(tmp_path, text, capsys)
+    assert status == 2
+    assert error in out
+    assert len(out.strip().splitlines()) == 1
+
+
+async def test_cli_notify_durable_delay_and_dedup_key(pg: PgHelper) -> None:
+    """notify --durable --delay stores a delayed message and prints its id; a key is kept."""
+    channel = fresh("cli-delay")
+    result = await run_to_completion(
+        "notify", channel, "later", "--durable", "--delay", "30", "--dsn", pg.dsn
+    )
+    assert result.returncode == 0, result.stderr
+    line = result.stderr.decode().strip()
+    assert line.startswith(f"pgbus: stored 5 bytes to '{channel}' at "), line
+    message_id = int(line.split(" as message ")[1].split(",")[0])
+    assert line.endswith(f"as message {message_id}, due in 30s")
+    sql = "SELECT deliver_at - created_at FROM pgbus.delayed WHERE id = $1 AND channel = $2"
+    held_back = await pg.fetchval(sql, message_id, channel)
+    assert datetime.timedelta(seconds=30) <= held_back < datetime.timedelta(seconds=31)
+    for _ in range(2):
+        result = await run_to_completion(
+            "notify", channel, "once", "--durable", "--dedup-key", "k", "--dsn", pg.dsn
+        )
+        assert result.returncode == 0, result.stderr
+    assert await stored_count(pg, channel) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--durable", "--delay", "-1"], "--delay must be a number of seconds >= 0 (got -1.0)."),
+        (["--delay", "1"], "--delay and --dedup-key apply only to durable messages"),
+        (["--durable", "--dedup-key", ""], "--dedup-key must be a non-empty string"),
+        (["--durable", "--dedup-key", "k", "--dedup-window", "0"], "--dedup-window must be"),
+    ],
+)
+async def test_cli_notify_refuses_bad_time_options(
+    pg: PgHelper, args: list[str], error: str
+) -> None:
+    """Each bad option: exit 2 and one line naming it, before connecting."""
+    result = await run_to_completion("notify", "c", "x", *args, "--dsn", pg.dsn)
+    assert result.returncode == 2
+    err = result.stderr.decode().strip()
+    assert error in err
+    assert len(err.splitlines()) == 1
