@@ -50,6 +50,7 @@ from ._durable._rules import (
     validate_start,
     validate_timing,
 )
+from ._durable._schedule import ScheduleRunner, make_schedule
 from ._durable._support import DurableSupport
 from ._durable._time import DelayedMover
 from ._errors import (
@@ -182,6 +183,7 @@ class Bus:
         self._durable_max_payload = durable_max_payload
         self._durable: DurableSupport | None = None
         self.mover: DelayedMover | None = None
+        self._schedules: dict[str, ScheduleRunner] = {}
         """This bus's mover of delayed messages, once durable support started it."""
         self._starting = 0
         """Services being started (each waits for its connection first)."""
@@ -787,6 +789,50 @@ class Bus:
                 self._database(), self._durable_max_payload, on_ready=self._start_mover
             )
         return self._durable
+
+    async def schedule(
+        self,
+        name: str,
+        postgres: str,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        timezone: str = "UTC",
+        payload: object = None,
+        missed: str = "skip",
+    ) -> ScheduleRunner:
+        """
+        Publish one durable message to *postgres* per slot of schedule *name*, exactly once
+        across every process that runs it (see ``pgbus._durable._schedule``).
+
+        Slots come from *cron* (five fields, read in *timezone*, an IANA name) or *every*
+        seconds (aligned on the Unix epoch), judged by the database's clock. The payload is
+        *payload* encoded as JSON, or ``{"schedule": name, "slot": ISO time}`` without one.
+        *missed* says what to do with slots that passed while no process ran the schedule:
+        ``"skip"`` (default), ``"catch_up"`` (publish each, in order) or ``"latest"``.
+        Every process may run the same schedule: the slot's row and its message commit
+        together under a unique key, so each slot is published once whoever runs it.
+
+        Raises:
+            SettingError: a cron expression that does not parse, an unknown time zone, both
+                or neither of *cron* and *every*, *every* <= 0, an unknown *missed*.
+        """
+        checked = make_schedule(
+            name,
+            validate_channel_name(postgres),
+            cron=cron,
+            every=every,
+            timezone=timezone,
+            payload=payload,
+            missed=missed,
+        )
+        if name in self._schedules:
+            raise ConfigError(f"schedule {name!r} already runs in this bus.")
+        await self._durable_support().ensure_schema()
+        runner = ScheduleRunner(self._database(), checked, self._durable_max_payload)
+        self._schedules[name] = runner
+        await self._start(_Service(f"schedule {name}"), runner.serve)
+        return runner
 
     async def _start_mover(self) -> None:
         """

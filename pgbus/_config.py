@@ -44,11 +44,13 @@ from ._durable._rules import (
     validate_retention,
     validate_seconds,
 )
+from ._durable._schedule import Schedule, make_schedule
 from ._errors import (
     ActorOptionsError,
     CapacityError,
     ChannelNameError,
     ConfigError,
+    PgbusError,
     SettingError,
 )
 from ._metrics import parse_listen
@@ -189,6 +191,8 @@ class BusConfig:
     metrics: MetricsConfig | None = None
     node: NodeConfig | None = None
     """The ``[node]`` table, if the file has one (then the bus joins the cluster at start)."""
+    schedules: tuple[Schedule, ...] = ()
+    """The ``[[schedule]]`` tables: each publishes one durable message per slot."""
 
     @property
     def needs_database(self) -> bool:
@@ -199,6 +203,7 @@ class BusConfig:
         """
         return bool(
             self.bridges
+            or self.schedules
             or self.node is not None
             or any(a.public or a.singleton or a.actor_class.needs_database for a in self.actors)
         )
@@ -290,6 +295,11 @@ class BusConfig:
             inbox = "no inbox" if a.inbox is None else f"inbox {a.inbox!r}"
             cluster = ", singleton" if a.singleton else ", public" if a.public else ""
             lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}{cluster}")
+        for sch in self.schedules:
+            when = f"cron {sch.cron!r} ({sch.timezone})" if sch.cron else f"every {sch.every:g}s"
+            lines.append(
+                f"schedule {sch.name!r}: {when} -> durable {sch.postgres!r}, missed {sch.missed}"
+            )
         if self.metrics is not None:
             dashboard = ", dashboard on /" if self.metrics.dashboard else ""
             lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz{dashboard}")
@@ -381,7 +391,48 @@ def parse_config(
             for name, table in root.tables_of("actors", "[actors.NAME]")
         )
     metrics = _parse_metrics(root)
-    return BusConfig(source, postgres, supervisor, channels, bridges, actors, metrics, node)
+    schedules: dict[str, Schedule] = {}
+    for table in root.array_of_tables("schedule"):
+        schedule = _parse_schedule(table)
+        if schedule.name in schedules:
+            table.fail("name", f"{schedule.name!r} is the name of another [[schedule]].")
+        schedules[schedule.name] = schedule
+    return BusConfig(
+        source,
+        postgres,
+        supervisor,
+        channels,
+        bridges,
+        actors,
+        metrics,
+        node,
+        schedules=tuple(schedules.values()),
+    )
+
+
+def _parse_schedule(t: _Table) -> Schedule:
+    """A ``[[schedule]]``, checked by the rules `Bus.schedule` applies."""
+    t.no_unknown_keys(("name", "cron", "every", "timezone", "postgres", "payload", "missed"))
+    t.get("name", "a string", hint="the schedule's name, unique in the cluster")
+    postgres: str = t.get("postgres", "a string", hint="a durable channel name")
+    try:
+        validate_channel_name(postgres)
+    except ChannelNameError as exc:
+        t.fail("postgres", f"{postgres!r} {exc.reason}.")
+    try:
+        return make_schedule(
+            t.data["name"],
+            postgres,
+            cron=t.data.get("cron"),
+            every=t.data.get("every"),
+            timezone=t.data.get("timezone", "UTC"),
+            payload=t.data.get("payload"),
+            missed=t.data.get("missed", "skip"),
+        )
+    except SettingError as exc:
+        t.fail(exc.key, exc.describe(_show))
+    except PgbusError as exc:  # a payload JSON cannot carry
+        t.fail("payload", f"cannot be sent as JSON: {exc}")
 
 
 def _parse_metrics(root: _Table) -> MetricsConfig | None:
@@ -398,7 +449,16 @@ def _parse_metrics(root: _Table) -> MetricsConfig | None:
     return MetricsConfig(listen, dashboard)
 
 
-_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors", "metrics", "node")
+_TOP_LEVEL_KEYS = (
+    "postgres",
+    "supervisor",
+    "channels",
+    "bridge",
+    "actors",
+    "metrics",
+    "node",
+    "schedule",
+)
 _MISSING: Any = object()
 _KINDS: dict[str, tuple[type, ...]] = {
     "a string": (str,),

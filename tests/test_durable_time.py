@@ -7,8 +7,11 @@ a mover's process killed), and the refusals of bad input.
 from __future__ import annotations
 
 import datetime
+import itertools
+import json
 import math
 import random
+import re
 import signal
 import textwrap
 import time
@@ -22,6 +25,7 @@ from test_cli import pgbus_env, run_to_completion, running
 
 import pgbus
 from pgbus._cli import main
+from pgbus._durable._schedule import make_schedule
 from pgbus._durable._schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -501,3 +505,167 @@ async def test_cli_notify_refuses_bad_time_options(
     err = result.stderr.decode().strip()
     assert error in err
     assert len(err.splitlines()) == 1
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+def schedule_config(path: Path, name: str, channel: str, missed: str) -> Path:
+    config = path / f"schedule-{uuid.uuid4().hex[:6]}.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [[schedule]]
+            name = "{name}"
+            every = 1.0
+            postgres = "{channel}"
+            missed = "{missed}"
+            """
+        )
+    )
+    return config
+
+
+async def slots_and_messages(pg: PgHelper, name: str, channel: str) -> list[Any]:
+    return await pg.fetch(
+        "SELECT s.slot, s.message_id, m.payload FROM pgbus.schedule_slots s"
+        " LEFT JOIN pgbus.messages m ON m.id = s.message_id AND m.channel = $2"
+        " WHERE s.name = $1 ORDER BY s.slot",
+        name,
+        channel,
+    )
+
+
+async def test_a_schedule_on_three_processes_publishes_each_slot_once_under_kill_9(
+    pg: PgHelper, tmp_path: Path
+) -> None:
+    """
+    A per-second schedule run by 3 processes, one SIGKILLed, then all: one message per slot,
+    no duplicates; restarted with catch_up, the slots missed while none ran are published.
+    """
+    name, channel = fresh("every-second"), fresh("ticks")
+    config = str(schedule_config(tmp_path, name, channel, "catch_up"))
+    args = ("run", config, "--dsn", pg.dsn)
+    async with running(*args) as one, running(*args) as two, running(*args) as three:
+        for process in (one, two, three):
+            await process.expect("stderr", "pgbus: running;")
+        await wait_until(pg, "SELECT count(*) >= 3 FROM pgbus.schedule_slots WHERE name = $1", name)
+        one.process.send_signal(signal.SIGKILL)
+        await wait_until(pg, "SELECT count(*) >= 6 FROM pgbus.schedule_slots WHERE name = $1", name)
+        for process in (two, three):
+            process.process.send_signal(signal.SIGKILL)
+        await one.wait(timeout=10)
+    stopped = await pg.fetchval("SELECT clock_timestamp()")
+    await wait_until(
+        pg, "SELECT clock_timestamp() > $1::timestamptz + interval '2.5 seconds'", stopped
+    )
+    async with running(*args) as again:
+        await again.expect("stderr", "pgbus: running;")
+        await wait_until(
+            pg,
+            "SELECT max(slot) > $2::timestamptz + interval '1 second'"
+            " FROM pgbus.schedule_slots WHERE name = $1",
+            name,
+            stopped,
+        )
+    rows = await slots_and_messages(pg, name, channel)
+    slots = [r["slot"] for r in rows]
+    steps = {(b - a).total_seconds() for a, b in itertools.pairwise(slots)}
+    assert steps == {1.0}, f"slots missed or repeated: {slots}"
+    assert all(r["payload"] is not None for r in rows)  # each slot's message is stored
+    assert len({r["message_id"] for r in rows}) == len(rows)
+    count = await stored_count(pg, channel)
+    assert count == len(rows)
+    print(f"\n{len(rows)} slots, {count} messages, 0 duplicates, 0 missed")
+
+
+async def test_skip_and_latest_publish_none_or_one_missed_slot(pg_dsn: str, pg: PgHelper) -> None:
+    """With slots missed: skip publishes none of them, latest only the newest."""
+    for missed in ("skip", "latest"):
+        name, channel = fresh(f"missed-{missed}"), fresh("ticks")
+        # Slots of an hour ago and the 10 minutes since count as missed: the schedule's last
+        # published slot is an hour old.
+        await pg.execute(
+            "INSERT INTO pgbus.schedule_slots (name, slot, message_id)"
+            " VALUES ($1, date_trunc('minute', now()) - interval '1 hour', 0)",
+            name,
+        )
+        async with pgbus.open_bus(pg_dsn) as bus:
+            runner = await bus.schedule(name, channel, every=60.0, missed=missed)
+            with trio.fail_after(WAIT):
+                while runner.passes == 0:  # noqa: ASYNC110 (the runner's first pass)
+                    await trio.sleep(0.01)
+        rows = await slots_and_messages(pg, name, channel)
+        newest = await pg.fetchval("SELECT date_trunc('minute', now())")
+        published = [r["slot"] for r in rows[1:]]
+        if missed == "skip":
+            assert published == []
+        else:
+            assert published == [newest]
+
+
+def test_slots_follow_cron_in_its_time_zone() -> None:
+    """'0 3 * * *' in Europe/Paris is 01:00 UTC in summer, 02:00 in winter (DST)."""
+    schedule = make_schedule("nightly", "reports", cron="0 3 * * *", timezone="Europe/Paris")
+    start = datetime.datetime(2026, 3, 28, 12, tzinfo=datetime.UTC)
+    slots = schedule.slots_after(start)
+    assert [next(slots).isoformat() for _ in range(2)] == [
+        "2026-03-29T01:00:00+00:00",
+        "2026-03-30T01:00:00+00:00",
+    ]
+    winter = datetime.datetime(2026, 1, 10, 2, 30, tzinfo=datetime.UTC)
+    assert schedule.latest_at_or_before(winter).isoformat() == "2026-01-10T02:00:00+00:00"
+    every = make_schedule("tick", "ticks", every=2.5)
+    after = datetime.datetime(2026, 1, 1, 0, 0, 1, tzinfo=datetime.UTC)
+    assert next(every.slots_after(after)).isoformat() == "2026-01-01T00:00:02.500000+00:00"
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"cron": "61 * * * *"}, "cron must be a cron expression of five fields"),
+        ({"cron": "* * * * * *"}, "cron must be a cron expression of five fields"),
+        ({"cron": "0 3 * * *", "timezone": "Mars/Olympus"}, "timezone must be an IANA time zone"),
+        ({"cron": "0 3 * * *", "every": 5}, "cron or every is required (one of them, not both)"),
+        ({}, "cron or every is required (one of them, not both)"),
+        ({"every": 0}, "every must be a number of seconds > 0 (got 0)"),
+        ({"every": 1, "missed": "later"}, "missed must be one of 'skip', 'catch_up', 'latest'"),
+    ],
+)
+async def test_bad_schedules_are_refused_by_the_api_and_check(
+    pg_dsn: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options: dict[str, Any],
+    error: str,
+) -> None:
+    """Bus.schedule and check refuse each bad schedule in one line naming the key."""
+    async with pgbus.open_bus(pg_dsn) as bus:
+        with pytest.raises(pgbus.ConfigError, match=re.escape(error)):
+            await bus.schedule("s", "ticks", **options)
+    monkeypatch.delenv("PGBUS_DSN", raising=False)
+    toml = '[[schedule]]\nname = "s"\npostgres = "ticks"\n' + "".join(
+        f"{key} = {json.dumps(value)}\n" for key, value in options.items()
+    )
+    status, out = check_config(tmp_path, toml, capsys)
+    assert status == 2
+    assert f"[[schedule]] #1: {error}" in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_check_summarises_a_schedule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A [[schedule]] shows in check's summary with its rule, channel and missed policy."""
+    monkeypatch.delenv("PGBUS_DSN", raising=False)
+    toml = (
+        '[[schedule]]\nname = "nightly-report"\ncron = "0 3 * * *"\ntimezone = "Europe/Paris"\n'
+        'postgres = "reports"\npayload = { kind = "nightly" }\n'
+    )
+    status, out = check_config(tmp_path, toml, capsys)
+    assert status == 0, out
+    assert (
+        "schedule 'nightly-report': cron '0 3 * * *' (Europe/Paris) -> durable 'reports', "
+        "missed skip"
+    ) in out

@@ -556,6 +556,8 @@ ALTER TABLE pgbus.cluster_nodes
 #   the message. The janitor deletes expired rows.
 # - pgbus.delayed: messages not yet due; movers (every bus with durable support) move due
 #   rows into pgbus.messages with DELETE ... FOR UPDATE SKIP LOCKED, each row exactly once.
+# - pgbus.schedule_slots: one row per slot of a schedule published; the row and the message
+#   commit in one statement, so a slot is published exactly once whoever runs it.
 _V_TIME = r"""
 CREATE TABLE pgbus.dedup (
     channel text NOT NULL,
@@ -574,6 +576,14 @@ CREATE TABLE pgbus.delayed (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX delayed_due ON pgbus.delayed (deliver_at, id);
+
+CREATE TABLE pgbus.schedule_slots (
+    name text NOT NULL,
+    slot timestamptz NOT NULL,
+    message_id bigint NOT NULL,
+    published_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, slot)
+);
 """
 
 MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V_TIME)
