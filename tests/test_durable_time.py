@@ -669,3 +669,11 @@ def test_check_summarises_a_schedule(
         "schedule 'nightly-report': cron '0 3 * * *' (Europe/Paris) -> durable 'reports', "
         "missed skip"
     ) in out
+
+
+async def test_the_schedule_example_prints_a_heartbeat(pg: PgHelper) -> None:
+    """`pgbus run examples/schedule.toml` publishes its heartbeat and its worker prints it."""
+    async with running("run", "examples/schedule.toml", "--dsn", pg.dsn) as bus:
+        await bus.expect("stderr", "pgbus: running;")
+        line = await bus.expect("stdout", "heartbeat", timeout=20)
+    assert json.loads(line)["channel"] == "reports"
