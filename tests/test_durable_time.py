@@ -677,3 +677,23 @@ async def test_the_schedule_example_prints_a_heartbeat(pg: PgHelper) -> None:
         await bus.expect("stderr", "pgbus: running;")
         line = await bus.expect("stdout", "heartbeat", timeout=20)
     assert json.loads(line)["channel"] == "reports"
+
+
+async def test_the_grants_alone_run_delays_keys_and_schedules(pg: PgHelper) -> None:
+    """A role with only `pgbus grants` publishes delayed and keyed messages and runs a schedule."""
+    from test_restricted_role import role
+
+    channel = fresh("restricted-time")
+    async with role(pg, granted=True) as dsn, pgbus.open_bus(dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        first = await bus.notify(channel, "keyed", durable=True, dedup_key="k")
+        assert await bus.notify(channel, "again", durable=True, dedup_key="k") == first
+        await bus.notify(channel, "later", durable=True, delay=0.2)
+        await bus.schedule(fresh("restricted"), channel, every=0.5, payload="tick")
+        got: set[str] = set()
+        with trio.fail_after(WAIT):  # a schedule's payload is JSON: "tick" with its quotes
+            while got != {"keyed", "later", '"tick"'}:
+                message = await bus.channel("in").receive()
+                got.add(message.payload)
+                bus.ack(message)
