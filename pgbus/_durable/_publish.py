@@ -56,7 +56,7 @@ WITH input AS MATERIALIZED (
     INSERT INTO pgbus.dedup AS d (channel, key, message_id, expires_at)
     SELECT $1, i.key, i.id, now() + make_interval(secs => $4) FROM input i
      WHERE i.key IS NOT NULL
-     ORDER BY i.key
+     ORDER BY i.key COLLATE "C"
     ON CONFLICT (channel, key) DO UPDATE
        SET message_id = EXCLUDED.message_id, expires_at = EXCLUDED.expires_at
      WHERE d.expires_at <= now()
