@@ -154,6 +154,24 @@ WORKLOADS: dict[str, Workload] = {
             peers=("pgbus",),
         ),
         Workload(
+            "W6D",
+            "W6 with a dedup_key on every message (all distinct): the cost of taking keys; "
+            "compare with pgbus's W6 of the same run (target >= 80%)",
+            "throughput",
+            messages=100_000,
+            reference="pgbus",
+            peers=("pgbus",),
+        ),
+        Workload(
+            "W10",
+            "delayed lateness: messages with random delays of 0-10 s, handled by one worker "
+            "process; handle time minus due time, p50 / p99 (none early)",
+            "latency",
+            messages=10_000,
+            reference="pgbus",
+            peers=("pgbus",),
+        ),
+        Workload(
             "W8",
             "cross-process ask: process A asks an actor in process B, one at a time, p50 / p99",
             "latency",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -23,26 +24,35 @@ from ._durable._admin import GroupStatus, group_status
 from ._durable._consumer import POLL_EVERY, DurableConsumer
 from ._durable._publish import DurableOutboundBridge
 from ._durable._publish import ack_in_transaction as durable_ack_in_transaction
-from ._durable._publish import store as durable_store
-from ._durable._publish import store_in_transaction as durable_store_in_transaction
+from ._durable._publish import store_one as durable_store_one
+from ._durable._publish import store_timed as durable_store_timed
 from ._durable._publish import wake as durable_wake
+from ._durable._publish import wake_movers as durable_wake_movers
 from ._durable._rules import (
+    DEFAULT_DEDUP_WINDOW,
     DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_RETENTION,
     DEFAULT_RETRY_AFTER,
     DEFAULT_START,
     MAX_DURABLE_PAYLOAD_BYTES,
+    MOVER_CHANNEL,
     WAKE_CHANNEL,
     DurableMessage,
+    validate_dedup_key,
+    validate_dedup_window,
+    validate_delay,
     validate_group,
     validate_max_attempts,
     validate_max_payload,
     validate_retention,
     validate_seconds,
     validate_start,
+    validate_timing,
 )
+from ._durable._schedule import ScheduleRunner, make_schedule
 from ._durable._support import DurableSupport
+from ._durable._time import DelayedMover
 from ._errors import (
     ActorFailedError,
     ActorUnavailableError,
@@ -172,6 +182,9 @@ class Bus:
         self._publishers: dict[str, OutboundBridge] = {}  # channels whose bridge takes offers
         self._durable_max_payload = durable_max_payload
         self._durable: DurableSupport | None = None
+        self.mover: DelayedMover | None = None
+        self._schedules: dict[str, ScheduleRunner] = {}
+        """This bus's mover of delayed messages, once durable support started it."""
         self._starting = 0
         """Services being started (each waits for its connection first)."""
         self.hurried = False
@@ -529,13 +542,25 @@ class Bus:
         return await self._listener.server_channels()
 
     async def bridge_out(
-        self, channel: str, postgres: str, *, codec: str = "text", durable: bool = False
+        self,
+        channel: str,
+        postgres: str,
+        *,
+        codec: str = "text",
+        durable: bool = False,
+        delay: float | None = None,
+        dedup_key: Callable[[object], str | None] | None = None,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
     ) -> Bridge:
         """
         Publish every message sent to *channel* to the Postgres channel *postgres*.
 
         With ``durable=True``, store them in the durable channel *postgres* instead: one INSERT
-        and one wake-up per batch, payloads up to ``durable_max_payload`` bytes.
+        and one wake-up per batch, payloads up to ``durable_max_payload`` bytes. Durable only:
+        with *delay* (seconds), each message is delivered that long after it is stored (by
+        the database's clock); with *dedup_key*, a function of the message giving its
+        deduplication key (or None), a message whose key is taken within *dedup_window*
+        seconds is not stored (see `notify`).
 
         The bridge becomes *channel*'s consumer. Messages are encoded by *codec*; one that is
         too large or cannot be encoded is refused with a logged error and counted in
@@ -545,11 +570,26 @@ class Bus:
         source = self.channel(channel)
         if channel in self._outbound:
             raise ConfigError(f"channel {channel!r} already has an outbound bridge.")
+        delay = validate_delay(delay)
+        dedup_window = validate_dedup_window(dedup_window)
+        if not durable and (delay is not None or dedup_key is not None):
+            raise ConfigError("delay and dedup_key apply only to durable bridges (durable=True).")
+        if dedup_key is not None and not callable(dedup_key):
+            raise ConfigError(
+                f"dedup_key of a bridge must be a function of the message (got {dedup_key!r})."
+            )
         bridge: OutboundBridge
         if durable:
             await self._durable_support().ensure_schema()
             bridge = DurableOutboundBridge(
-                database, source, postgres, codec, self._durable_max_payload
+                database,
+                source,
+                postgres,
+                codec,
+                self._durable_max_payload,
+                delay=delay or None,
+                dedup_key=dedup_key,
+                dedup_window=dedup_window,
             )
         else:
             bridge = OutboundBridge(database, source, postgres, codec)
@@ -567,29 +607,66 @@ class Bus:
         return Bridge(f"{channel!r} -> {postgres!r}", close)
 
     async def notify(
-        self, postgres: str, message: object, *, codec: str = "text", durable: bool = False
-    ) -> None:
+        self,
+        postgres: str,
+        message: object,
+        *,
+        codec: str = "text",
+        durable: bool = False,
+        delay: float | None = None,
+        at: datetime.datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+    ) -> int | None:
         """
-        Send one notification now, outside any transaction.
+        Send one notification now, outside any transaction (returns None).
 
         With ``durable=True``, store *message* in the durable channel *postgres* instead
-        (returns once it is committed).
+        (returns its message id once it is committed). Durable only:
+
+        - *delay* (seconds >= 0) or *at* (an aware datetime): consumers get it then, by the
+          database's clock, never earlier (and within a few milliseconds after, while a bus
+          with durable support runs: every one moves due messages).
+        - *dedup_key* (a non-empty string): while another message of this channel holds the
+          key (for *dedup_window* seconds after it was stored, 1 hour by default), nothing is
+          stored and that message's id is returned. Concurrent publishers of one key wait for
+          the first one's transaction: exactly one stores.
 
         Raises:
             PayloadTooLargeError, CodecError, ChannelNameError: before anything is sent.
+            SettingError: a negative or infinite *delay*, both *delay* and *at*, a naive *at*,
+                a *dedup_key* that is not a non-empty string, a *dedup_window* <= 0.
         """
         if durable:
             payload = encode(
                 validate_channel_name(postgres), message, codec, self._durable_max_payload
             )
+            delay, at = validate_timing(delay, at)
+            key = validate_dedup_key(dedup_key)
+            dedup_window = validate_dedup_window(dedup_window)
             await self._durable_support().ensure_schema()
             async with self._database().borrow() as connection:
-                await durable_store(connection, postgres, [payload])
-            return
+                if not delay and at is None and key is None:
+                    return await durable_store_one(connection, postgres, payload, wake=True)
+                stored = await durable_store_timed(
+                    connection,
+                    postgres,
+                    [payload],
+                    [key],
+                    window=dedup_window,
+                    delay=delay or None,
+                    at=at,
+                )
+                return stored.ids[0]
+        if delay is not None or at is not None or dedup_key is not None:
+            raise ConfigError(
+                "delay, at and dedup_key apply only to durable messages (durable=True)."
+            )
         payload = encode(validate_channel_name(postgres), message, codec)
         database = self._database()
         async with database.borrow() as connection:
             await database.publish(connection, postgres, [payload])
+        return None
 
     @asynccontextmanager
     async def transaction(self, *, ack: DurableMessage | None = None) -> AsyncIterator[Transaction]:
@@ -714,8 +791,67 @@ class Bus:
 
     def _durable_support(self) -> DurableSupport:
         if self._durable is None:
-            self._durable = DurableSupport(self._database(), self._durable_max_payload)
+            self._durable = DurableSupport(
+                self._database(), self._durable_max_payload, on_ready=self._start_mover
+            )
         return self._durable
+
+    async def schedule(
+        self,
+        name: str,
+        postgres: str,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        timezone: str = "UTC",
+        payload: object = None,
+        missed: str = "skip",
+    ) -> ScheduleRunner:
+        """
+        Publish one durable message to *postgres* per slot of schedule *name*, exactly once
+        across every process that runs it (see ``pgbus._durable._schedule``).
+
+        Slots come from *cron* (five fields, read in *timezone*, an IANA name) or *every*
+        seconds (aligned on the Unix epoch), judged by the database's clock. The payload is
+        *payload* encoded as JSON, or ``{"schedule": name, "slot": ISO time}`` without one.
+        *missed* says what to do with slots that passed while no process ran the schedule:
+        ``"skip"`` (default), ``"catch_up"`` (publish each, in order) or ``"latest"``.
+        Every process may run the same schedule: the slot's row and its message commit
+        together under a unique key, so each slot is published once whoever runs it.
+
+        Raises:
+            SettingError: a cron expression that does not parse, an unknown time zone, both
+                or neither of *cron* and *every*, *every* <= 0, an unknown *missed*.
+        """
+        checked = make_schedule(
+            name,
+            validate_channel_name(postgres),
+            cron=cron,
+            every=every,
+            timezone=timezone,
+            payload=payload,
+            missed=missed,
+        )
+        if name in self._schedules:
+            raise ConfigError(f"schedule {name!r} already runs in this bus.")
+        await self._durable_support().ensure_schema()
+        runner = ScheduleRunner(self._database(), checked, self._durable_max_payload)
+        self._schedules[name] = runner
+        await self._start(_Service(f"schedule {name}"), runner.serve)
+        return runner
+
+    async def _start_mover(self) -> None:
+        """
+        Every bus with durable support moves due delayed messages (several at once are safe),
+        woken early by publishers' NOTIFYs on its listening connection (polling every second
+        behind a transaction pooler).
+        """
+        mover = DelayedMover(self._database())
+        if not self._database().transaction_pooling:
+            listener = await self._get_listener("the delayed messages' wake-ups")
+            await listener.add_hook(MOVER_CHANNEL, mover.wake)
+        self.mover = mover
+        await self._start(_Service("delayed mover"), mover.serve)
 
     async def _bridge_in_durable(
         self,
@@ -932,6 +1068,7 @@ class Transaction:
         self._durable_support = durable_support
         self._durable_max_payload = durable_max_payload
         self._woken: dict[str, None] = {}  # durable channels stored to: woken before COMMIT
+        self._wake_movers = False  # a delayed message was stored: movers woken before COMMIT
         self._pending: dict[str, dict[str, None]] = {}  # channel -> payloads, in order
 
     async def execute(self, sql: str, *args: Any) -> str:
@@ -947,15 +1084,27 @@ class Transaction:
         return await self._connection.fetchval(sql, *args)
 
     async def publish(
-        self, postgres: str, message: object, *, codec: str = "text", durable: bool = False
-    ) -> None:
+        self,
+        postgres: str,
+        message: object,
+        *,
+        codec: str = "text",
+        durable: bool = False,
+        delay: float | None = None,
+        at: datetime.datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+    ) -> int | None:
         """
         Publish *message* to the Postgres channel *postgres* when (and only if) this commits.
 
         With ``durable=True`` the message is stored in the durable channel *postgres* at once,
         inside this transaction (the outbox pattern): consumers see it from COMMIT on, never
         after ROLLBACK. Repeating a payload is fine then. The first durable use of a bus
-        creates pgbus's schema if need be (on a connection of its own).
+        creates pgbus's schema if need be (on a connection of its own). Returns the durable
+        message's id (None for a notification). *delay*, *at*, *dedup_key* and
+        *dedup_window* are as for `Bus.notify`; a key taken here is free again if this
+        transaction rolls back, and a concurrent publisher of the same key waits for it.
 
         Raises:
             PayloadTooLargeError, CodecError, ChannelNameError: at once.
@@ -966,16 +1115,42 @@ class Transaction:
             payload = encode(
                 validate_channel_name(postgres), message, codec, self._durable_max_payload
             )
+            delay, at = validate_timing(delay, at)
+            key = validate_dedup_key(dedup_key)
+            dedup_window = validate_dedup_window(dedup_window)
             if self._durable_support is not None:
                 await self._durable_support().ensure_schema()
-            await durable_store_in_transaction(self._connection, postgres, [payload])
-            self._woken[postgres] = None
-            return
+            if not delay and at is None and key is None:
+                message_id = await durable_store_one(
+                    self._connection, postgres, payload, wake=False
+                )
+                self._woken[postgres] = None
+                return message_id
+            stored = await durable_store_timed(
+                self._connection,
+                postgres,
+                [payload],
+                [key],
+                window=dedup_window,
+                delay=delay or None,
+                at=at,
+                wake=False,
+            )
+            if stored.delayed:
+                self._wake_movers = True
+            elif stored.new[0]:
+                self._woken[postgres] = None
+            return stored.ids[0]
+        if delay is not None or at is not None or dedup_key is not None:
+            raise ConfigError(
+                "delay, at and dedup_key apply only to durable messages (durable=True)."
+            )
         payload = encode(validate_channel_name(postgres), message, codec)
         payloads = self._pending.setdefault(postgres, {})
         if payload in payloads:
             raise DuplicateNotificationError(postgres)
         payloads[payload] = None
+        return None
 
     async def _flush(self) -> None:
         for channel, payloads in self._pending.items():
@@ -984,6 +1159,9 @@ class Transaction:
         if self._woken:
             await durable_wake(self._connection, list(self._woken))
             self._woken.clear()
+        if self._wake_movers:
+            await durable_wake_movers(self._connection)
+            self._wake_movers = False
 
 
 @asynccontextmanager

@@ -29,7 +29,13 @@ from ._codec import CODECS, MAX_PAYLOAD_BYTES, decoder, encode, validate_channel
 from ._config import BusConfig, load_config
 from ._dsn import check_dsn, describe_dsn, redact_dsn
 from ._durable._cli import add_durable_commands
-from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES
+from ._durable._rules import (
+    DEFAULT_DEDUP_WINDOW,
+    MAX_DURABLE_PAYLOAD_BYTES,
+    validate_dedup_key,
+    validate_dedup_window,
+    validate_delay,
+)
 from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
 from ._grants import add_grants_command
 from ._logs import LOG_FORMATS, formatter
@@ -204,6 +210,24 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
         action="store_true",
         help="store it in the durable channel CHANNEL instead (payloads up to 1 MiB)",
     )
+    notify.add_argument(
+        "--delay",
+        metavar="SECONDS",
+        type=float,
+        help="with --durable: deliver it SECONDS from now (by the database's clock)",
+    )
+    notify.add_argument(
+        "--dedup-key",
+        metavar="KEY",
+        help="with --durable: store nothing if a message of CHANNEL holds KEY (prints its id)",
+    )
+    notify.add_argument(
+        "--dedup-window",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_DEDUP_WINDOW,
+        help=f"with --dedup-key: how long the key stays taken (default {DEFAULT_DEDUP_WINDOW:g})",
+    )
     notify.set_defaults(command_function=_notify)
 
     listen = commands.add_parser(
@@ -324,6 +348,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _notify(args: argparse.Namespace) -> int:
     channel: str = _checked_channel(args.channel)
+    timed = args.delay is not None or args.dedup_key is not None
+    if timed and not args.durable:
+        raise UsageError("--delay and --dedup-key apply only to durable messages; add --durable.")
+    try:
+        delay = validate_delay(args.delay)
+        dedup_key = validate_dedup_key(args.dedup_key)
+        window = validate_dedup_window(args.dedup_window)
+    except SettingError as exc:
+        raise UsageError(f"--{exc.key.replace('_', '-')} {exc.rule}") from None
     if args.payload == "-":
         text = _payload_from_stdin(MAX_DURABLE_PAYLOAD_BYTES if args.durable else MAX_PAYLOAD_BYTES)
     else:
@@ -343,21 +376,38 @@ def _notify(args: argparse.Namespace) -> int:
     except PgbusError as exc:  # too large, or a NUL character
         raise UsageError(str(exc)) from None
     dsn = _dsn_for_client(args.dsn, args.config, accepts_config=True)
+    ids: list[int | None] = []
+    send = partial(_send_one, dsn, channel, message, args.codec, args.durable, ids)
     with _logging_to_stderr("warning"):
-        status = _trio_run(partial(_send_one, dsn, channel, message, args.codec, args.durable))
+        status = _trio_run(partial(send, delay=delay, dedup_key=dedup_key, dedup_window=window))
     if status == EXIT_OK:
         what = "stored" if args.durable else "sent"
-        _say(f"{what} {size} bytes to {channel!r} at {describe_dsn(dsn)}")
+        line = f"{what} {size} bytes to {channel!r} at {describe_dsn(dsn)}"
+        if timed:
+            line += f" as message {ids[0]}"
+            if delay:
+                line += f", due in {delay:g}s"
+            if dedup_key is not None:
+                line += f" (or the message already holding key {dedup_key!r})"
+        _say(line)
     return status
 
 
 async def _send_one(
-    dsn: str, channel: str, message: object, codec: str, durable: bool = False
+    dsn: str,
+    channel: str,
+    message: object,
+    codec: str,
+    durable: bool = False,
+    ids: list[int | None] | None = None,
+    **options: Any,
 ) -> None:
     from ._bus import open_bus
 
     async with open_bus(dsn) as bus:
-        await bus.notify(channel, message, codec=codec, durable=durable)
+        message_id = await bus.notify(channel, message, codec=codec, durable=durable, **options)
+        if ids is not None:
+            ids.append(message_id)
 
 
 def _listen(args: argparse.Namespace) -> int:

@@ -38,16 +38,19 @@ from ._durable._rules import (
     DEFAULT_START,
     MIN_RETENTION,
     START_POSITIONS,
+    validate_delay,
     validate_group,
     validate_prefetch,
     validate_retention,
     validate_seconds,
 )
+from ._durable._schedule import Schedule, make_schedule
 from ._errors import (
     ActorOptionsError,
     CapacityError,
     ChannelNameError,
     ConfigError,
+    PgbusError,
     SettingError,
 )
 from ._metrics import parse_listen
@@ -136,6 +139,8 @@ class DurableBridgeConfig:
     retention: float = DEFAULT_RETENTION
     poll: float | None = None
     """Seconds between claims, with no LISTEN for wake-ups (poll-only; see `Bus.bridge_in`)."""
+    delay: float | None = None
+    """An "out" bridge's delay: each message is delivered this many seconds after it is stored."""
 
 
 @attrs.frozen
@@ -186,6 +191,8 @@ class BusConfig:
     metrics: MetricsConfig | None = None
     node: NodeConfig | None = None
     """The ``[node]`` table, if the file has one (then the bus joins the cluster at start)."""
+    schedules: tuple[Schedule, ...] = ()
+    """The ``[[schedule]]`` tables: each publishes one durable message per slot."""
 
     @property
     def needs_database(self) -> bool:
@@ -196,6 +203,7 @@ class BusConfig:
         """
         return bool(
             self.bridges
+            or self.schedules
             or self.node is not None
             or any(a.public or a.singleton or a.actor_class.needs_database for a in self.actors)
         )
@@ -287,6 +295,11 @@ class BusConfig:
             inbox = "no inbox" if a.inbox is None else f"inbox {a.inbox!r}"
             cluster = ", singleton" if a.singleton else ", public" if a.public else ""
             lines.append(f"actor {a.name!r}: {a.class_path}, {inbox}, restart {a.restart}{cluster}")
+        for sch in self.schedules:
+            when = f"cron {sch.cron!r} ({sch.timezone})" if sch.cron else f"every {sch.every:g}s"
+            lines.append(
+                f"schedule {sch.name!r}: {when} -> durable {sch.postgres!r}, missed {sch.missed}"
+            )
         if self.metrics is not None:
             dashboard = ", dashboard on /" if self.metrics.dashboard else ""
             lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz{dashboard}")
@@ -299,7 +312,8 @@ def _durable_summary(b: BridgeConfig) -> str:
     assert d is not None
     pg_name, trio_name = f"durable {b.postgres!r}", f"channel {b.channel!r}"
     if b.direction == "out":
-        return f"bridge #{b.index}: {trio_name} -> {pg_name} (out, {b.codec})"
+        delayed = "" if not d.delay else f", delay {d.delay:g}s"
+        return f"bridge #{b.index}: {trio_name} -> {pg_name} (out, {b.codec}{delayed})"
     return (
         f"bridge #{b.index}: {pg_name} -> {trio_name} (in, {b.codec}, group {d.group!r}, "
         f"start {d.start}, max_attempts {d.max_attempts}, retry_after {d.retry_after:g}s, "
@@ -377,7 +391,48 @@ def parse_config(
             for name, table in root.tables_of("actors", "[actors.NAME]")
         )
     metrics = _parse_metrics(root)
-    return BusConfig(source, postgres, supervisor, channels, bridges, actors, metrics, node)
+    schedules: dict[str, Schedule] = {}
+    for table in root.array_of_tables("schedule"):
+        schedule = _parse_schedule(table)
+        if schedule.name in schedules:
+            table.fail("name", f"{schedule.name!r} is the name of another [[schedule]].")
+        schedules[schedule.name] = schedule
+    return BusConfig(
+        source,
+        postgres,
+        supervisor,
+        channels,
+        bridges,
+        actors,
+        metrics,
+        node,
+        schedules=tuple(schedules.values()),
+    )
+
+
+def _parse_schedule(t: _Table) -> Schedule:
+    """A ``[[schedule]]``, checked by the rules `Bus.schedule` applies."""
+    t.no_unknown_keys(("name", "cron", "every", "timezone", "postgres", "payload", "missed"))
+    t.get("name", "a string", hint="the schedule's name, unique in the cluster")
+    postgres: str = t.get("postgres", "a string", hint="a durable channel name")
+    try:
+        validate_channel_name(postgres)
+    except ChannelNameError as exc:
+        t.fail("postgres", f"{postgres!r} {exc.reason}.")
+    try:
+        return make_schedule(
+            t.data["name"],
+            postgres,
+            cron=t.data.get("cron"),
+            every=t.data.get("every"),
+            timezone=t.data.get("timezone", "UTC"),
+            payload=t.data.get("payload"),
+            missed=t.data.get("missed", "skip"),
+        )
+    except SettingError as exc:
+        t.fail(exc.key, exc.describe(_show))
+    except PgbusError as exc:  # a payload JSON cannot carry
+        t.fail("payload", f"cannot be sent as JSON: {exc}")
 
 
 def _parse_metrics(root: _Table) -> MetricsConfig | None:
@@ -394,7 +449,16 @@ def _parse_metrics(root: _Table) -> MetricsConfig | None:
     return MetricsConfig(listen, dashboard)
 
 
-_TOP_LEVEL_KEYS = ("postgres", "supervisor", "channels", "bridge", "actors", "metrics", "node")
+_TOP_LEVEL_KEYS = (
+    "postgres",
+    "supervisor",
+    "channels",
+    "bridge",
+    "actors",
+    "metrics",
+    "node",
+    "schedule",
+)
 _MISSING: Any = object()
 _KINDS: dict[str, tuple[type, ...]] = {
     "a string": (str,),
@@ -602,6 +666,7 @@ _DURABLE_KEYS = (
     "lease",
     "retention",
     "poll",
+    "delay",
 )
 
 
@@ -611,13 +676,24 @@ def _parse_durable(
     """The durable keys of a bridge, checked with the validators `Bus.bridge_in` uses."""
     if direction == "out":
         for key in _DURABLE_KEYS[1:]:
-            if key in t.data:
+            if key in t.data and key != "delay":
                 t.fail(
                     key,
                     'applies only to durable "in" bridges (consumers); '
                     'remove it from this "out" bridge.',
                 )
-        return DurableBridgeConfig()
+        if "delay" not in t.data:
+            return DurableBridgeConfig()
+        try:
+            delay = validate_delay(t.data["delay"])
+        except ConfigError:
+            t.fail("delay", f"must be a number of seconds >= 0 (got {_show(t.data['delay'])}).")
+        return DurableBridgeConfig(delay=delay)
+    if "delay" in t.data:
+        t.fail(
+            "delay",
+            'applies only to durable "out" bridges (publishers); remove it from this "in" bridge.',
+        )
     for key in ("overflow", "ignore_own"):
         if key in t.data:
             t.fail(key, "does not apply to a durable bridge (it never drops); remove it.")

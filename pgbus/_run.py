@@ -217,7 +217,18 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
                 bridge.postgres,
                 codec=bridge.codec,
                 durable=bridge.durable is not None,
+                delay=bridge.durable.delay if bridge.durable is not None else None,
             )
+    for schedule in config.schedules:
+        await bus.schedule(
+            schedule.name,
+            schedule.postgres,
+            cron=schedule.cron,
+            every=schedule.every,
+            timezone=schedule.timezone,
+            payload=schedule.payload,
+            missed=schedule.missed,
+        )
     # Actors last, in file order: that order is what rest_for_one restarts and what shutdown
     # reverses.
     for actor in config.actors:

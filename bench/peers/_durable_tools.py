@@ -36,7 +36,7 @@ DEFAULT_WORKERS = 4
 
 def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="worker")
-    parser.add_argument("mode", choices=("W6", "W6R", "W7"))
+    parser.add_argument("mode", choices=("W6", "W6R", "W6D", "W7", "W10"))
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--channel", required=True)
     parser.add_argument("--application-name", required=True)
@@ -58,7 +58,7 @@ class WorkerReport:
 
     def handled(self, payload: str) -> None:
         """Call from the handler, once per message, as soon as it has it."""
-        if self.mode == "W7":
+        if self.mode in ("W7", "W10"):
             _line(f"h {payload} {time.perf_counter()!r}")
         self.payloads.append(payload)
 

@@ -7,8 +7,15 @@ pgbus durable channels for W6 and W7, as its README shows them (public names onl
   stops when the actors have handled every message and no delivery is left unacknowledged.
 - W6R: W6 with ``lease = 2`` and a handler that takes 1 ms: what renewing the held leases
   (every 0.67 s, in the claims' round trips) costs; any message handled twice fails the run.
+- W6D: W6 with a ``dedup_key`` on every message (the bridge's ``dedup_key=`` function gives
+  each payload as its key, all distinct): what taking a key in ``pgbus.dedup`` costs.
 - W7: ``bus.notify(channel, payload, durable=True)`` one at a time; one worker process (W7L is
   W7 again while the harness holds a writing transaction open in another database).
+- W10: delayed-message lateness. Messages published with ``delay=`` uniform in 0-10 s (in
+  transactions of 500 ``Transaction.publish`` calls), handled by one worker process; lateness
+  is the handle time minus the later of its due time (the publish call's start + delay, a lower
+  bound of the server's ``deliver_at``) and its transaction's commit. A message handled before
+  its due time fails the run.
 
 Run as ``python -m bench.peers.pgbus_peer W6 ...`` (the harness does); the workers are
 ``python -m bench.peers.pgbus_durable worker W6 ...``.
@@ -16,6 +23,7 @@ Run as ``python -m bench.peers.pgbus_peer W6 ...`` (the harness does); the worke
 
 from __future__ import annotations
 
+import random
 import signal
 import sys
 from typing import Any
@@ -63,7 +71,8 @@ async def durable_throughput(args: PeerArgs, mode: str = "W6") -> Result:
             await trio.to_thread.run_sync(workers.wait_ready, args.timeout)
             workers.expect(args.messages)
             bus.add_channel("out", OUT_CAPACITY)
-            await bus.bridge_out("out", args.channel, durable=True)
+            keyed = {"dedup_key": str} if mode == "W6D" else {}
+            await bus.bridge_out("out", args.channel, durable=True, **keyed)
             start = clock()
             for payload in expected:
                 await bus.send("out", payload)
@@ -117,6 +126,48 @@ async def lease_renewal(args: PeerArgs) -> Result:
     return await durable_throughput(args, "W6R")
 
 
+async def dedup_throughput(args: PeerArgs) -> Result:
+    return await durable_throughput(args, "W6D")
+
+
+MAX_DELAY = 10.0
+PUBLISH_BATCH = 500
+
+
+async def delayed_lateness(args: PeerArgs) -> Result:
+    rng = random.Random(10)
+    due: dict[str, float] = {}
+    async with _bus(args.dsn) as bus:
+        await bus.notify(args.channel, "schema", durable=True)
+        workers = Workers(MODULE, "W10", 1, args)
+        try:
+            await trio.to_thread.run_sync(workers.wait_ready, args.timeout)
+            for first in range(0, args.messages, PUBLISH_BATCH):
+                batch = range(first, min(first + PUBLISH_BATCH, args.messages))
+                async with bus.transaction() as tx:
+                    for i in batch:
+                        delay = rng.uniform(0, MAX_DELAY)
+                        due[str(i)] = clock() + delay
+                        await tx.publish(args.channel, str(i), durable=True, delay=delay)
+                committed = clock()
+                for i in batch:
+                    due[str(i)] = max(due[str(i)], committed)
+            lateness: list[float] = []
+            while len(lateness) < args.messages:
+                got, at = await trio.to_thread.run_sync(
+                    workers.events.get, True, args.timeout + MAX_DELAY
+                )
+                if got not in due:
+                    raise WorkloadError(f"worker handled {got!r}, which was not sent")
+                lateness.append(at - due.pop(got))
+        finally:
+            await trio.to_thread.run_sync(workers.stop)
+    early = [t for t in lateness if t < 0]
+    if early:
+        raise WorkloadError(f"{len(early)} message(s) handled early (by up to {-min(early):.4f}s)")
+    return latency(lateness)
+
+
 class Handler(pgbus.Actor):
     def __init__(self, report: WorkerReport, pause: float = 0.0) -> None:
         self.report = report
@@ -145,7 +196,13 @@ async def _worker(argv: list[str]) -> None:
     report.final()
 
 
-WORKLOADS = {"W6": durable_throughput, "W6R": lease_renewal, "W7": durable_latency}
+WORKLOADS = {
+    "W6": durable_throughput,
+    "W6R": lease_renewal,
+    "W6D": dedup_throughput,
+    "W7": durable_latency,
+    "W10": delayed_lateness,
+}
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["worker"]:

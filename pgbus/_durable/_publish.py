@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import attrs
 
 from .. import _tracing
 from .._channel import Channel
 from .._codec import check_payload
-from .._errors import DatabaseError, PgbusError
+from .._errors import DatabaseError, PgbusError, SettingError
 from .._outbound import OutboundBridge
 from .._pg import Connection, Database
-from ._rules import WAKE_CHANNEL
+from ._rules import DEFAULT_DEDUP_WINDOW, MOVER_CHANNEL, WAKE_CHANNEL, validate_dedup_key
 
 log = logging.getLogger("pgbus.durable")
 
@@ -22,6 +25,15 @@ WITH stored AS (
 )
 SELECT pg_notify($3, $1)
 """
+
+# One message, its id back, and the wake-up: one statement.
+_STORE_ONE = """
+WITH stored AS (
+    INSERT INTO pgbus.messages (channel, payload) VALUES ($1, $2) RETURNING id
+)
+SELECT id, pg_notify($3, $1) FROM stored
+"""
+_STORE_ONE_ONLY = "INSERT INTO pgbus.messages (channel, payload) VALUES ($1, $2) RETURNING id"
 
 # Inside a caller's transaction: the wake-up is sent once, just before COMMIT (PostgreSQL would
 # merge repeated ones anyway).
@@ -42,6 +54,56 @@ _STORE_ONLY_TRACED = (
     "INSERT INTO pgbus.messages (channel, payload, traceparent)"
     " SELECT $1, p, $3 FROM unnest($2::text[]) AS p"
 )
+
+# Keyed and/or delayed messages, one statement. Ids come from pgbus.messages' sequence up front,
+# so a delayed message keeps its id when it moves. A key is taken by INSERT ... ON CONFLICT DO
+# UPDATE ... WHERE expired: a row comes back only for a key that was free or expired, and only
+# those messages are stored; a concurrent publisher of the same key waits on the first one's
+# uncommitted row (and stores if that transaction rolls back). Keys are inserted in key order
+# so two batches sharing keys cannot deadlock. $5/$6: delay seconds / absolute time (NULL
+# both: deliver now); $7: send the wake-up NOTIFY (not inside a caller's transaction).
+_STORE_TIMED = """
+WITH input AS MATERIALIZED (
+    SELECT u.payload, u.key, u.ord, nextval('pgbus.messages_id_seq') AS id
+      FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(payload, key, ord)
+), keyed AS (
+    INSERT INTO pgbus.dedup AS d (channel, key, message_id, expires_at)
+    SELECT $1, i.key, i.id, now() + make_interval(secs => $4) FROM input i
+     WHERE i.key IS NOT NULL
+     ORDER BY i.key COLLATE "C"
+    ON CONFLICT (channel, key) DO UPDATE
+       SET message_id = EXCLUDED.message_id, expires_at = EXCLUDED.expires_at
+     WHERE d.expires_at <= now()
+    RETURNING d.message_id
+), chosen AS MATERIALIZED (
+    SELECT i.id, i.payload, i.ord FROM input i
+     WHERE i.key IS NULL OR i.id IN (SELECT k.message_id FROM keyed k)
+), due AS MATERIALIZED (
+    SELECT CASE WHEN $5::float8 IS NULL AND $6::timestamptz IS NULL THEN NULL
+                ELSE coalesce($6::timestamptz,
+                              statement_timestamp() + make_interval(secs => $5::float8)) END AS at
+), now_rows AS (
+    INSERT INTO pgbus.messages (id, channel, payload) OVERRIDING SYSTEM VALUE
+    SELECT c.id, $1, c.payload FROM chosen c, due WHERE due.at IS NULL ORDER BY c.ord
+), later_rows AS (
+    INSERT INTO pgbus.delayed (id, channel, payload, deliver_at)
+    SELECT c.id, $1, c.payload, due.at FROM chosen c, due WHERE due.at IS NOT NULL ORDER BY c.ord
+)
+SELECT coalesce(array_agg(c.ord ORDER BY c.ord), '{}') AS ords,
+       coalesce(array_agg(c.id ORDER BY c.ord), '{}') AS ids,
+       (SELECT at FROM due) AS deliver_at,
+       CASE WHEN $7 AND count(*) > 0 THEN
+            CASE WHEN (SELECT at FROM due) IS NULL THEN pg_notify($8, $1)
+                 ELSE pg_notify($9, $1) END END AS woken
+  FROM chosen c
+"""
+
+# After the statement above: who holds the keys it did not take (a new statement, so a new
+# snapshot in READ COMMITTED: it sees the row a concurrent publisher committed meanwhile).
+_KEY_HOLDERS = """
+SELECT key, message_id FROM pgbus.dedup
+ WHERE channel = $1 AND key = ANY($2::text[]) AND expires_at > now()
+"""
 
 _ACK_IN_TRANSACTION = """
 DELETE FROM pgbus.deliveries
@@ -67,6 +129,14 @@ async def store(
             )
 
 
+async def store_one(connection: Connection, channel: str, payload: str, *, wake: bool) -> int:
+    """Store one message (waking its consumers with *wake*); its id."""
+    if wake:
+        row = await connection.fetchrow(_STORE_ONE, channel, payload, WAKE_CHANNEL)
+        return int(row[0])
+    return int(await connection.fetchval(_STORE_ONE_ONLY, channel, payload))
+
+
 async def store_in_transaction(
     connection: Connection, channel: str, payloads: Sequence[str]
 ) -> None:
@@ -82,6 +152,101 @@ async def store_in_transaction(
 async def wake(connection: Connection, channels: Sequence[str]) -> None:
     for channel in channels:
         await connection.execute(_WAKE, WAKE_CHANNEL, channel)
+
+
+@attrs.frozen
+class Stored:
+    """What `store_timed` did: each payload's message id, and whether anything was delayed."""
+
+    ids: list[int]
+    """Per payload, in order: its id, or the id of the message already holding its key."""
+    new: list[bool]
+    """Per payload: True if it was stored, False if its key was taken (nothing stored)."""
+    delayed: bool
+    """Something was stored in ``pgbus.delayed`` (the movers should be woken)."""
+
+
+async def store_timed(
+    connection: Connection,
+    channel: str,
+    payloads: Sequence[str],
+    keys: Sequence[str | None],
+    *,
+    window: float,
+    delay: float | None = None,
+    at: datetime.datetime | None = None,
+    wake: bool = True,
+) -> Stored:
+    """
+    Store *payloads* in *channel* with deduplication *keys* (None: no key) taken for *window*
+    seconds, delivered now or after *delay* seconds / at *at* (by the database's clock).
+
+    One statement (so one transaction when sent alone, or part of the caller's). A key already
+    taken (within its window) stores nothing: that payload's id is the holder's. A key repeated
+    inside *payloads* counts once, for its first payload. With *wake*, the statement NOTIFYs
+    the channel's consumers (or the movers, for delayed messages).
+    """
+    first: dict[str, int] = {}
+    sent_keys: list[str | None] = []
+    for index, key in enumerate(keys):
+        if key is not None and key in first:
+            sent_keys.append(None)  # a repeat: not sent; takes its first's id below
+            continue
+        if key is not None:
+            first[key] = index
+        sent_keys.append(key)
+    repeats = [i for i, key in enumerate(keys) if key is not None and first[key] != i]
+    skip = set(repeats)
+    positions = [i for i in range(len(payloads)) if i not in skip]
+    sent = [payloads[i] for i in positions]
+    sent_k = [sent_keys[i] for i in positions]
+    ids: list[int | None] = [None] * len(payloads)
+    new = [False] * len(payloads)
+    delayed = False
+    for _attempt in range(3):
+        row = await connection.fetchrow(
+            _STORE_TIMED,
+            channel,
+            sent,
+            sent_k,
+            window,
+            delay,
+            at,
+            wake,
+            WAKE_CHANNEL,
+            MOVER_CHANNEL,
+        )
+        for ord_, message_id in zip(row[0], row[1], strict=True):
+            ids[positions[ord_ - 1]] = message_id
+            new[positions[ord_ - 1]] = True
+        delayed = delayed or (row[2] is not None and len(row[0]) > 0)
+        missing = {sent_k[j]: j for j in range(len(sent)) if ids[positions[j]] is None}
+        if not missing:
+            break
+        holders = await connection.fetch(_KEY_HOLDERS, channel, list(missing))
+        for key, message_id in holders:
+            ids[positions[missing.pop(key)]] = message_id
+        if not missing:
+            break
+        # The holder expired (and was deleted) between the two statements: try those again.
+        sent = [sent[j] for j in missing.values()]
+        positions = [positions[j] for j in missing.values()]
+        sent_k = list(missing)
+    else:
+        raise DatabaseError(
+            "55000",
+            f"could not take or read deduplication keys {sorted(k for k in sent_k if k)!r} of "
+            f"channel {channel!r} after 3 tries",
+        )
+    for i in repeats:
+        key = keys[i]
+        assert key is not None
+        ids[i] = ids[first[key]]
+    return Stored([int(i) if i is not None else 0 for i in ids], new, delayed)
+
+
+async def wake_movers(connection: Connection) -> None:
+    await connection.execute(_WAKE, MOVER_CHANNEL, "")
 
 
 async def ack_in_transaction(
@@ -107,15 +272,41 @@ class DurableOutboundBridge(OutboundBridge):
     direct = False  # each batch is a transaction of its own: always from the bridge's task
 
     def __init__(
-        self, db: Database, channel: Channel, pg_channel: str, codec: str, max_payload: int
+        self,
+        db: Database,
+        channel: Channel,
+        pg_channel: str,
+        codec: str,
+        max_payload: int,
+        *,
+        delay: float | None = None,
+        dedup_key: Callable[[object], str | None] | None = None,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
     ) -> None:
         super().__init__(db, channel, pg_channel, codec)
         self.max_payload = max_payload
+        self.delay = delay
+        self.dedup_key = dedup_key
+        self.dedup_window = dedup_window
+        self._keys: list[str | None] = []  # with dedup_key: one per payload of the batch
 
     def _add(self, batch: list[str], message: object) -> None:
         try:
             payload = self._encode(self.pg_channel, message)
-            batch.append(check_payload(self.pg_channel, payload, self.codec, self.max_payload))
+            checked = check_payload(self.pg_channel, payload, self.codec, self.max_payload)
+            key = None
+            if self.dedup_key is not None:
+                try:
+                    key = validate_dedup_key(self.dedup_key(message))
+                except PgbusError:
+                    raise
+                except Exception as exc:
+                    raise SettingError(
+                        "dedup_key", f"function raised {type(exc).__name__}: {exc}"
+                    ) from None
+            batch.append(checked)
+            if self.dedup_key is not None:
+                self._keys.append(key)
         except PgbusError as exc:
             self.rejected += 1
             log.error(
@@ -127,9 +318,20 @@ class DurableOutboundBridge(OutboundBridge):
 
     async def _publish(self, batch: list[str]) -> None:
         assert self._connection is not None
+        keys = self._keys  # kept with the batch until it is stored or refused
         try:
-            # One span per batch, a root: the senders' spans stayed in their own tasks.
-            await store(self._connection, self.pg_channel, batch, root=True)
+            if self.delay is None and self.dedup_key is None:
+                # One span per batch, a root: the senders' spans stayed in their own tasks.
+                await store(self._connection, self.pg_channel, batch, root=True)
+            else:
+                await store_timed(
+                    self._connection,
+                    self.pg_channel,
+                    batch,
+                    keys or [None] * len(batch),
+                    window=self.dedup_window,
+                    delay=self.delay,
+                )
         except DatabaseError as exc:
             log.error(
                 "PostgreSQL refused %d durable message(s) for %r: %s",
@@ -141,3 +343,4 @@ class DurableOutboundBridge(OutboundBridge):
         else:
             self.published += len(batch)
         batch.clear()
+        self._keys = []

@@ -6,15 +6,22 @@ No driver here: the TOML loader, the bus and the SQL modules all check options w
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any
 
 import attrs
 
-from .._errors import ConfigError
+from .._errors import ConfigError, SettingError
 
 WAKE_CHANNEL = "pgbus_durable"
 """The Postgres channel publishers NOTIFY after storing messages; the payload names the channel."""
+
+MOVER_CHANNEL = "pgbus_delayed"
+"""The Postgres channel publishers of delayed messages NOTIFY so movers wake up early."""
+
+DEFAULT_DEDUP_WINDOW = 3600.0
+"""Seconds a ``dedup_key`` stays taken after the message that took it was stored (1 hour)."""
 
 MAX_DURABLE_PAYLOAD_BYTES = 1 << 20
 """Default limit of one durable payload (1 MiB): ``open_bus(durable_max_payload=...)``."""
@@ -112,3 +119,48 @@ def validate_max_payload(value: object) -> int:
             f"durable_max_payload must be a positive number of bytes (got {value!r})."
         )
     return value
+
+
+def validate_dedup_key(value: object) -> str | None:
+    """None (no deduplication) or a non-empty string without NUL."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise SettingError("dedup_key", "must be a non-empty string without NUL", value=value)
+    return value
+
+
+def validate_dedup_window(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise SettingError("dedup_window", "must be a number of seconds > 0", value=value)
+    return float(value)
+
+
+def validate_delay(value: object) -> float | None:
+    """None (no delay) or a finite number of seconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise SettingError("delay", "must be a number of seconds >= 0", value=value)
+    return float(value)
+
+
+def validate_at(value: object) -> datetime.datetime | None:
+    """None or an aware `datetime.datetime` (a naive one's time zone would be a guess)."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime.datetime):
+        raise SettingError("at", "must be an aware datetime.datetime", value=value)
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise SettingError(
+            "at", "must be an aware datetime (with tzinfo; naive times are ambiguous)", value=value
+        )
+    return value
+
+
+def validate_timing(delay: object, at: object) -> tuple[float | None, datetime.datetime | None]:
+    """*delay* and *at* checked together: at most one of them."""
+    checked_delay, checked_at = validate_delay(delay), validate_at(at)
+    if checked_delay is not None and checked_at is not None:
+        raise SettingError("delay", "and at cannot both be given; pass one of them")
+    return checked_delay, checked_at

@@ -3,7 +3,8 @@ pgbus's own schema ``pgbus``: versioned migrations, applied once, under an advis
 
 Tables (version 1; version 2 replaced the claim function; version 3 added the tick columns and
 ``pgbus.claim_v3``; version 4 made the cluster's registry ``pgbus.cluster_nodes`` part of the
-schema; ``_V_TRACE`` added ``pgbus.messages.traceparent``):
+schema; version 5 added ``pgbus.messages.traceparent``; version 6 the tables of delayed
+messages, deduplication keys and schedule slots):
 
 - ``pgbus.messages``: one row per durable message: ``id``, ``xid`` (the publishing transaction,
   ``pg_current_xact_id()``), ``channel``, ``payload``, ``created_at``, ``traceparent`` (the
@@ -604,14 +605,53 @@ ALTER TABLE pgbus.cluster_nodes
     ADD COLUMN IF NOT EXISTS sender_pids integer[] NOT NULL DEFAULT '{}';
 """
 
-# Tracing (pgbus._tracing): the W3C traceparent of the span that published a message, NULL when
-# its publisher traced nothing. Additive only: a nullable column without default is a catalog
-# change (no table rewrite), and members of the previous release never name it.
-_V_TRACE = r"""
+# Version 5, tracing (pgbus._tracing): the W3C traceparent of the span that published a
+# message, NULL when its publisher traced nothing. Additive only: a nullable column without
+# default is a catalog change (no table rewrite), and the previous release never names it.
+_V5 = r"""
 ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS traceparent text;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V_TRACE)
+# Version 6, time and idempotency: deduplication keys and
+# delayed messages. Additive: two new tables, nothing existing changes. Both take message ids
+# from pgbus.messages' own sequence, so the id a publisher gets back is the message's id for
+# good (a delayed message keeps it when the mover copies it, with OVERRIDING SYSTEM VALUE).
+# - pgbus.dedup: one row per (channel, key) taken; a publish with a key inserts here with
+#   ON CONFLICT ... DO UPDATE ... WHERE expires_at <= now(): only a free or expired key stores
+#   the message. The janitor deletes expired rows.
+# - pgbus.delayed: messages not yet due; movers (every bus with durable support) move due
+#   rows into pgbus.messages with DELETE ... FOR UPDATE SKIP LOCKED, each row exactly once.
+# - pgbus.schedule_slots: one row per slot of a schedule published; the row and the message
+#   commit in one statement, so a slot is published exactly once whoever runs it.
+_V6 = r"""
+CREATE TABLE pgbus.dedup (
+    channel text COLLATE "C" NOT NULL,  -- keys are compared byte for byte: faster, and exact
+    key text COLLATE "C" NOT NULL,
+    message_id bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (channel, key)
+);
+CREATE INDEX dedup_expiry ON pgbus.dedup (expires_at);
+
+CREATE TABLE pgbus.delayed (
+    id bigint PRIMARY KEY,
+    channel text NOT NULL,
+    payload text NOT NULL,
+    deliver_at timestamptz NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX delayed_due ON pgbus.delayed (deliver_at, id);
+
+CREATE TABLE pgbus.schedule_slots (
+    name text NOT NULL,
+    slot timestamptz NOT NULL,
+    message_id bigint NOT NULL,
+    published_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, slot)
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 """Migration *n* (1-based) brings the schema from version n-1 to n; never edit a released one."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -18,11 +19,20 @@ if TYPE_CHECKING:
 
 
 class DurableSupport:
-    """A bus's durable state: schema checked once, the consumers it runs, their janitor."""
+    """
+    A bus's durable state: schema checked once, the consumers it runs, their janitor, and the
+    mover of delayed messages (started by *on_ready* once the schema is there).
+    """
 
-    def __init__(self, db: Database, max_payload: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        max_payload: int,
+        on_ready: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.db = db
         self.max_payload = max_payload
+        self.on_ready = on_ready
         self._schema_ready = False
         self._schema_lock = trio.Lock()
         self.consumers: list[DurableConsumer] = []
@@ -36,6 +46,8 @@ class DurableSupport:
             if not self._schema_ready:
                 await ensure_schema(self.db)
                 self._schema_ready = True
+                if self.on_ready is not None:
+                    await self.on_ready()
 
     def channels(self) -> list[str]:
         return sorted({c.pg_channel for c in self.consumers})
