@@ -27,13 +27,16 @@ SELECT pg_notify($3, $1)
 """
 
 # One message, its id back, and the wake-up: one statement.
+# $4 / $3: the publish span's traceparent, NULL when nothing is traced.
 _STORE_ONE = """
 WITH stored AS (
-    INSERT INTO pgbus.messages (channel, payload) VALUES ($1, $2) RETURNING id
+    INSERT INTO pgbus.messages (channel, payload, traceparent) VALUES ($1, $2, $4) RETURNING id
 )
 SELECT id, pg_notify($3, $1) FROM stored
 """
-_STORE_ONE_ONLY = "INSERT INTO pgbus.messages (channel, payload) VALUES ($1, $2) RETURNING id"
+_STORE_ONE_ONLY = (
+    "INSERT INTO pgbus.messages (channel, payload, traceparent) VALUES ($1, $2, $3) RETURNING id"
+)
 
 # Inside a caller's transaction: the wake-up is sent once, just before COMMIT (PostgreSQL would
 # merge repeated ones anyway).
@@ -130,11 +133,12 @@ async def store(
 
 
 async def store_one(connection: Connection, channel: str, payload: str, *, wake: bool) -> int:
-    """Store one message (waking its consumers with *wake*); its id."""
-    if wake:
-        row = await connection.fetchrow(_STORE_ONE, channel, payload, WAKE_CHANNEL)
-        return int(row[0])
-    return int(await connection.fetchval(_STORE_ONE_ONLY, channel, payload))
+    """Store one message (waking its consumers with *wake*); its id. Traced as `store` is."""
+    with _tracing.publishing(channel, 1) as traceparent:
+        if wake:
+            row = await connection.fetchrow(_STORE_ONE, channel, payload, WAKE_CHANNEL, traceparent)
+            return int(row[0])
+        return int(await connection.fetchval(_STORE_ONE_ONLY, channel, payload, traceparent))
 
 
 async def store_in_transaction(
