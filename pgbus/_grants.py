@@ -15,6 +15,7 @@ import argparse
 from typing import Any
 
 from ._codec import quote_ident
+from ._errors import ConfigError
 from ._durable._schema import SCHEMA
 
 
@@ -65,13 +66,9 @@ def add_grants_command(commands: Any, formatter: type[argparse.HelpFormatter], p
 
 
 def _grants(args: argparse.Namespace) -> int:
-    from ._cli import UsageError, _print_line
-
     try:
         role = validate_role(args.role)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    for line in grants_sql(role).splitlines():
-        if not _print_line(line):
-            break
+        raise ConfigError(f"{exc}.") from None
+    print(grants_sql(role), flush=True)  # a closed pipe: the command line's one rule applies
     return 0
