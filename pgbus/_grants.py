@@ -15,8 +15,8 @@ import argparse
 from typing import Any
 
 from ._codec import quote_ident
-from ._errors import ConfigError
 from ._durable._schema import SCHEMA
+from ._errors import ConfigError
 
 
 def grants_sql(role: str) -> str:
