@@ -426,3 +426,15 @@ def test_notify_json_codec_refuses_what_jsonb_would(
     """--codec json checks PAYLOAD with the strict codec: exit 2, one line, no traceback."""
     assert main(["notify", "orders", payload, "--codec", "json", "--dsn", "postgresql://x/y"]) == 2
     assert one_error_line(capsys.readouterr().err).startswith(f"pgbus: error: {problem}")
+
+
+def test_grants_prints_the_sql_and_refuses_a_bad_role(capsys: pytest.CaptureFixture[str]) -> None:
+    """`pgbus grants ROLE` prints grants to the quoted role, connecting to nothing."""
+    assert main(["grants", 'app "worker"']) == 0
+    out = capsys.readouterr().out
+    assert 'GRANT USAGE ON SCHEMA "pgbus" TO "app ""worker""";' in out
+    assert "ALTER DEFAULT PRIVILEGES IN SCHEMA" in out
+    assert main(["grants", ""]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "pgbus: error: ROLE must be a role name of 1 to 63 bytes, without NUL (got '')."
+    )
