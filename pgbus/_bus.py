@@ -24,8 +24,7 @@ from ._durable._admin import GroupStatus, group_status
 from ._durable._consumer import POLL_EVERY, DurableConsumer
 from ._durable._publish import DurableOutboundBridge
 from ._durable._publish import ack_in_transaction as durable_ack_in_transaction
-from ._durable._publish import store_one as durable_store_one
-from ._durable._publish import store_timed as durable_store_timed
+from ._durable._publish import store_message as durable_store_message
 from ._durable._publish import wake as durable_wake
 from ._durable._publish import wake_movers as durable_wake_movers
 from ._durable._rules import (
@@ -641,27 +640,14 @@ class Bus:
             payload = encode(
                 validate_channel_name(postgres), message, codec, self._durable_max_payload
             )
-            delay, at = validate_timing(delay, at)
-            key = validate_dedup_key(dedup_key)
-            dedup_window = validate_dedup_window(dedup_window)
+            timing = _durable_timing(delay, at, dedup_key, dedup_window)
             await self._durable_support().ensure_schema()
             async with self._database().borrow() as connection:
-                if not delay and at is None and key is None:
-                    return await durable_store_one(connection, postgres, payload, wake=True)
-                stored = await durable_store_timed(
-                    connection,
-                    postgres,
-                    [payload],
-                    [key],
-                    window=dedup_window,
-                    delay=delay or None,
-                    at=at,
+                stored = await durable_store_message(
+                    connection, postgres, payload, **timing, wake=True
                 )
                 return stored.ids[0]
-        if delay is not None or at is not None or dedup_key is not None:
-            raise ConfigError(
-                "delay, at and dedup_key apply only to durable messages (durable=True)."
-            )
+        _durable_timing_only_if_durable(delay, at, dedup_key)
         payload = encode(validate_channel_name(postgres), message, codec)
         database = self._database()
         async with database.borrow() as connection:
@@ -1053,6 +1039,29 @@ async def _ack_in(connection: Connection, message: DurableMessage) -> None:
         raise LeaseLostError(message.channel, message.group, message.id)
 
 
+def _durable_timing(
+    delay: float | None,
+    at: datetime.datetime | None,
+    dedup_key: str | None,
+    dedup_window: float,
+) -> dict[str, Any]:
+    """*delay*, *at* and the key of one durable message, checked (`notify` and `publish`)."""
+    delay, at = validate_timing(delay, at)
+    return {
+        "delay": delay,
+        "at": at,
+        "key": validate_dedup_key(dedup_key),
+        "window": validate_dedup_window(dedup_window),
+    }
+
+
+def _durable_timing_only_if_durable(
+    delay: float | None, at: datetime.datetime | None, dedup_key: str | None
+) -> None:
+    if delay is not None or at is not None or dedup_key is not None:
+        raise ConfigError("delay, at and dedup_key apply only to durable messages (durable=True).")
+
+
 class Transaction:
     """A database transaction opened by `Bus.transaction`."""
 
@@ -1115,36 +1124,18 @@ class Transaction:
             payload = encode(
                 validate_channel_name(postgres), message, codec, self._durable_max_payload
             )
-            delay, at = validate_timing(delay, at)
-            key = validate_dedup_key(dedup_key)
-            dedup_window = validate_dedup_window(dedup_window)
+            timing = _durable_timing(delay, at, dedup_key, dedup_window)
             if self._durable_support is not None:
                 await self._durable_support().ensure_schema()
-            if not delay and at is None and key is None:
-                message_id = await durable_store_one(
-                    self._connection, postgres, payload, wake=False
-                )
-                self._woken[postgres] = None
-                return message_id
-            stored = await durable_store_timed(
-                self._connection,
-                postgres,
-                [payload],
-                [key],
-                window=dedup_window,
-                delay=delay or None,
-                at=at,
-                wake=False,
+            stored = await durable_store_message(
+                self._connection, postgres, payload, **timing, wake=False
             )
             if stored.delayed:
                 self._wake_movers = True
             elif stored.new[0]:
                 self._woken[postgres] = None
             return stored.ids[0]
-        if delay is not None or at is not None or dedup_key is not None:
-            raise ConfigError(
-                "delay, at and dedup_key apply only to durable messages (durable=True)."
-            )
+        _durable_timing_only_if_durable(delay, at, dedup_key)
         payload = encode(validate_channel_name(postgres), message, codec)
         payloads = self._pending.setdefault(postgres, {})
         if payload in payloads:

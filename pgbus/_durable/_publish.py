@@ -170,6 +170,29 @@ class Stored:
     """Something was stored in ``pgbus.delayed`` (the movers should be woken)."""
 
 
+async def store_message(
+    connection: Connection,
+    channel: str,
+    payload: str,
+    *,
+    key: str | None,
+    window: float,
+    delay: float | None,
+    at: datetime.datetime | None,
+    wake: bool,
+) -> Stored:
+    """
+    Store one (already validated) message: the plain statement when it has no key and no delay,
+    else `store_timed`'s. The one rule of `Bus.notify` and `Transaction.publish`.
+    """
+    if not delay and at is None and key is None:
+        message_id = await store_one(connection, channel, payload, wake=wake)
+        return Stored([message_id], [True], False)
+    return await store_timed(
+        connection, channel, [payload], [key], window=window, delay=delay or None, at=at, wake=wake
+    )
+
+
 async def store_timed(
     connection: Connection,
     channel: str,
