@@ -226,13 +226,20 @@ print("ok")
 
 
 def test_without_an_sdk_nothing_is_started() -> None:
-    """The API alone (no tracer provider configured): no span, no context to send or store."""
-    assert _tracing.installed
-    if _tracing.active():
-        pytest.skip("a tracer provider is configured in this test process")
-    assert _tracing.sending("tell", "a", "n") is _tracing.NOTHING
-    assert _tracing.publishing("c", 3) is _tracing.NOTHING
-    assert _tracing.incoming("tell", "a", TRACEPARENT, None) is None
+    """The API alone (no tracer provider configured, in a fresh interpreter): no span, no
+    context to send or store."""
+    code = f"""
+from pgbus import _tracing
+assert _tracing.installed and not _tracing.active()
+assert _tracing.sending("tell", "a", "n") is _tracing.NOTHING
+assert _tracing.publishing("c", 3) is _tracing.NOTHING
+assert _tracing.incoming("tell", "a", {TRACEPARENT!r}, None) is None
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
 
 
 async def test_without_an_sdk_a_consumer_reads_no_context(pg_dsn: str, pg: PgHelper) -> None:
