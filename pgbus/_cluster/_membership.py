@@ -382,15 +382,18 @@ class Membership:
         if self._wake is not None:
             self._wake.cancel()
 
-    async def advertise_sender(self, connection: Connection) -> None:
-        """*connection* is this node's sender from now on: say so, on it (bounded)."""
+    async def advertise_sender(self, connection: Connection, senders: list[int]) -> None:
+        """*connection* sends for this node from now on (with *senders*): say so, on it."""
         pid = self.pid
         if pid is not None:  # else the registration will say it
             with trio.fail_after(self.keepalive):
                 await connection.execute(
-                    "UPDATE pgbus.cluster_nodes SET sender_pids = ARRAY[pg_backend_pid()]"
+                    "UPDATE pgbus.cluster_nodes SET sender_pids ="
+                    " (SELECT array_agg(DISTINCT p ORDER BY p)"
+                    "    FROM unnest($2::integer[] || pg_backend_pid()) AS p)"
                     " WHERE pid = $1",
                     pid,
+                    senders,
                 )
                 await connection.execute(
                     "SELECT pg_notify($1, $2)", CLUSTER_CHANNEL, f"change {self.name}"
