@@ -195,6 +195,8 @@ class _Kind:
         self.spec = spec
         self.kind = spec.kind
         self.owned: dict[int, int] = {}  # shard -> epoch
+        self.loaded: dict[int, int] = {}
+        """The shards (and epochs) of the loop's last batch: its activations' state is theirs."""
         self.active: dict[str, _Activation] = {}
         self.wake = trio.Event()
         self.handled = 0
@@ -452,10 +454,16 @@ class _Kind:
         self.active.clear()
 
     def _drop_moved(self, owned: dict[int, int]) -> None:
-        """Activations of shards no longer owned here leave (their state is committed)."""
-        if len(owned) == SHARDS or not self.active:
+        """
+        Activations of shards no longer owned here at the epoch they were loaded at leave: a
+        shard that moved away and came back (a new epoch) may have taken messages elsewhere
+        meanwhile, so what is in memory is stale; the committed state is loaded again.
+        """
+        loaded, self.loaded = self.loaded, owned
+        moved = {shard for shard, epoch in loaded.items() if owned.get(shard) != epoch}
+        if not moved or not self.active:
             return
-        for key in [k for k in self.active if shard_of(k) not in owned]:
+        for key in [k for k in self.active if shard_of(k) in moved]:
             del self.active[key]
 
     async def _passivate_idle(self) -> None:
