@@ -1,0 +1,409 @@
+"""
+Keyed actors when processes die or freeze: the nodes hosting the kind are real subprocesses
+(``tests/fixtures_actors/entities.py``) against the session's PostgreSQL, SIGKILLed, SIGSTOPped
+and restarted while messages flow; the test process stores the messages and asks.
+
+Every message for a key carries the key's next sequence number, and the `Counter` entity checks
+it against its state: a message lost, handled twice in effect, or out of order shows in the state
+(``bad``), and a commit from an activation that lost its shard (a stale epoch) shows as a state
+whose count disagrees with the number of messages acknowledged for the key (its ``version``).
+
+On the loopback, a SIGSTOPped process keeps its sessions: its kernel still answers TCP
+keepalives, so the server never ends them and the frozen node keeps its shards until SIGCONT.
+Where a test needs the frozen node to *lose* its shards, it ends the node's session itself
+(``pg_terminate_backend``), which is what the server does to a frozen host after
+``tcp_user_timeout``.
+
+Durations are printed for the record, never asserted (speed belongs in ``bench/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+from processes import ROOT, Pgbus, pgbus_env
+
+import pgbus
+from pgbus._entities._entity import shard_of
+
+if TYPE_CHECKING:
+    from conftest import PgHelper
+
+NODE = str(ROOT / "tests" / "fixtures_actors" / "entities.py")
+KEEPALIVE = 1.0
+WAIT = 60
+
+ALIVE_NODE = """
+SELECT n.pid FROM pgbus.cluster_nodes n
+  JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+   AND l.objid = n.pid::oid AND l.pid = n.pid
+ WHERE n.name = $1
+"""
+CHANNEL_OF = "SELECT channel FROM pgbus.cluster_nodes WHERE name = $1 ORDER BY started DESC LIMIT 1"
+
+
+def unique_kind(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class Workers:
+    """Node processes hosting one kind; started, signalled and restarted by the test."""
+
+    def __init__(self, nursery: trio.Nursery, dsn: str, kind: str, *options: str) -> None:
+        self.nursery = nursery
+        self.dsn = dsn
+        self.kind = kind
+        self.options = options
+        self.running: dict[str, Pgbus] = {}
+        self.stopped: set[str] = set()
+        self.everyone: list[Pgbus] = []
+
+    async def start(self, name: str) -> Pgbus:
+        process = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                NODE,
+                "--dsn",
+                self.dsn,
+                "--node",
+                name,
+                "--kind",
+                self.kind,
+                "--keepalive",
+                str(KEEPALIVE),
+                *self.options,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=pgbus_env(),
+            cwd=ROOT,
+        )
+        worker = Pgbus(process)
+        assert process.stdout is not None
+        assert process.stderr is not None
+        self.nursery.start_soon(worker._pump, "stdout", process.stdout)
+        self.nursery.start_soon(worker._pump, "stderr", process.stderr)
+        self.running[name] = worker
+        self.everyone.append(worker)
+        await worker.expect("stdout", '"event": "ready"', timeout=WAIT)
+        return worker
+
+    def kill(self, name: str) -> Pgbus:
+        worker = self.running.pop(name)
+        worker.process.kill()
+        return worker
+
+    def stop(self, name: str) -> None:
+        self.running[name].process.send_signal(signal.SIGSTOP)
+        self.stopped.add(name)
+
+    def resume(self, name: str) -> None:
+        self.stopped.discard(name)
+        self.running[name].process.send_signal(signal.SIGCONT)
+
+    def stderr(self, needle: str) -> int:
+        """Lines containing *needle* on the stderr of every process started."""
+        return sum(needle in line for w in self.everyone for line in w.lines["stderr"])
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            for name in list(self.stopped):
+                self.resume(name)
+            for worker in self.everyone:
+                if worker.process.returncode is None:
+                    worker.process.terminate()
+            for worker in self.everyone:
+                with trio.move_on_after(15):
+                    await worker.process.wait()
+                if worker.process.returncode is None:
+                    worker.process.kill()
+                    await worker.process.wait()
+
+
+@asynccontextmanager
+async def workers(dsn: str, kind: str, *options: str) -> AsyncIterator[Workers]:
+    async with trio.open_nursery() as nursery:
+        group = Workers(nursery, dsn, kind, *options)
+        try:
+            yield group
+        finally:
+            await group.aclose()
+
+
+@asynccontextmanager
+async def tester(dsn: str) -> AsyncIterator[pgbus.Bus]:
+    async with pgbus.open_bus(
+        dsn, node=f"tester-{uuid.uuid4().hex[:6]}", keepalive=KEEPALIVE
+    ) as bus:
+        yield bus
+
+
+async def mail_left(pg: PgHelper, kind: str) -> int:
+    return int(await pg.fetchval("SELECT count(*) FROM pgbus.entity_mail WHERE kind = $1", kind))
+
+
+async def wait_until_handled(pg: PgHelper, kind: str, timeout: float = WAIT) -> None:
+    """Poll until the kind's mailboxes are empty (committed rows have no event to await)."""
+    with trio.move_on_after(timeout):
+        while True:
+            if not await mail_left(pg, kind):
+                return
+            await trio.sleep(0.1)
+    raise AssertionError(f"{await mail_left(pg, kind)} message(s) left after {timeout:g}s")
+
+
+async def keys_owned_by(pg: PgHelper, kind: str, node: str, keys: list[str]) -> list[str]:
+    """Those of *keys* whose shard *node* owns now."""
+    channel = await pg.fetchval(CHANNEL_OF, node)
+    shards = {
+        row["shard"]
+        for row in await pg.fetch(
+            "SELECT shard FROM pgbus.entity_shards WHERE kind = $1 AND owner = $2", kind, channel
+        )
+    }
+    return [key for key in keys if shard_of(key) in shards]
+
+
+async def shards_of(pg: PgHelper, kind: str, node: str) -> int:
+    channel = await pg.fetchval(CHANNEL_OF, node)
+    return int(
+        await pg.fetchval(
+            "SELECT count(*) FROM pgbus.entity_shards WHERE kind = $1 AND owner = $2",
+            kind,
+            channel,
+        )
+    )
+
+
+async def wait_for_placement(pg: PgHelper, kind: str, nodes: list[str]) -> None:
+    """Poll until every shard of *kind* is owned, each by one of *nodes*, and each has some."""
+    with trio.fail_after(WAIT):
+        while True:
+            counts = [await shards_of(pg, kind, node) for node in nodes]
+            if sum(counts) == 256 and all(counts):
+                return
+            await trio.sleep(0.05)
+
+
+async def end_session_of(pg: PgHelper, node: str) -> None:
+    """End *node*'s session (its node connection's backend): the node is dead to the cluster."""
+    [row] = await pg.fetch(ALIVE_NODE, node)
+    await pg.execute("SELECT pg_terminate_backend($1)", row["pid"])
+
+
+async def check_states(pg: PgHelper, kind: str, expected: dict[str, int]) -> None:
+    """Every key's state counted exactly its messages, in order, and agrees with its version."""
+    rows = await pg.fetch(
+        "SELECT key, state, version FROM pgbus.entity_state WHERE kind = $1", kind
+    )
+    found = {row["key"]: (json.loads(row["state"]), row["version"]) for row in rows}
+    lost = {k: n for k, n in expected.items() if found.get(k, ({}, 0))[0].get("n", 0) < n}
+    extra = {k: n for k, n in expected.items() if found.get(k, ({}, 0))[0].get("n", 0) > n}
+    bad = {k: s for k, (s, _) in found.items() if s.get("bad")}
+    disagree = {k: (s.get("n"), v) for k, (s, v) in found.items() if s.get("n") != v}
+    dead = int(await pg.fetchval("SELECT count(*) FROM pgbus.entity_dead WHERE kind = $1", kind))
+    print(
+        f"keys {len(expected)}: lost {len(lost)}, counted twice {len(extra)}, out of order "
+        f"{len(bad)}, state/version disagree {len(disagree)}, dead letters {dead}"
+    )
+    assert not bad, f"out of order (first 5): {list(bad.items())[:5]}"
+    assert not disagree, f"state n != version (first 5): {list(disagree.items())[:5]}"
+    assert not lost, f"lost (first 5): {list(lost.items())[:5]}"
+    assert not extra, f"counted twice (first 5): {list(extra.items())[:5]}"
+    assert {k: s["last"] for k, (s, _) in found.items()} == expected
+    assert dead == 0
+
+
+# -- chaos -----------------------------------------------------------------------------------------
+
+
+async def run_chaos(
+    pg: PgHelper, *, keys: int, rounds: int, seconds: float, every: float = 2.0
+) -> None:
+    """
+    *keys* x *rounds* messages (round r carries seq r for every key) stored over *seconds*
+    while a fault hits one of 3 nodes every *every* seconds: SIGKILL (then a new process), a
+    SIGSTOP/SIGCONT, or a SIGSTOP whose session the server ends before SIGCONT.
+    """
+    kind = unique_kind("chaos")
+    names = [f"{kind}-n{i}" for i in range(3)]
+    rng = random.Random(os.environ.get("PGBUS_CHAOS_SEED", "20"))
+    key_names = [f"k{i}" for i in range(keys)]
+    faults: list[str] = []
+    async with tester(pg.dsn) as bus, workers(pg.dsn, kind) as group:
+        for name in names:
+            await group.start(name)
+        generation = 0
+        sent = trio.Event()
+
+        async def send() -> None:
+            pause = seconds / rounds
+            for seq in range(1, rounds + 1):
+                await bus.tell_many(kind, [(key, {"seq": seq}) for key in key_names])
+                await trio.sleep(pause)  # pacing the traffic over the faults, not a wait
+            sent.set()
+
+        async def fault() -> None:
+            nonlocal generation
+            action = rng.choice(["kill", "stop", "stop and lose the session"])
+            victim = rng.choice(sorted(group.running))
+            faults.append(f"{action} {victim}")
+            if action == "kill":
+                group.kill(victim)
+                generation += 1
+                await group.start(f"{victim.rsplit('.', 1)[0]}.{generation}")
+                return
+            group.stop(victim)
+            if action == "stop and lose the session":
+                await end_session_of(pg, victim)
+            await trio.sleep(every / 2)  # frozen for a while: part of the schedule
+            group.resume(victim)
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while not sent.is_set() or trio.current_time() - started < seconds:
+                await trio.sleep(every)
+                await fault()
+        await wait_until_handled(pg, kind)
+        took = trio.current_time() - started
+        stale = group.stderr("moved to another node while a batch ran")
+        print(
+            f"\nchaos: {keys * rounds} messages to {keys} keys in {took:.1f}s, "
+            f"{len(faults)} faults ({', '.join(faults)}); stale batches discarded: {stale}"
+        )
+        await check_states(pg, kind, dict.fromkeys(key_names, rounds))
+
+
+async def test_chaos_loses_nothing_and_keeps_order(pg: PgHelper) -> None:
+    """1,000 keys, 20,000 messages, 3 nodes, a fault every 2 s for 30 s: every key exact."""
+    await run_chaos(pg, keys=1000, rounds=20, seconds=30)
+
+
+@pytest.mark.soak
+async def test_soak_chaos_a_million_messages(pg: PgHelper) -> None:
+    """10,000 keys, 1,000,000 messages under the same faults (``-m soak``)."""
+    seconds = float(os.environ.get("PGBUS_SOAK_SECONDS", "300"))
+    await run_chaos(pg, keys=10_000, rounds=100, seconds=seconds)
+
+
+# -- failover ------------------------------------------------------------------------------------
+
+
+async def timed_ask(
+    entity: pgbus.EntityRef, since: float, replies: dict[str, Any], took: list[float]
+) -> None:
+    """Ask *entity* for its next count (seq 2), noting the reply and the time since *since*."""
+    replies[entity.key] = await entity.ask({"seq": 2}, timeout=20)
+    took.append(trio.current_time() - since)
+
+
+async def test_after_a_sigkill_the_dead_nodes_keys_answer_from_another_node(pg: PgHelper) -> None:
+    """
+    Three rounds: SIGKILL the node holding 10 warm keys; asks to them, sent at once, get real
+    replies from the others, long before their timeout. (10 at a time: each ask borrows a
+    connection of its own.)
+    """
+    kind = unique_kind("failover")
+    names = [f"{kind}-n{i}" for i in range(3)]
+    took: list[float] = []
+    sent: dict[str, int] = {}
+    async with tester(pg.dsn) as bus, workers(pg.dsn, kind) as group:
+        for name in names:
+            await group.start(name)
+        for round in range(3):
+            await wait_for_placement(pg, kind, names)
+            victim = names[0]
+            candidates = [f"r{round}-k{i}" for i in range(300)]
+            keys = (await keys_owned_by(pg, kind, victim, candidates))[:10]
+            with trio.fail_after(WAIT):
+                for key in keys:
+                    reply = await bus.entity(kind, key).ask({"seq": 1}, timeout=WAIT)
+                    assert reply == {"node": victim, "n": 1}
+            replies: dict[str, Any] = {}
+            group.kill(victim)
+            killed = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(timed_ask, bus.entity(kind, key), killed, replies, took)
+            assert {reply["node"] for reply in replies.values()} <= set(names[1:])
+            assert {reply["n"] for reply in replies.values()} == {2}
+            sent.update(dict.fromkeys(keys, 2))
+            names = [*names[1:], f"{victim}.{round}"]
+            await group.start(names[-1])
+        took.sort()
+        print(
+            f"\nfailover after SIGKILL (keepalive {KEEPALIVE:g}s), {len(took)} asks: "
+            f"p50 {statistics.median(took):.2f}s, p99 {took[int(len(took) * 0.99) - 1]:.2f}s, "
+            f"max {took[-1]:.2f}s"
+        )
+        await check_states(pg, kind, sent)
+
+
+# -- a frozen node -------------------------------------------------------------------------------
+
+
+async def test_an_ask_pending_on_a_frozen_node_is_answered_and_the_node_cannot_commit(
+    pg: PgHelper,
+) -> None:
+    """
+    SIGSTOP the node inside a handler for an ask, its session ended: the new activation answers;
+    resumed, the frozen node's batch is discarded and every key's state stays exact.
+    """
+    kind = unique_kind("frozen")
+    frozen, other = f"{kind}-a", f"{kind}-b"
+    keys = [f"k{i}" for i in range(200)]
+    async with tester(pg.dsn) as bus, workers(pg.dsn, kind) as group:
+        node = await group.start(frozen)
+        await group.start(other)
+        await wait_for_placement(pg, kind, [frozen, other])
+        held = await shards_of(pg, kind, frozen)
+        await bus.tell_many(kind, [(key, {"seq": 1}) for key in keys])
+        await wait_until_handled(pg, kind)  # every key active on one of the two nodes
+        mine = await keys_owned_by(pg, kind, frozen, keys)
+        key = mine[0]
+        replied = trio.Event()
+        reply: Any = None
+
+        async def pending_ask() -> None:
+            nonlocal reply
+            reply = await bus.entity(kind, key).ask({"seq": 2, "sleep": 2}, timeout=20)
+            replied.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pending_ask)
+            await node.expect("stdout", '"event": "handling"')
+            group.stop(frozen)
+            stopped = trio.current_time()
+            await end_session_of(pg, frozen)
+            with trio.fail_after(WAIT):
+                await replied.wait()
+        print(f"\nask pending on a frozen node answered {trio.current_time() - stopped:.2f}s after")
+        assert reply == {"node": other, "n": 2}
+        # The frozen node's other keys take messages on the other node meanwhile.
+        await bus.tell_many(kind, [(k, {"seq": 2}) for k in keys if k != key])
+        await wait_until_handled(pg, kind)
+        group.resume(frozen)
+        await node.expect("stderr", "moved to another node while a batch ran")
+        with trio.fail_after(WAIT):  # it joins again and takes its shards back
+            while True:
+                if await shards_of(pg, kind, frozen) == held:
+                    break
+                await trio.sleep(0.05)
+        await bus.tell_many(kind, [(k, {"seq": 3}) for k in keys])
+        await wait_until_handled(pg, kind)
+        await check_states(pg, kind, dict.fromkeys(keys, 3))
+        assert len(await keys_owned_by(pg, kind, frozen, keys)) == len(mine)
