@@ -424,6 +424,12 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
+async def allocated_blocks(node: Pgbus) -> int:
+    """The node's live Python objects' blocks (``sys.getallocatedblocks()``, after a GC)."""
+    node.process.send_signal(signal.SIGUSR1)
+    return int(json.loads(await node.expect("stdout", '"event": "memory"'))["blocks"])
+
+
 async def live_activations(pg: PgHelper, kind: str) -> int:
     """Activations as the nodes report them (each every keepalive/4)."""
     return int(
@@ -460,8 +466,10 @@ async def run_activations(pg: PgHelper, count: int, passivate_after: float) -> N
         for name in names:
             await group.start(name)
         await wait_for_placement(pg, kind, names)
-        pids = [group.running[name].process.pid for name in names]
+        nodes = [group.running[name] for name in names]
+        pids = [node.process.pid for node in nodes]
         rss = {"ready": [rss_kib(pid) for pid in pids]}
+        blocks = {"ready": [await allocated_blocks(node) for node in nodes]}
         for wave in (1, 2):
             started = trio.current_time()
             for i in range(0, len(keys), 10_000):
@@ -470,6 +478,7 @@ async def run_activations(pg: PgHelper, count: int, passivate_after: float) -> N
             handled = trio.current_time() - started
             await wait_for_activations(pg, kind, count, passivate_after)
             rss[f"active {wave}"] = [rss_kib(pid) for pid in pids]
+            blocks[f"active {wave}"] = [await allocated_blocks(node) for node in nodes]
             locks = await pg.fetchval("SELECT count(*) FROM pg_locks")
             print(
                 f"\nwave {wave}: {count} activations on {len(names)} nodes, handled in "
@@ -477,13 +486,21 @@ async def run_activations(pg: PgHelper, count: int, passivate_after: float) -> N
             )
             await wait_for_activations(pg, kind, 0, WAIT + passivate_after)
             rss[f"passivated {wave}"] = [rss_kib(pid) for pid in pids]
+            blocks[f"passivated {wave}"] = [await allocated_blocks(node) for node in nodes]
         for stage, values in rss.items():
-            print(f"RSS {stage}: {', '.join(f'{v / 1024:.1f}' for v in values)} MiB")
+            print(
+                f"{stage}: RSS {', '.join(f'{v / 1024:.1f}' for v in values)} MiB; "
+                f"allocated blocks {', '.join(str(b) for b in blocks[stage])}"
+            )
         for needle in LOCK_ERRORS:
             assert group.stderr(needle) == 0
         await check_states(pg, kind, dict.fromkeys(keys, 2))
-        # Memory comes back to its level: a second wave of activations leaves no more behind
-        # than the first (the allocator keeps what the first took; it must not keep growing).
+        # Memory comes back to its level: what the activations held is freed (the interpreter's
+        # live blocks within 10% of their level before any), and a second wave leaves no more
+        # resident than the first. Resident memory itself does not shrink back: CPython's
+        # allocator keeps freed arenas that are not entirely empty (printed above).
+        for ready, passivated in zip(blocks["ready"], blocks["passivated 2"], strict=True):
+            assert passivated <= ready * 1.1
         for first, second in zip(rss["passivated 1"], rss["passivated 2"], strict=True):
             assert second <= first * 1.1
 
@@ -491,7 +508,8 @@ async def run_activations(pg: PgHelper, count: int, passivate_after: float) -> N
 async def test_twenty_thousand_activations_leave_memory_when_idle(pg: PgHelper) -> None:
     """
     20,000 keys active at once across 4 nodes, then all passivated, twice: no lock-table error,
-    memory back to its level. (CI size: 100,000 is the soak run below.)
+    memory back to its level. (CI size: 100,000 activations take 15-50 s to handle on two
+    shared cores, and must all stay active meanwhile; that is the soak run below.)
     """
     await run_activations(pg, 20_000, passivate_after=20)
 

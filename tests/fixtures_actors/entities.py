@@ -4,12 +4,14 @@ A keyed-actor node for the entity chaos tests.
 ``python tests/fixtures_actors/entities.py --dsn DSN --node NAME --kind KIND [--keepalive S]
 [--passivate-after S]`` opens a bus as node NAME, hosts a `Counter` of kind KIND and runs until
 SIGTERM, printing JSON lines on stdout: ``{"event": "ready", ...}`` once the kind is hosted, and
-``{"event": "handling", ...}`` when a message asks it to sleep inside its handler.
+``{"event": "handling", ...}`` when a message asks it to sleep inside its handler, and on SIGUSR1
+``{"event": "memory", "blocks": ...}``: the interpreter's allocated blocks, after a collection.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -55,12 +57,15 @@ async def main(args: argparse.Namespace) -> None:
         level=logging.INFO, format=f"{args.node} %(name)s %(levelname)s %(message)s"
     )
     kind = type("Counter", (Counter,), {"kind": args.kind})
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async with pgbus.open_bus(args.dsn, node=args.node, keepalive=args.keepalive) as bus:
             await bus.host(kind, passivate_after=args.passivate_after, retry_after=0.1)
             say("ready", node=bus.node, pid=os.getpid())
-            async for _ in signals:
-                break
+            async for signum in signals:
+                if signum != signal.SIGUSR1:
+                    break
+                gc.collect()
+                say("memory", node=bus.node, blocks=sys.getallocatedblocks())
 
 
 if __name__ == "__main__":
