@@ -717,7 +717,7 @@ CREATE FUNCTION pgbus.entity_commit(
     p_keys text[], p_states text[], p_counts integer[], p_acked bigint[],
     p_failed bigint[], p_errors text[], p_delays double precision[], p_max_attempts integer,
     p_out_kinds text[], p_out_keys text[], p_out_shards integer[], p_out_messages text[],
-    p_reply_channels text[], p_replies text[]
+    p_out_traces text[], p_reply_channels text[], p_replies text[]
 ) RETURNS integer[] LANGUAGE plpgsql AS $f$
 DECLARE
     stale integer[];
@@ -755,8 +755,8 @@ BEGIN
         SELECT * FROM dead;
     END IF;
     IF cardinality(p_out_kinds) > 0 THEN
-        INSERT INTO pgbus.entity_mail (kind, key, shard, message)
-        SELECT * FROM unnest(p_out_kinds, p_out_keys, p_out_shards, p_out_messages);
+        INSERT INTO pgbus.entity_mail (kind, key, shard, message, traceparent)
+        SELECT * FROM unnest(p_out_kinds, p_out_keys, p_out_shards, p_out_messages, p_out_traces);
         PERFORM pg_notify('pgbus.entities', w.wake)
            FROM (SELECT DISTINCT k || ':' || s AS wake
                    FROM unnest(p_out_kinds, p_out_shards) AS o(k, s)) AS w;

@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .. import _tracing
 from .._cluster._membership import _ALIVE, CLUSTER_CHANNEL
 from .._cluster._wire import Failure, Reply, is_node_channel
 from .._codec import encoder
 from .._errors import DatabaseError, DatabaseUnavailableError, PgbusError
 from .._pg import Backoff, Connection, Database, connect_with_retry
 from ._entity import SHARDS, WAKE_CHANNEL, Entity, shard_of
+from ._mail import encode_message
 
 if TYPE_CHECKING:
     from .._bus import Bus
@@ -108,7 +110,7 @@ DELETE FROM pgbus.entity_hosts WHERE node = $1
 # Per shard, the oldest messages first: a key lives in one shard, so its order is kept.
 _FETCH = """
 SELECT m.id, m.key, m.shard, m.message, m.reply_to, m.ask_id, m.attempts,
-       coalesce(extract(epoch FROM m.not_before - now()), 0)::float8
+       coalesce(extract(epoch FROM m.not_before - now()), 0)::float8, m.traceparent
   FROM unnest($2::integer[]) AS s(shard)
  CROSS JOIN LATERAL (
     SELECT * FROM pgbus.entity_mail e WHERE e.kind = $1 AND e.shard = s.shard
@@ -117,7 +119,7 @@ SELECT m.id, m.key, m.shard, m.message, m.reply_to, m.ask_id, m.attempts,
 _LOAD = "SELECT key, state::text FROM pgbus.entity_state WHERE kind = $1 AND key = ANY($2::text[])"
 _COMMIT = (
     "SELECT pgbus.entity_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-    " $13, $14, $15, $16, $17, $18)"
+    " $13, $14, $15, $16, $17, $18, $19)"
 )
 
 
@@ -170,6 +172,7 @@ class _Effects:
     out_keys: list[str] = attrs.Factory(list)
     out_shards: list[int] = attrs.Factory(list)
     out_messages: list[str] = attrs.Factory(list)
+    out_traces: list[str | None] = attrs.Factory(list)
     reply_channels: list[str] = attrs.Factory(list)
     replies: list[str] = attrs.Factory(list)
 
@@ -328,6 +331,7 @@ class _Kind:
             effects.out_keys,
             effects.out_shards,
             effects.out_messages,
+            effects.out_traces,
             effects.reply_channels,
             effects.replies,
         )
@@ -375,9 +379,10 @@ class _Kind:
                 if not activation.ready:
                     await entity.on_activate()
                     activation.ready = True
-                value = await entity.handle(_json_decode(row[3]))
+                with _tracing.handling_entity(self.kind, key, id, row[8], attempts + 1):
+                    value = await entity.handle(_json_decode(row[3]))
                 encoded = self._encoded_state(key, entity.state)
-                out = [self.host.outgoing(kind, k, m) for kind, k, m in outbox]
+                out = [self.host.outgoing(kind, k, m, tp) for kind, k, m, tp in outbox]
                 reply = None
                 if row[5] is not None and is_node_channel(row[4]):
                     reply = Reply(_ask_id(row[5]), value).encode(f"{self.kind}/{key}")
@@ -388,11 +393,12 @@ class _Kind:
             activation.encoded = encoded
             count += 1
             effects.acked.append(id)
-            for kind, k, shard, payload in out:
+            for kind, k, shard, payload, tp in out:
                 effects.out_kinds.append(kind)
                 effects.out_keys.append(k)
                 effects.out_shards.append(shard)
                 effects.out_messages.append(payload)
+                effects.out_traces.append(tp)
             if reply is not None:
                 effects.reply_channels.append(row[4])
                 effects.replies.append(reply)
@@ -518,11 +524,12 @@ class EntityHost:
     def statistics(self) -> tuple[KindStatistics, ...]:
         return tuple(k.statistics() for k in self.kinds.values())
 
-    def outgoing(self, kind: str, key: str, message: object) -> tuple[str, str, int, str]:
+    def outgoing(
+        self, kind: str, key: str, message: object, traceparent: str | None
+    ) -> tuple[str, str, int, str, str | None]:
         """A tell queued by a handler, encoded for the commit (or the handler's error)."""
-        from ._mail import encode_message
-
-        return kind, key, shard_of(key), encode_message(kind, key, message, self.max_payload)
+        payload = encode_message(kind, key, message, self.max_payload)
+        return kind, key, shard_of(key), payload, traceparent
 
     def poll_soon(self) -> None:
         self._placement_wake.set()
