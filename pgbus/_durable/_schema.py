@@ -657,7 +657,8 @@ CREATE TABLE pgbus.schedule_slots (
 # - pgbus.entity_state: each key's JSON state and how many messages it has taken (version);
 # - pgbus.entity_shards: 256 shards per kind; the node owning a shard (its channel in
 #   pgbus.cluster_nodes) and an epoch, raised by every change of owner: the fence;
-# - pgbus.entity_hosts: which node hosts which kind, and its activations;
+# - pgbus.entity_hosts: which node hosts which kind, its activations, and when it last placed
+#   (a host that has not for 2 x keepalive, a paused process, counts as gone);
 # - pgbus.entity_dead: messages whose handler failed max_attempts times;
 # - pgbus.entity_commit: one batch's effects, all or nothing, fenced by the shards' epochs.
 _V7 = r"""
@@ -698,6 +699,7 @@ CREATE TABLE pgbus.entity_hosts (
     node text COLLATE "C" NOT NULL,
     kind text COLLATE "C" NOT NULL,
     activations integer NOT NULL DEFAULT 0,
+    seen_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (node, kind)
 );
 

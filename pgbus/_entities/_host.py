@@ -62,10 +62,13 @@ MAX_RETRY_DELAY = 300.0
 IDLE_POLL = 5.0
 """An idle loop reads its shards at least this often (a lost wake-up costs at most this)."""
 
-_HOSTS = f"""
-SELECT h.node FROM pgbus.entity_hosts h JOIN pgbus.cluster_nodes n ON n.channel = h.node
- WHERE h.kind = $1 AND {_ALIVE}
+# A host is live while its node's session holds the node's lock (`_membership`) and it has
+# placed within $2 seconds: a paused process keeps its session, not its shards.
+_LIVE_HOST = f"""
+SELECT 1 FROM pgbus.entity_hosts h JOIN pgbus.cluster_nodes n ON n.channel = h.node
+ WHERE h.kind = $1 AND h.seen_at > now() - make_interval(secs => $2) AND {_ALIVE}
 """
+_HOSTS = _LIVE_HOST.replace("SELECT 1", "SELECT h.node", 1)
 _REGISTER = """
 WITH shards AS (
     INSERT INTO pgbus.entity_shards (kind, shard) SELECT $2, s FROM generate_series(0, $3 - 1) s
@@ -79,12 +82,11 @@ INSERT INTO pgbus.entity_hosts (node, kind) VALUES ($1, $2) ON CONFLICT DO NOTHI
 _CLAIM = f"""
 WITH free AS (
     SELECT s.shard FROM pgbus.entity_shards s
-     WHERE s.kind = $1 AND s.shard = ANY($3::integer[]) AND s.owner IS DISTINCT FROM $2
-       AND (s.owner IS NULL OR NOT EXISTS (
-            SELECT 1 FROM pgbus.cluster_nodes n WHERE n.channel = s.owner AND {_ALIVE}))
+     WHERE s.kind = $1 AND s.shard = ANY($4::integer[]) AND s.owner IS DISTINCT FROM $3
+       AND (s.owner IS NULL OR NOT EXISTS ({_LIVE_HOST} AND h.node = s.owner))
      ORDER BY s.shard FOR UPDATE SKIP LOCKED
 )
-UPDATE pgbus.entity_shards s SET owner = $2, epoch = s.epoch + 1
+UPDATE pgbus.entity_shards s SET owner = $3, epoch = s.epoch + 1
   FROM free WHERE s.kind = $1 AND s.shard = free.shard
 RETURNING s.shard, s.epoch
 """
@@ -99,7 +101,9 @@ UPDATE pgbus.entity_shards s SET owner = NULL, epoch = s.epoch + 1
 RETURNING s.shard
 """
 _OWNED = "SELECT shard, epoch FROM pgbus.entity_shards WHERE kind = $1 AND owner = $2"
-_ACTIVATIONS = "UPDATE pgbus.entity_hosts SET activations = $3 WHERE node = $1 AND kind = $2"
+_SEEN = (
+    "UPDATE pgbus.entity_hosts SET activations = $3, seen_at = now() WHERE node = $1 AND kind = $2"
+)
 _LEAVE = """
 WITH released AS (
     UPDATE pgbus.entity_shards SET owner = NULL, epoch = epoch + 1 WHERE owner = $1
@@ -520,6 +524,8 @@ class EntityHost:
         self._nursery: trio.Nursery | None = None
         self._placement_wake = trio.Event()
         self.period = cluster.keepalive / 4
+        self.stale_after = 2 * cluster.keepalive
+        """A host that has not placed for this long (a paused process) loses its shards."""
 
     def statistics(self) -> tuple[KindStatistics, ...]:
         return tuple(k.statistics() for k in self.kinds.values())
@@ -593,15 +599,17 @@ class EntityHost:
             return
         with trio.fail_after(self.cluster.keepalive):
             async with self.db.borrow() as connection:
-                hosts = sorted(r[0] for r in await connection.fetch(_HOSTS, kind.kind))
-                if me not in hosts:  # our row went (deleted by hand, or we were taken dead)
+                # Seen first: a host that was paused is live again before it decides anything.
+                seen = await connection.execute(_SEEN, me, kind.kind, len(kind.active))
+                if seen.endswith(" 0"):  # our row went (deleted by hand): written again
                     await connection.execute(_REGISTER, me, kind.kind, SHARDS)
-                    hosts = sorted({*hosts, me})
+                horizon = self.stale_after
+                hosts = sorted(r[0] for r in await connection.fetch(_HOSTS, kind.kind, horizon))
+                hosts = sorted({*hosts, me})
                 mine = [s for s in range(SHARDS) if rendezvous(s, hosts) == me]
                 released = await connection.fetch(_RELEASE, kind.kind, me, mine)
-                claimed = await connection.fetch(_CLAIM, kind.kind, me, mine)
+                claimed = await connection.fetch(_CLAIM, kind.kind, horizon, me, mine)
                 owned = {r[0]: r[1] for r in await connection.fetch(_OWNED, kind.kind, me)}
-                await connection.execute(_ACTIVATIONS, me, kind.kind, len(kind.active))
                 if released:
                     await connection.execute(
                         "SELECT pg_notify($1, $2)", CLUSTER_CHANNEL, "entities"
