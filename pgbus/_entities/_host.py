@@ -389,7 +389,14 @@ class _Kind:
             entity.key = key
             entity.bus = bus
             entity.state = _json_decode(encoded)
-            if not isinstance(entity.state, dict):
+            if not isinstance(entity.state, dict):  # written by hand: said, and started over
+                log.warning(
+                    "entities %s/%s: the stored state is not a JSON object (%.60s); "
+                    "starting from {}",
+                    self.kind,
+                    key,
+                    encoded,
+                )
                 entity.state = {}
             self.active[key] = _Activation(entity, encoded)
 
