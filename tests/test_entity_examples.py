@@ -39,7 +39,7 @@ async def status(dsn: str) -> dict[str, Any]:
 
 
 async def node_of(bus: Pgbus) -> str:
-    """The node name a ``pgbus run`` took (its shards line says it)."""
+    """The node name a ``pgbus run`` took (its first shards line, before "running", says it)."""
     line = await bus.expect("stderr", "entities account: node ", timeout=WAIT)
     return line.split("node ", 1)[1].split(" owns", 1)[0].strip("'")
 
@@ -48,8 +48,8 @@ async def test_transfers_keep_the_total(pg: PgHelper) -> None:
     """bank_transfers.py against one node: 300 transfers, the total grows by the deposits only."""
     env = pgbus_env(PGBUS_DSN=pg.dsn)
     async with running("run", BANK, env=env) as node:
-        await node.expect("stderr", "pgbus: running;", timeout=WAIT)
         name = await node_of(node)
+        await node.expect("stderr", "pgbus: running;", timeout=WAIT)
         with trio.fail_after(WAIT):
             result = await trio.run_process(
                 [sys.executable, str(ROOT / "examples" / "bank_transfers.py")],
