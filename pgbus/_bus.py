@@ -14,6 +14,7 @@ import attrs
 import outcome
 import trio
 
+from . import _tracing
 from ._actor import Actor, Request, check_actor_options
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
@@ -510,15 +511,24 @@ class Bus:
             EntityKeyError, CodecError, PayloadTooLargeError: before anything is stored.
         """
         await self._durable_support().ensure_schema()
-        async with self._database().borrow() as connection:
-            return await entity_store_many(connection, kind, items, self._durable_max_payload)
+        with _tracing.storing_entity("tell", kind) as traceparent:
+            async with self._database().borrow() as connection:
+                return await entity_store_many(
+                    connection, kind, items, self._durable_max_payload, traceparent
+                )
 
     async def _entity_tell(self, kind: str, key: str, message: object) -> int:
         await self._durable_support().ensure_schema()
-        async with self._database().borrow() as connection:
-            id, _ = await entity_store_one(
-                connection, kind, key, message, self._durable_max_payload
-            )
+        with _tracing.storing_entity("tell", kind) as traceparent:
+            async with self._database().borrow() as connection:
+                id, _ = await entity_store_one(
+                    connection,
+                    kind,
+                    key,
+                    message,
+                    self._durable_max_payload,
+                    traceparent=traceparent,
+                )
         return id
 
     async def _entity_ask(self, kind: str, key: str, message: object, timeout: float) -> Any:
@@ -534,7 +544,10 @@ class Bus:
             raise AskTimeoutError(what, timeout)
         pending = cluster.expect_reply(what, None)
         try:
-            with trio.move_on_at(deadline) as scope:
+            with (
+                _tracing.storing_entity("ask", kind) as traceparent,
+                trio.move_on_at(deadline) as scope,
+            ):
                 async with self._database().borrow() as connection:
                     _, owner = await entity_store_one(
                         connection,
@@ -544,6 +557,7 @@ class Bus:
                         self._durable_max_payload,
                         reply_to=cluster.channel,
                         ask_id=pending.id,
+                        traceparent=traceparent,
                     )
                 node = cluster.node_by_channel(owner)
                 if node is not None:
@@ -1341,9 +1355,15 @@ class Transaction:
         """
         if self._durable_support is not None:
             await self._durable_support().ensure_schema()
-        id, _ = await entity_store_one(
-            self._connection, kind, key, message, self._durable_max_payload
-        )
+        with _tracing.storing_entity("tell", kind) as traceparent:
+            id, _ = await entity_store_one(
+                self._connection,
+                kind,
+                key,
+                message,
+                self._durable_max_payload,
+                traceparent=traceparent,
+            )
         return id
 
     async def _flush(self) -> None:

@@ -6,6 +6,7 @@ import re
 import zlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .. import _tracing
 from .._errors import ConfigError, PgbusError
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class Entity:
     """The bus hosting this activation."""
 
     def __init__(self) -> None:
-        self._outbox: list[tuple[str, str, object]] = []
+        self._outbox: list[tuple[str, str, object, str | None]] = []
 
     async def on_activate(self) -> None:
         """Called once the key's state is loaded, before its first message here."""
@@ -111,7 +112,7 @@ class Entity:
         """
         validate_kind(kind)
         validate_key(kind, key)
-        self._outbox.append((kind, key, message))
+        self._outbox.append((kind, key, message, _tracing.current_traceparent()))
 
 
 def check_entity_class(cls: object) -> type[Entity]:

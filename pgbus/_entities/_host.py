@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .. import _tracing
 from .._cluster._membership import _ALIVE, CLUSTER_CHANNEL
 from .._cluster._wire import Failure, Reply, is_node_channel
 from .._codec import encoder
 from .._errors import DatabaseError, DatabaseUnavailableError, PgbusError
 from .._pg import Backoff, Connection, Database, connect_with_retry
 from ._entity import SHARDS, WAKE_CHANNEL, Entity, shard_of
+from ._mail import encode_message
 
 if TYPE_CHECKING:
     from .._bus import Bus
@@ -60,10 +62,13 @@ MAX_RETRY_DELAY = 300.0
 IDLE_POLL = 5.0
 """An idle loop reads its shards at least this often (a lost wake-up costs at most this)."""
 
-_HOSTS = f"""
-SELECT h.node FROM pgbus.entity_hosts h JOIN pgbus.cluster_nodes n ON n.channel = h.node
- WHERE h.kind = $1 AND {_ALIVE}
+# A host is live while its node's session holds the node's lock (`_membership`) and it has
+# placed within $2 seconds: a paused process keeps its session, not its shards.
+_LIVE_HOST = f"""
+SELECT 1 FROM pgbus.entity_hosts h JOIN pgbus.cluster_nodes n ON n.channel = h.node
+ WHERE h.kind = $1 AND h.seen_at > now() - make_interval(secs => $2) AND {_ALIVE}
 """
+_HOSTS = _LIVE_HOST.replace("SELECT 1", "SELECT h.node", 1)
 _REGISTER = """
 WITH shards AS (
     INSERT INTO pgbus.entity_shards (kind, shard) SELECT $2, s FROM generate_series(0, $3 - 1) s
@@ -77,12 +82,11 @@ INSERT INTO pgbus.entity_hosts (node, kind) VALUES ($1, $2) ON CONFLICT DO NOTHI
 _CLAIM = f"""
 WITH free AS (
     SELECT s.shard FROM pgbus.entity_shards s
-     WHERE s.kind = $1 AND s.shard = ANY($3::integer[]) AND s.owner IS DISTINCT FROM $2
-       AND (s.owner IS NULL OR NOT EXISTS (
-            SELECT 1 FROM pgbus.cluster_nodes n WHERE n.channel = s.owner AND {_ALIVE}))
+     WHERE s.kind = $1 AND s.shard = ANY($4::integer[]) AND s.owner IS DISTINCT FROM $3
+       AND (s.owner IS NULL OR NOT EXISTS ({_LIVE_HOST} AND h.node = s.owner))
      ORDER BY s.shard FOR UPDATE SKIP LOCKED
 )
-UPDATE pgbus.entity_shards s SET owner = $2, epoch = s.epoch + 1
+UPDATE pgbus.entity_shards s SET owner = $3, epoch = s.epoch + 1
   FROM free WHERE s.kind = $1 AND s.shard = free.shard
 RETURNING s.shard, s.epoch
 """
@@ -97,7 +101,9 @@ UPDATE pgbus.entity_shards s SET owner = NULL, epoch = s.epoch + 1
 RETURNING s.shard
 """
 _OWNED = "SELECT shard, epoch FROM pgbus.entity_shards WHERE kind = $1 AND owner = $2"
-_ACTIVATIONS = "UPDATE pgbus.entity_hosts SET activations = $3 WHERE node = $1 AND kind = $2"
+_SEEN = (
+    "UPDATE pgbus.entity_hosts SET activations = $3, seen_at = now() WHERE node = $1 AND kind = $2"
+)
 _LEAVE = """
 WITH released AS (
     UPDATE pgbus.entity_shards SET owner = NULL, epoch = epoch + 1 WHERE owner = $1
@@ -108,7 +114,7 @@ DELETE FROM pgbus.entity_hosts WHERE node = $1
 # Per shard, the oldest messages first: a key lives in one shard, so its order is kept.
 _FETCH = """
 SELECT m.id, m.key, m.shard, m.message, m.reply_to, m.ask_id, m.attempts,
-       coalesce(extract(epoch FROM m.not_before - now()), 0)::float8
+       coalesce(extract(epoch FROM m.not_before - now()), 0)::float8, m.traceparent
   FROM unnest($2::integer[]) AS s(shard)
  CROSS JOIN LATERAL (
     SELECT * FROM pgbus.entity_mail e WHERE e.kind = $1 AND e.shard = s.shard
@@ -117,7 +123,7 @@ SELECT m.id, m.key, m.shard, m.message, m.reply_to, m.ask_id, m.attempts,
 _LOAD = "SELECT key, state::text FROM pgbus.entity_state WHERE kind = $1 AND key = ANY($2::text[])"
 _COMMIT = (
     "SELECT pgbus.entity_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-    " $13, $14, $15, $16, $17, $18)"
+    " $13, $14, $15, $16, $17, $18, $19)"
 )
 
 
@@ -170,6 +176,7 @@ class _Effects:
     out_keys: list[str] = attrs.Factory(list)
     out_shards: list[int] = attrs.Factory(list)
     out_messages: list[str] = attrs.Factory(list)
+    out_traces: list[str | None] = attrs.Factory(list)
     reply_channels: list[str] = attrs.Factory(list)
     replies: list[str] = attrs.Factory(list)
 
@@ -328,6 +335,7 @@ class _Kind:
             effects.out_keys,
             effects.out_shards,
             effects.out_messages,
+            effects.out_traces,
             effects.reply_channels,
             effects.replies,
         )
@@ -375,9 +383,10 @@ class _Kind:
                 if not activation.ready:
                     await entity.on_activate()
                     activation.ready = True
-                value = await entity.handle(_json_decode(row[3]))
+                with _tracing.handling_entity(self.kind, key, id, row[8], attempts + 1):
+                    value = await entity.handle(_json_decode(row[3]))
                 encoded = self._encoded_state(key, entity.state)
-                out = [self.host.outgoing(kind, k, m) for kind, k, m in outbox]
+                out = [self.host.outgoing(kind, k, m, tp) for kind, k, m, tp in outbox]
                 reply = None
                 if row[5] is not None and is_node_channel(row[4]):
                     reply = Reply(_ask_id(row[5]), value).encode(f"{self.kind}/{key}")
@@ -388,11 +397,12 @@ class _Kind:
             activation.encoded = encoded
             count += 1
             effects.acked.append(id)
-            for kind, k, shard, payload in out:
+            for kind, k, shard, payload, tp in out:
                 effects.out_kinds.append(kind)
                 effects.out_keys.append(k)
                 effects.out_shards.append(shard)
                 effects.out_messages.append(payload)
+                effects.out_traces.append(tp)
             if reply is not None:
                 effects.reply_channels.append(row[4])
                 effects.replies.append(reply)
@@ -514,15 +524,18 @@ class EntityHost:
         self._nursery: trio.Nursery | None = None
         self._placement_wake = trio.Event()
         self.period = cluster.keepalive / 4
+        self.stale_after = 2 * cluster.keepalive
+        """A host that has not placed for this long (a paused process) loses its shards."""
 
     def statistics(self) -> tuple[KindStatistics, ...]:
         return tuple(k.statistics() for k in self.kinds.values())
 
-    def outgoing(self, kind: str, key: str, message: object) -> tuple[str, str, int, str]:
+    def outgoing(
+        self, kind: str, key: str, message: object, traceparent: str | None
+    ) -> tuple[str, str, int, str, str | None]:
         """A tell queued by a handler, encoded for the commit (or the handler's error)."""
-        from ._mail import encode_message
-
-        return kind, key, shard_of(key), encode_message(kind, key, message, self.max_payload)
+        payload = encode_message(kind, key, message, self.max_payload)
+        return kind, key, shard_of(key), payload, traceparent
 
     def poll_soon(self) -> None:
         self._placement_wake.set()
@@ -586,15 +599,17 @@ class EntityHost:
             return
         with trio.fail_after(self.cluster.keepalive):
             async with self.db.borrow() as connection:
-                hosts = sorted(r[0] for r in await connection.fetch(_HOSTS, kind.kind))
-                if me not in hosts:  # our row went (deleted by hand, or we were taken dead)
+                # Seen first: a host that was paused is live again before it decides anything.
+                seen = await connection.execute(_SEEN, me, kind.kind, len(kind.active))
+                if seen.endswith(" 0"):  # our row went (deleted by hand): written again
                     await connection.execute(_REGISTER, me, kind.kind, SHARDS)
-                    hosts = sorted({*hosts, me})
+                horizon = self.stale_after
+                hosts = sorted(r[0] for r in await connection.fetch(_HOSTS, kind.kind, horizon))
+                hosts = sorted({*hosts, me})
                 mine = [s for s in range(SHARDS) if rendezvous(s, hosts) == me]
                 released = await connection.fetch(_RELEASE, kind.kind, me, mine)
-                claimed = await connection.fetch(_CLAIM, kind.kind, me, mine)
+                claimed = await connection.fetch(_CLAIM, kind.kind, horizon, me, mine)
                 owned = {r[0]: r[1] for r in await connection.fetch(_OWNED, kind.kind, me)}
-                await connection.execute(_ACTIVATIONS, me, kind.kind, len(kind.active))
                 if released:
                     await connection.execute(
                         "SELECT pg_notify($1, $2)", CLUSTER_CHANNEL, "entities"
