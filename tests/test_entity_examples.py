@@ -44,6 +44,15 @@ async def node_of(bus: Pgbus) -> str:
     return line.split("node ", 1)[1].split(" owns", 1)[0].strip("'")
 
 
+async def test_the_bank_config_passes_check() -> None:
+    """``pgbus check examples/bank.toml``: exit 0, the kind and its settings in the summary."""
+    result = await run_to_completion("check", BANK, env=pgbus_env())
+    assert result.returncode == 0, result.stderr.decode()
+    assert "entities 'account': bank:Account, passivate after 60s, 3 attempts, concurrency 64" in (
+        result.stdout.decode().splitlines()
+    )
+
+
 async def test_transfers_keep_the_total(pg: PgHelper) -> None:
     """bank_transfers.py against one node: 300 transfers, the total grows by the deposits only."""
     env = pgbus_env(PGBUS_DSN=pg.dsn)
@@ -76,6 +85,14 @@ async def test_transfers_keep_the_total(pg: PgHelper) -> None:
         assert account["keys"] >= 4
         assert [(h["node"], h["shards"]) for h in account["hosts"]] == [(name, 256)]
         assert account["hosts"][0]["activations"] >= 4
+        text = await run_to_completion("status", "--dsn", pg.dsn)
+        [line] = [
+            x for x in text.stdout.decode().splitlines() if x.startswith("entities 'account'")
+        ]
+        assert " 0 waiting, " in line, line
+        assert line.endswith(
+            f"; hosted by {name!r} {account['hosts'][0]['activations']} active / 256 shards"
+        ), line
         assert await node.stop(signal.SIGINT, timeout=15) == 0
     await pg.wait_for_no_backends()
 
