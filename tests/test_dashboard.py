@@ -522,7 +522,7 @@ class Counter(pgbus.Entity):
 
 
 async def test_the_page_shows_each_keyed_actor_kind_with_its_nodes(pg: PgHelper) -> None:
-    """A hosted kind: its keys, waiting and dead messages, and its node's activations and shards."""
+    """A hosted kind: keys, waiting, dead, its node's activations and shards; this bus's counts."""
     kind = unique("counter")
     hosted = type("Hosted", (Counter,), {"kind": kind})
     node = unique("dash-e")
@@ -540,7 +540,10 @@ async def test_the_page_shows_each_keyed_actor_kind_with_its_nodes(pg: PgHelper)
         await browser.do("expect_cell", "entities", kind, 2, "3", WAIT)  # keys
         await browser.do("expect_cell", "entities", kind, 3, "0", WAIT)  # waiting
         await browser.do("expect_cell", "entities", kind, 4, "0", WAIT)  # dead
+        await browser.do("expect_cell", "hosted", kind, 2, "256", WAIT)  # this bus: shards
+        await browser.do("expect_cell", "hosted", kind, 4, "3", WAIT)  # handled
         await bus.entity(kind, "d").tell("hello")
         await browser.do("expect_cell", "entities", kind, 2, "4", WAIT)
+        await browser.do("expect_cell", "hosted", kind, 4, "4", WAIT)
         nursery.cancel_scope.cancel()
     await pg.wait_for_no_backends()

@@ -150,6 +150,11 @@
         key: a.name,
         cells: [a.name, { text: a.state, cls: a.state === "failed" ? "bad" : "" }, a.restarts],
       })), "no actor");
+      fill("hosted", (local.entities || []).map((k) => ({
+        key: k.kind,
+        cells: [k.kind, k.shards, k.activations, k.handled, number(k.failed, true),
+                number(k.dead, true), number(k.stale_batches, true)],
+      })), "no kind hosted here");
     }
   }
 
