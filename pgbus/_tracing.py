@@ -27,7 +27,9 @@ context is read from the database. Errors never come from here: a malformed cont
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -94,10 +96,21 @@ NOTHING: Any = _Nothing()
 class _State:
     provider: object = None
     tracer: Any = None
+    unset_until = -math.inf  # no SDK was configured: not asked again before this time
+
+
+RECHECK_UNSET = 1.0
+"""Seconds between asks while no SDK is configured: the API's answer reads the environment, too
+costly once per message. A provider configured after the bus started counts within this."""
 
 
 def _tracer() -> Any:
     """The tracer of the configured SDK, or None when only the API is there (no provider)."""
+    if _State.tracer is None:
+        now = time.monotonic()
+        if now < _State.unset_until:
+            return None
+        _State.unset_until = now + RECHECK_UNSET
     provider = trace.get_tracer_provider()
     if provider is not _State.provider:
         _State.provider = provider

@@ -204,6 +204,8 @@ class _Kind:
         self.owned: dict[int, int] = {}  # shard -> epoch
         self.active: dict[str, _Activation] = {}
         self.wake = trio.Event()
+        self.dirty: set[int] | None = None
+        """The shards to read next, as wake-ups named them (None: every owned shard)."""
         self.handled = 0
         self.failed = 0
         self.dead = 0
@@ -223,7 +225,12 @@ class _Kind:
             self.stale_batches,
         )
 
-    def poke(self) -> None:
+    def poke(self, shard: int | None = None) -> None:
+        """Read *shard* (None: every owned shard) at once."""
+        if shard is None:
+            self.dirty = None
+        elif self.dirty is not None:
+            self.dirty.add(shard)
         self.wake.set()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -258,24 +265,35 @@ class _Kind:
         next_sweep = trio.current_time() + self.spec.passivate_after / 4
         while not self.host.stopping:
             self.wake = trio.Event()
+            dirty, self.dirty = self.dirty, set()
             owned = dict(self.owned)
             self._drop_moved(owned)
             wait = IDLE_POLL
             handled = 0
             if owned and self.host.cluster.pid is not None:
-                handled, wait = await self._batch(connection, owned)
+                shards = sorted(owned if dirty is None else dirty.intersection(owned))
+                if shards:
+                    handled, wait = await self._batch(connection, owned, shards)
             if trio.current_time() >= next_sweep:
                 await self._passivate_idle()
                 next_sweep = trio.current_time() + self.spec.passivate_after / 4
             if handled or self.host.stopping:
                 await trio.lowlevel.checkpoint()
                 continue
-            with trio.move_on_after(min(wait, next_sweep - trio.current_time(), IDLE_POLL)):
+            with trio.move_on_after(
+                min(wait, next_sweep - trio.current_time(), IDLE_POLL)
+            ) as timer:
                 await self.wake.wait()
+            if timer.cancelled_caught:  # a retry came due, or the safety poll: read them all
+                self.dirty = None
 
-    async def _batch(self, connection: Connection, owned: dict[int, int]) -> tuple[int, float]:
-        """One batch: read, handle, commit. (messages handled, seconds until one is due)."""
-        shards = sorted(owned)
+    async def _batch(
+        self, connection: Connection, owned: dict[int, int], shards: list[int]
+    ) -> tuple[int, float]:
+        """
+        One batch of *shards*: read, handle, commit. (messages handled, seconds until one is
+        due). The shards it handled messages of are read again next (more may wait).
+        """
         per_shard = max(1, self.spec.batch // len(shards))
         rows = await connection.fetch(_FETCH, self.kind, shards, per_shard)
         if not rows:
@@ -354,7 +372,10 @@ class _Kind:
                 len(rows),
             )
             self.host.poll_soon()
+            self.dirty = None
             return 0, 0.0
+        if self.dirty is not None:
+            self.dirty.update(touched)
         self.handled += len(effects.acked)
         return len(effects.acked) + len(effects.failed), wait
 
@@ -551,7 +572,10 @@ class EntityHost:
         if found is None:
             return
         kind = found
-        if shard == "*" or not shard.isdigit() or int(shard) in kind.owned:
+        if shard.isdigit():
+            if int(shard) in kind.owned:
+                kind.poke(int(shard))
+        else:  # "kind:*" (a batch), or junk: read every shard
             kind.poke()
 
     async def add(self, spec: KindSpec) -> None:

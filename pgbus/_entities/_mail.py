@@ -31,7 +31,8 @@ SELECT stored.id, (SELECT owner FROM shard), pg_notify('{WAKE_CHANNEL}', $1 || '
   FROM stored
 """
 
-# A batch for one kind: one statement, one wake-up per shard touched.
+# A batch for one kind: one statement, and its wake-ups ($6: ``kind:shard`` for each shard
+# touched, or ``kind:*`` for a batch touching many).
 _STORE_MANY = f"""
 WITH known AS (
     SELECT 1 FROM pgbus.entity_shards WHERE kind = $1 AND shard = 0
@@ -42,13 +43,13 @@ WITH known AS (
            WITH ORDINALITY AS u(key, shard, message, n)
      WHERE EXISTS (SELECT 1 FROM known)
      ORDER BY u.n
-    RETURNING shard
+    RETURNING 1
 )
-SELECT count(*), (SELECT count(*) FROM (
-    SELECT pg_notify('{WAKE_CHANNEL}', $1 || ':' || s)
-      FROM (SELECT DISTINCT shard AS s FROM stored) AS d) AS w)
+SELECT count(*), (SELECT count(pg_notify('{WAKE_CHANNEL}', w)) FROM unnest($6::text[]) AS w)
   FROM stored
 """
+WAKE_ALL_ABOVE = 32
+"""A batch touching more shards than this wakes each owner once for all of them."""
 
 
 def encode_message(kind: str, key: str, message: object, limit: int) -> str:
@@ -106,7 +107,11 @@ async def store_many(
         payloads.append(encode_message(kind, key, message, limit))
     if not keys:
         return 0
-    row: Any = await connection.fetchrow(_STORE_MANY, kind, keys, shards, payloads, traceparent)
+    touched = set(shards)
+    wakes = [f"{kind}:*"] if len(touched) > WAKE_ALL_ABOVE else [f"{kind}:{s}" for s in touched]
+    row: Any = await connection.fetchrow(
+        _STORE_MANY, kind, keys, shards, payloads, traceparent, wakes
+    )
     if row[0] == 0:
         raise UnknownEntityKindError(kind)
     return int(row[0])
