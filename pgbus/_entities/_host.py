@@ -44,7 +44,20 @@ from .._cluster._wire import Failure, Reply, is_node_channel
 from .._codec import encoder
 from .._errors import DatabaseError, DatabaseUnavailableError, PgbusError
 from .._pg import Backoff, Connection, Database, connect_with_retry
-from ._entity import SHARDS, WAKE_CHANNEL, Entity, shard_of
+from ._entity import (
+    DEFAULT_BATCH,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PASSIVATE_AFTER,
+    DEFAULT_RETRY_AFTER,
+    SHARDS,
+    WAKE_CHANNEL,
+    Entity,
+    UnknownEntityKindError,
+    check_entity_class,
+    check_settings,
+    shard_of,
+)
 from ._mail import encode_message
 
 if TYPE_CHECKING:
@@ -132,11 +145,19 @@ class KindSpec:
     """How this node hosts one kind (`Bus.host`, ``[entities.<kind>]``)."""
 
     cls: type[Entity]
-    passivate_after: float = 60.0
-    max_attempts: int = 5
-    retry_after: float = 1.0
-    concurrency: int = 64
-    batch: int = 1000
+    passivate_after: float = DEFAULT_PASSIVATE_AFTER
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_after: float = DEFAULT_RETRY_AFTER
+    concurrency: int = DEFAULT_CONCURRENCY
+    batch: int = DEFAULT_BATCH
+
+    @classmethod
+    def checked(cls, entity_class: object, **settings: object) -> KindSpec:
+        """*entity_class* and *settings* (the fields above), each checked by its rule."""
+        values = {f.name: settings.pop(f.name, f.default) for f in attrs.fields(cls)[1:]}
+        if settings:
+            raise TypeError(f"unknown settings: {', '.join(sorted(settings))}")
+        return cls(check_entity_class(entity_class), *check_settings(**values))
 
     @property
     def kind(self) -> str:
@@ -152,11 +173,12 @@ def rendezvous(shard: int, hosts: list[str]) -> str:
 
 
 class _Activation:
-    __slots__ = ("encoded", "entity", "last_used", "ready")
+    __slots__ = ("encoded", "entity", "epoch", "last_used", "ready")
 
-    def __init__(self, entity: Entity, encoded: str) -> None:
+    def __init__(self, entity: Entity, encoded: str, epoch: int) -> None:
         self.entity = entity
         self.encoded = encoded  # the state as last committed (or handled, within a batch)
+        self.epoch = epoch  # its shard's epoch when loaded: another epoch, another activation
         self.last_used = trio.current_time()
         self.ready = False  # on_activate has run
 
@@ -251,7 +273,7 @@ class _Kind:
                 await self.host.cluster.add_sender(connection, old)
                 await self._loop(connection)
             except (DatabaseUnavailableError, DatabaseError, trio.TooSlowError) as exc:
-                self._drop_all()
+                await self.passivate_all()  # what they handled may not be committed
                 log.warning("entities %s: %s; reconnecting", self.kind, exc or type(exc).__name__)
                 await trio.sleep(backoff.next_delay())
             finally:
@@ -267,7 +289,7 @@ class _Kind:
             self.wake = trio.Event()
             dirty, self.dirty = self.dirty, set()
             owned = dict(self.owned)
-            self._drop_moved(owned)
+            await self._drop_moved(owned)
             wait = IDLE_POLL
             handled = 0
             if owned and self.host.cluster.pid is not None:
@@ -315,9 +337,15 @@ class _Kind:
             group.append(row)
         if not groups:
             return 0, wait
-        cold = [key for key in groups if key not in self.active]
+        cold = []
+        for key, group in groups.items():
+            activation = self.active.get(key)
+            if activation is None or activation.epoch != owned[group[0][2]]:
+                cold.append(key)  # (a key that left and came back: from the database again)
+                if activation is not None:
+                    await self._drop(key)
         if cold:
-            await self._load(connection, cold)
+            await self._load(connection, cold, owned)
         effects = _Effects()
         items = list(groups.items())
         if self.spec.concurrency == 1 or len(items) == 1:
@@ -360,7 +388,7 @@ class _Kind:
         if stale:
             self.stale_batches += 1
             for key in groups:  # what they handled is not committed: from the database again
-                self._drop(key)
+                await self._drop(key)
             for shard in stale:
                 if self.owned.get(shard) == owned[shard]:
                     del self.owned[shard]
@@ -379,7 +407,7 @@ class _Kind:
         self.handled += len(effects.acked)
         return len(effects.acked) + len(effects.failed), wait
 
-    async def _load(self, connection: Connection, keys: list[str]) -> None:
+    async def _load(self, connection: Connection, keys: list[str], owned: dict[int, int]) -> None:
         rows = await connection.fetch(_LOAD, self.kind, keys)
         found = {row[0]: row[1] for row in rows}
         bus = self.host.bus
@@ -398,7 +426,7 @@ class _Kind:
                     encoded,
                 )
                 entity.state = {}
-            self.active[key] = _Activation(entity, encoded)
+            self.active[key] = _Activation(entity, encoded, owned[shard_of(key)])
 
     async def _handle_key(self, key: str, rows: list[Any], effects: _Effects) -> None:
         activation = self.active[key]
@@ -415,6 +443,8 @@ class _Kind:
                     value = await entity.handle(_json_decode(row[3]))
                 encoded = self._encoded_state(key, entity.state)
                 out = [self.host.outgoing(kind, k, m, tp) for kind, k, m, tp in outbox]
+                for kind, *_ in out:
+                    await self.host.check_kind(kind)
                 reply = None
                 if row[5] is not None and is_node_channel(row[4]):
                     reply = Reply(_ask_id(row[5]), value).encode(f"{self.kind}/{key}")
@@ -483,18 +513,16 @@ class _Kind:
 
     # -- activations ----------------------------------------------------------------------------
 
-    def _drop(self, key: str) -> None:
-        self.active.pop(key, None)
+    async def _drop(self, key: str) -> None:
+        activation = self.active.pop(key, None)
+        if activation is not None and activation.ready:
+            await self._passivate(activation)
 
-    def _drop_all(self) -> None:
-        self.active.clear()
-
-    def _drop_moved(self, owned: dict[int, int]) -> None:
-        """Activations of shards no longer owned here leave (their state is committed)."""
-        if len(owned) == SHARDS or not self.active:
-            return
-        for key in [k for k in self.active if shard_of(k) not in owned]:
-            del self.active[key]
+    async def _drop_moved(self, owned: dict[int, int]) -> None:
+        """Activations of shards no longer owned here, or owned at another epoch, leave."""
+        moved = [k for k, a in self.active.items() if owned.get(shard_of(k)) != a.epoch]
+        for key in moved:
+            await self._drop(key)
 
     async def _passivate_idle(self) -> None:
         horizon = trio.current_time() - self.spec.passivate_after
@@ -548,6 +576,7 @@ class EntityHost:
         self.listener = listener
         self.max_payload = max_payload
         self.kinds: dict[str, _Kind] = {}
+        self._known: set[str] = set()  # kinds some node has hosted
         self.stopping = False
         self._nursery: trio.Nursery | None = None
         self._placement_wake = trio.Event()
@@ -567,6 +596,18 @@ class EntityHost:
 
     def poll_soon(self) -> None:
         self._placement_wake.set()
+
+    async def check_kind(self, kind: str) -> None:
+        """`UnknownEntityKindError` unless some node has hosted *kind* (cached once known)."""
+        if kind in self.kinds or kind in self._known:
+            return
+        async with self.db.borrow() as connection:
+            known = await connection.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pgbus.entity_shards WHERE kind = $1)", kind
+            )
+        if not known:
+            raise UnknownEntityKindError(kind)
+        self._known.add(kind)
 
     def _woken(self, payload: str) -> None:
         """A message was stored (``kind:shard``), or the listener reconnected (``""``)."""
