@@ -219,6 +219,16 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
                 durable=bridge.durable is not None,
                 delay=bridge.durable.delay if bridge.durable is not None else None,
             )
+    for entity in config.entities:
+        spec = entity.spec
+        await bus.host(
+            spec.cls,
+            passivate_after=spec.passivate_after,
+            max_attempts=spec.max_attempts,
+            retry_after=spec.retry_after,
+            concurrency=spec.concurrency,
+            batch=spec.batch,
+        )
     for schedule in config.schedules:
         await bus.schedule(
             schedule.name,
