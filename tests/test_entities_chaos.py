@@ -247,7 +247,10 @@ async def run_chaos(
     rng = random.Random(os.environ.get("PGBUS_CHAOS_SEED", "20"))
     key_names = [f"k{i}" for i in range(keys)]
     faults: list[str] = []
-    async with client(pg.dsn) as bus, workers(pg.dsn, kind) as group:
+    # Storing 10,000 messages a statement can take longer than keepalive / 2 on a busy machine,
+    # which the client's connection guard would take for a half-open connection.
+    keepalive = KEEPALIVE if keys <= 1000 else 10
+    async with client(pg.dsn, keepalive) as bus, workers(pg.dsn, kind) as group:
         for name in names:
             await group.start(name)
         generation = 0
