@@ -122,13 +122,22 @@ class Supervisor:
             tuple[_Child, BaseException | None]
         ](math.inf)
         self._nursery: trio.Nursery | None = None
-        self._loop_scope = trio.CancelScope()
+        # Shielded: a cancellation from outside (a signal, a deadline around open_bus) must not
+        # end the supervisor, and close its nursery, while the bus may still start an actor
+        # (a spawn() that was in a shielded LISTEN when it came). Only stop_all ends it.
+        self._loop_scope = trio.CancelScope(shield=True)
         self._stop_deadline = math.inf  # while shutting down: when on_stop must be done
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Supervise until cancelled or until restart intensity is exceeded (then raise)."""
+        """
+        Supervise until `stop_all` or until restart intensity is exceeded (then raise).
+
+        A cancellation from outside does not stop it: however the bus is left, its shutdown
+        calls `stop_all`, and until then `start` works (as the bus's services, the supervisor
+        is stopped when the bus says so, not by a stray cancellation).
+        """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()

@@ -539,3 +539,20 @@ async def test_cancelling_the_bus_interrupts_an_on_start_in_progress(
     assert elapsed < 100, "spawn() was stuck until the actor's run() returned by itself"
     assert elapsed == 1
     assert [a.state for a in bus.statistics().actors] in ([], ["stopped"])
+
+
+async def test_a_spawn_after_the_bus_was_cancelled_starts_the_actor_and_stops_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A spawn() reached while shielded after a cancellation hit the bus still works."""
+    # What `pgbus run` does when a signal comes while bridge_in's LISTEN (shielded) is in
+    # flight: the next line of start_config spawns the actors.
+    log: list[tuple[str, str]] = []
+    with trio.CancelScope() as outer:
+        async with pgbus.open_bus() as bus:
+            outer.cancel()
+            with trio.CancelScope(shield=True):
+                await trio.testing.wait_all_tasks_blocked()  # every task of the bus saw it
+                await spawn_members(bus, log, "late")
+    assert log == [("start", "late"), ("stop", "late")]
+    assert actor_table(bus) == {"late": ("stopped", 0)}
