@@ -556,3 +556,27 @@ async def test_a_spawn_after_the_bus_was_cancelled_starts_the_actor_and_stops_it
                 await spawn_members(bus, log, "late")
     assert log == [("start", "late"), ("stop", "late")]
     assert actor_table(bus) == {"late": ("stopped", 0)}
+
+
+async def test_an_on_stop_that_spawns_is_refused_and_the_bus_still_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A spawn from on_stop (the bus is stopping its actors) is refused in one line; no hang."""
+    refused: list[str] = []
+
+    class Late(pgbus.Actor):
+        async def run(self) -> None:
+            await trio.sleep_forever()
+
+    class Spawner(pgbus.Actor):
+        async def on_stop(self) -> None:
+            try:
+                await self.bus.spawn(Late, name="late")
+            except pgbus.PgbusError as exc:
+                refused.append(str(exc))
+
+    with trio.fail_after(60):
+        async with pgbus.open_bus(stop_timeout=5) as bus:
+            await bus.spawn(Spawner, name="spawner", inbox_capacity=1)
+    assert refused == ["actor 'late' was not started: the bus is stopping its actors."]
+    assert actor_table(bus) == {"spawner": ("stopped", 0)}
