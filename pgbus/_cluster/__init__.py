@@ -499,6 +499,8 @@ class Cluster:
             self.late_replies += 1
             log.debug("cluster: dropped a reply to ask %s, which had already given up", message.id)
         elif self._accepts(pending, pid, self._nodes):
+            if pending.any_node:  # a keyed actor's: the node that answered is the one to name
+                pending.node = self._sender_node(pid) or pending.node
             pending.answer(message)
         else:
             # Maybe the node's sender reconnected and the registry read is behind: decided at
@@ -508,6 +510,13 @@ class Cluster:
             else:
                 self._junk(f"a reply from backend {pid}, which is not node {pending.node.name!r}")
             self._membership.poll_soon()
+
+    def _sender_node(self, pid: int) -> NodeInfo | None:
+        """The live node that sends from backend *pid*, as the last registry read knows."""
+        for node in self._nodes.values():
+            if pid in node.sender_pids:
+                return node
+        return None
 
     def _accepts(self, pending: _Pending, pid: int, nodes: dict[int, NodeInfo]) -> bool:
         """Whether a reply from backend *pid* may settle *pending*."""

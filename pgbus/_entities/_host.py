@@ -41,7 +41,6 @@ import trio
 from .. import _tracing
 from .._cluster._membership import _ALIVE, CLUSTER_CHANNEL
 from .._cluster._wire import Failure, Reply, is_node_channel
-from .._codec import encoder
 from .._errors import DatabaseError, DatabaseUnavailableError, PgbusError
 from .._pg import Backoff, Connection, Database, connect_with_retry
 from ._entity import (
@@ -58,7 +57,7 @@ from ._entity import (
     check_settings,
     shard_of,
 )
-from ._mail import encode_message
+from ._mail import encode_json, encode_message
 
 if TYPE_CHECKING:
     from .._bus import Bus
@@ -67,7 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgbus.entities")
 
-_encode_state = encoder("json")
 _json_decode = json.JSONDecoder().decode
 
 MAX_RETRY_DELAY = 300.0
@@ -475,7 +473,7 @@ class _Kind:
         """*state* as JSON text; `CodecError` or `TypeError` saying what is wrong with it."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a JSON object (dict), not {type(state).__name__}")
-        return _encode_state(f"entity {self.kind}/{key}: its state", state)
+        return encode_json(f"entity {self.kind}/{key}", "state", state, self.host.max_payload)
 
     def _failed(self, key: str, row: Any, exc: Exception, attempts: int, effects: _Effects) -> None:
         attempt = attempts + 1

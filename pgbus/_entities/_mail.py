@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .._codec import check_payload, encoder
+from .._errors import CodecError, PayloadTooLargeError
 from .._pg import Connection
 from ._entity import (
     WAKE_CHANNEL,
@@ -54,8 +55,47 @@ WAKE_ALL_ABOVE = 32
 
 def encode_message(kind: str, key: str, message: object, limit: int) -> str:
     """*message* as JSON text for entity (*kind*, *key*), checked against *limit* bytes."""
-    where = f"entity {kind}/{key}"
-    return check_payload(where, _encode_json(where, message), "json", limit)
+    return encode_json(f"entity {kind}/{key}", "message", message, limit)
+
+
+def encode_json(where: str, what: str, value: object, limit: int) -> str:
+    """
+    *value* as JSON text of at most *limit* bytes; else `CodecError` or `PayloadTooLargeError`
+    saying ``entity account/42: its message ...`` (not the channel's wording).
+    """
+    try:
+        return check_payload(where, _encode_json(where, value), "json", limit)
+    except CodecError as exc:
+        raise EntityCodecError(
+            where, "json", f"its {what} cannot be stored: {exc.detail}"
+        ) from None
+    except PayloadTooLargeError as exc:
+        raise EntityTooLargeError(where, exc.size, limit, what) from None
+
+
+class EntityCodecError(CodecError):
+    """A keyed actor's message, reply or state that cannot be JSON."""
+
+    def __init__(self, where: str, codec: str, detail: str) -> None:
+        super().__init__(where, codec, detail)
+        self.args = (f"{where}: {detail}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class EntityTooLargeError(PayloadTooLargeError):
+    """A keyed actor's message or state over the limit (``durable_max_payload``)."""
+
+    def __init__(self, where: str, size: int, limit: int, what: str) -> None:
+        super().__init__(where, size, limit, durable=True)
+        self.args = (
+            f"{where}: its {what} is {size} bytes once encoded; keyed actors accept at most "
+            f"{limit} (open_bus durable_max_payload). Store a reference (a row id) instead.",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 async def store_one(
