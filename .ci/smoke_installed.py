@@ -4,8 +4,9 @@ CI's smoke of the installed wheel, run by the wheel's own venv from a folder out
 Usage: python smoke_installed.py EXAMPLES_DIR DSN
 
 Checks what a user of ``pip install pgbus-*.whl`` meets first: every public name imports, the
-command runs, ``check`` accepts the examples, a durable message goes round trip, and a cluster
-ask reaches an actor in another process. Exits non-zero with one line on the first failure.
+command runs, ``check`` accepts the examples, a durable message goes round trip, a cluster ask
+reaches an actor in another process, and a keyed actor answers from another process. Exits
+non-zero with one line on the first failure.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -63,8 +65,31 @@ async def durable_round_trip(dsn: str) -> None:
 
 
 async def cluster_ask(dsn: str, examples: Path) -> None:
+    await _ask_a_running_config(dsn, examples, "cluster.toml", _greet)
+    step("a cluster ask reached the greeter in another process")
+
+
+async def keyed_ask(dsn: str, examples: Path) -> None:
+    await _ask_a_running_config(dsn, examples, "bank.toml", _deposit)
+    step("a keyed actor (examples/bank.toml) answered from another process")
+
+
+async def _greet(bus: pgbus.Bus) -> None:
+    answer = await bus.ask("greeter", "Ada", timeout=10)
+    assert "Ada" in str(answer), answer
+
+
+async def _deposit(bus: pgbus.Bus) -> None:
+    key = f"smoke-{os.getpid()}"
+    account = bus.entity("account", key)
+    await account.tell({"op": "deposit", "amount": 5})
+    answer = await account.ask({"op": "deposit", "amount": 2}, timeout=20)
+    assert answer["balance"] == 7, answer
+
+
+async def _ask_a_running_config(dsn: str, examples: Path, config: str, ask: Any) -> None:
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "pgbus", "run", "cluster.toml", "--dsn", dsn],
+        [sys.executable, "-m", "pgbus", "run", config, "--dsn", dsn],
         cwd=examples,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,8 +104,7 @@ async def cluster_ask(dsn: str, examples: Path) -> None:
                     raise SystemExit(f"pgbus run exited before running: {seen.decode()}")
                 seen += chunk
             async with pgbus.open_bus(dsn) as bus:
-                answer = await bus.ask("greeter", "Ada", timeout=10)
-        step(f"a cluster ask reached the greeter in another process: {answer!r}")
+                await ask(bus)
     finally:
         process.terminate()
         with trio.move_on_after(10):
@@ -97,6 +121,7 @@ def main() -> None:
     step("check accepts every example")
     trio.run(durable_round_trip, dsn)
     trio.run(cluster_ask, dsn, examples)
+    trio.run(keyed_ask, dsn, examples)
     plugin = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", str(examples / "pytest_plugin")],
         capture_output=True,
