@@ -244,7 +244,7 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
             "[logging]\n",
             "bus.toml: unknown top-level key 'logging'; "
             "allowed: 'postgres', 'supervisor', 'channels', 'bridge', 'actors', 'metrics', 'node', "
-            "'schedule'.",
+            "'schedule', 'entities'.",
         ),
         (
             "[postgres]\ndns = 'postgresql://h/db'\n",
