@@ -108,7 +108,7 @@ async def test_a_rolled_back_first_publisher_leaves_the_key_free(pg_dsn: str, pg
                 await wait_until(
                     pg,
                     "SELECT EXISTS (SELECT FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND query LIKE '%pgbus.dedup%')",
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%dedup_key%')",
                 )
                 assert second == []
                 raise Rollback(first)
@@ -137,11 +137,7 @@ async def test_dedup_key_is_per_channel_and_free_again_after_its_window(
         assert await bus.notify(a, "2", durable=True, dedup_key="k", dedup_window=0.3) == first
         other = await bus.notify(b, "1", durable=True, dedup_key="k")
         assert other != first
-        await wait_until(
-            pg,
-            "SELECT expires_at <= now() FROM pgbus.dedup WHERE channel = $1 AND key = 'k'",
-            a,
-        )
+        await wait_until(pg, "SELECT dedup_until <= now() FROM pgbus.messages WHERE id = $1", first)
         again = await bus.notify(a, "3", durable=True, dedup_key="k")
         assert again is not None
         assert again > first
@@ -378,29 +374,74 @@ async def test_kill_9_of_a_movers_process_loses_nothing(
 
 
 async def test_schema_has_the_time_tables(pg_dsn: str, pg: PgHelper) -> None:
-    """The migration adds pgbus.dedup and pgbus.delayed at the current version."""
+    """The migration adds the key columns, their unique index and pgbus.delayed."""
     async with pgbus.open_bus(pg_dsn) as bus:
         await bus.notify("warm-up", "x", durable=True)
     assert await pg.fetchval("SELECT max(version) FROM pgbus.migrations") == SCHEMA_VERSION
-    assert await pg.fetchval("SELECT to_regclass('pgbus.dedup') IS NOT NULL")
+    assert await pg.fetchval("SELECT to_regclass('pgbus.messages_dedup') IS NOT NULL")
     assert await pg.fetchval("SELECT to_regclass('pgbus.delayed') IS NOT NULL")
+    assert await pg.fetchval("SELECT to_regclass('pgbus.dedup') IS NULL")
 
 
-async def test_the_janitor_deletes_expired_dedup_keys(pg_dsn: str, pg: PgHelper) -> None:
-    """A key past its window is deleted by the janitor (a consumer's bus runs one)."""
+def qualified(channel: str, key: str) -> str:
+    """A key as pgbus.messages.dedup_key holds it (qualified by its channel)."""
+    return f"{len(channel.encode())}:{channel}{key}"
+
+
+async def test_a_handled_message_keeps_its_key_for_the_window_then_the_janitor_frees_it(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """Once handled, a keyed message's row becomes its key's holder until the window ends."""
     channel = fresh("purge")
     async with pgbus.open_bus(pg_dsn) as bus:
         bus.add_channel("in", 10)
         await bus.bridge_in(channel, "in", durable=True, group="g")
-        await bus.notify(channel, "1", durable=True, dedup_key="gone", dedup_window=0.1)
-        await bus.notify(channel, "2", durable=True, dedup_key="kept")
+        gone = await bus.notify(channel, "1", durable=True, dedup_key="gone", dedup_window=1.0)
+        kept = await bus.notify(channel, "2", durable=True, dedup_key="kept")
+        with trio.fail_after(WAIT):
+            for _ in range(2):
+                bus.ack(await bus.channel("in").receive())
+        # The janitor is done with both: 'kept' holds its key (no payload, off the channel).
         await wait_until(
             pg,
-            "SELECT NOT EXISTS (SELECT FROM pgbus.dedup WHERE channel = $1 AND key = 'gone')",
+            "SELECT NOT EXISTS (SELECT FROM pgbus.messages WHERE channel = $1)"
+            " AND EXISTS (SELECT FROM pgbus.messages WHERE id = $2 AND channel = '')",
             channel,
+            kept,
         )
-    keys = await pg.fetch("SELECT key FROM pgbus.dedup WHERE channel = $1", channel)
-    assert [r["key"] for r in keys] == ["kept"]
+        assert await bus.notify(channel, "again", durable=True, dedup_key="kept") == kept
+        # 'gone' is purged once its window has passed; the key stores again.
+        await wait_until(pg, "SELECT NOT EXISTS (SELECT FROM pgbus.messages WHERE id = $1)", gone)
+        again = await bus.notify(channel, "3", durable=True, dedup_key="gone")
+        assert again not in (None, gone)
+    rows = await pg.fetch(
+        "SELECT id, channel, payload, dedup_key FROM pgbus.messages WHERE id = ANY($1::bigint[])",
+        [gone, kept, again],
+    )
+    assert sorted(tuple(r) for r in rows) == [
+        (kept, "", "", qualified(channel, "kept")),
+        (again, channel, "3", qualified(channel, "gone")),
+    ]
+
+
+async def test_a_delayed_message_holds_its_key_while_it_waits_and_after_it_moves(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """A delayed keyed message: the same key (delayed or not) gets its id, before and after."""
+    channel = fresh("delayed-key")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        first = await bus.notify(channel, "later", durable=True, dedup_key="k", delay=0.5)
+        assert await bus.notify(channel, "now", durable=True, dedup_key="k") == first
+        assert await bus.notify(channel, "x", durable=True, dedup_key="k", delay=9) == first
+        with trio.fail_after(WAIT):
+            message = await bus.channel("in").receive()
+        assert (message.id, message.payload) == (first, "later")
+        assert await bus.notify(channel, "now", durable=True, dedup_key="k") == first
+        bus.ack(message)
+    assert await stored_count(pg, channel) <= 1
+    assert await pg.fetchval("SELECT count(*) FROM pgbus.delayed WHERE channel = $1", channel) == 0
 
 
 # -- configuration and command line -------------------------------------------------------------

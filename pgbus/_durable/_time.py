@@ -32,20 +32,34 @@ MOVER_BUSY_SLEEP = 0.05
 """Seconds a mover waits when due rows exist but another mover holds them all."""
 
 # Due rows (by the server's clock) in due order, skipping those another mover holds; deleted
-# and inserted with their ids in one statement, then one wake-up per channel.
+# and stored with their ids in one statement, then one wake-up per channel. A keyed delayed
+# message's key is held by a row of pgbus.messages with its id (channel ''): that row becomes
+# the message (xid: this transaction's, for the consumers' ticks), so the key is never free;
+# the others are inserted.
 _MOVE = """
 WITH due AS (
     SELECT id FROM pgbus.delayed WHERE deliver_at <= now()
      ORDER BY deliver_at, id
      LIMIT $1
        FOR UPDATE SKIP LOCKED
-), moved AS (
+), moved AS MATERIALIZED (
     DELETE FROM pgbus.delayed d USING due WHERE d.id = due.id
     RETURNING d.id, d.channel, d.payload, d.deliver_at
-), stored AS (
+), held AS (
+    UPDATE pgbus.messages m
+       SET channel = v.channel, payload = v.payload, xid = pg_current_xact_id(),
+           created_at = now()
+      FROM moved v
+     WHERE m.id = v.id AND m.channel = ''
+    RETURNING m.id, m.channel
+), inserted AS (
     INSERT INTO pgbus.messages (id, channel, payload) OVERRIDING SYSTEM VALUE
-    SELECT m.id, m.channel, m.payload FROM moved m ORDER BY m.deliver_at, m.id
-    RETURNING channel
+    SELECT v.id, v.channel, v.payload FROM moved v
+     WHERE v.id NOT IN (SELECT h.id FROM held h)
+     ORDER BY v.deliver_at, v.id
+    RETURNING id, channel
+), stored AS (
+    SELECT channel FROM held UNION ALL SELECT channel FROM inserted
 )
 SELECT (SELECT count(*) FROM stored),
        (SELECT count(pg_notify($2, s.channel)) FROM (SELECT DISTINCT channel FROM stored) s)
