@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -802,8 +803,12 @@ class Bus:
         *payload* encoded as JSON, or ``{"schedule": name, "slot": ISO time}`` without one.
         *missed* says what to do with slots that passed while no process ran the schedule:
         ``"skip"`` (default), ``"catch_up"`` (publish each, in order) or ``"latest"``.
-        Every process may run the same schedule: the slot's row and its message commit
-        together under a unique key, so each slot is published once whoever runs it.
+        Each slot's row and its message commit together under a unique key, so each slot is
+        published once whoever runs it. In session mode the schedule is a singleton of the
+        cluster (this bus joins it): one node at a time runs it, named ``schedule:NAME`` in
+        ``pgbus status``, and another takes over within *keepalive* when that node dies.
+        Behind a transaction pooler (no session locks) every bus that declares it runs it,
+        and the unique key alone keeps each slot once.
 
         Raises:
             SettingError: a cron expression that does not parse, an unknown time zone, both
@@ -821,9 +826,18 @@ class Bus:
         if name in self._schedules:
             raise ConfigError(f"schedule {name!r} already runs in this bus.")
         await self._durable_support().ensure_schema()
-        runner = ScheduleRunner(self._database(), checked, self._durable_max_payload)
+        database = self._database()
+        if database.transaction_pooling:
+            runner = ScheduleRunner(database, checked, self._durable_max_payload)
+            self._schedules[name] = runner
+            await self._start(_Service(f"schedule {name}"), runner.serve)
+            return runner
+        cluster = await self._join_cluster()
+        runner = ScheduleRunner(database, checked, self._durable_max_payload, runner=cluster.name)
         self._schedules[name] = runner
-        await self._start(_Service(f"schedule {name}"), runner.serve)
+        cluster.add_singleton(
+            ActorSpec(f"schedule:{name}", partial(_ScheduleActor, runner), None, "permanent")
+        )
         return runner
 
     async def _start_mover(self) -> None:
@@ -969,6 +983,16 @@ class Bus:
 
 async def _nothing() -> None:
     pass
+
+
+class _ScheduleActor(Actor):
+    """A schedule run as a singleton of the cluster: its runner, while this node holds it."""
+
+    def __init__(self, runner: ScheduleRunner) -> None:
+        self.runner = runner
+
+    async def run(self) -> None:
+        await self.runner.serve()
 
 
 _Finish = Callable[[float, trio.Event], Awaitable[list[str]]]

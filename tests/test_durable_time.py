@@ -645,6 +645,78 @@ async def test_skip_and_latest_publish_none_or_one_missed_slot(pg_dsn: str, pg: 
             assert published == [newest]
 
 
+async def test_status_shows_each_schedules_last_and_next_slot(pg_dsn: str, pg: PgHelper) -> None:
+    """status (text and --json) names each schedule's rule, last slot, next slot and runner."""
+    name, channel = fresh("status"), fresh("ticks")
+    async with pgbus.open_bus(pg_dsn, node="sched-node") as bus:
+        await bus.notify("warm-up", "x", durable=True)  # the schema
+        await pg.execute(
+            "INSERT INTO pgbus.schedule_slots (name, slot, message_id)"
+            " VALUES ($1, date_trunc('hour', now()) - interval '1 hour', 0)",
+            name,
+        )
+        await bus.schedule(name, channel, every=3600.0, missed="catch_up")
+        # The runner publishes the current hour's slot, then writes the next one it will.
+        await wait_until(pg, "SELECT EXISTS (SELECT FROM pgbus.schedules WHERE name = $1)", name)
+        result = await run_to_completion("status", "--dsn", pg_dsn, "--json")
+        text = await run_to_completion("status", "--dsn", pg_dsn)
+    assert result.returncode == 0, result.stderr
+    (shown,) = [s for s in json.loads(result.stdout)["schedules"] if s["name"] == name]
+    last = await pg.fetchval("SELECT max(slot) FROM pgbus.schedule_slots WHERE name = $1", name)
+    assert last is not None
+    following = last + datetime.timedelta(hours=1)
+    assert shown == {
+        "name": name,
+        "postgres": channel,
+        "cron": None,
+        "every": 3600.0,
+        "timezone": "UTC",
+        "missed": "catch_up",
+        "last_slot": last.astimezone(datetime.UTC).isoformat(),
+        "next_slot": following.astimezone(datetime.UTC).isoformat(),
+        "runner": "sched-node",
+        "seen_at": shown["seen_at"],
+    }
+    assert (
+        f"schedule {name!r} -> {channel!r} (every 3600s, missed catch_up): last slot "
+        f"{shown['last_slot']}, next slot {shown['next_slot']}, run by sched-node"
+    ) in text.stdout.decode().splitlines()
+
+
+async def test_a_schedule_runs_on_one_node_at_a_time_and_moves_when_it_leaves(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """Two nodes declare one schedule: one runs it (the other never looks) until it leaves."""
+    name, channel = fresh("single"), fresh("ticks")
+    async with pgbus.open_bus(pg_dsn, node="standby") as standby:
+        async with pgbus.open_bus(pg_dsn, node="holder") as holder:
+            first = await holder.schedule(name, channel, every=0.2)
+            with trio.fail_after(WAIT):
+                while first.passes < 3:  # noqa: ASYNC110 (the holder's passes)
+                    await trio.sleep(0.01)
+            second = await standby.schedule(name, channel, every=0.2)
+            published = first.published
+            with trio.fail_after(WAIT):
+                while first.published < published + 5:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            status = await standby.cluster_status()
+            (singleton,) = [s for s in status.singletons if s.name == f"schedule:{name}"]
+            assert singleton.holder == "holder"
+            assert sorted(singleton.candidates) == ["holder", "standby"]
+            assert second.passes == 0
+        # The holder left: the standby takes the schedule over.
+        with trio.fail_after(WAIT):
+            while second.published < 3:  # noqa: ASYNC110 (the new holder's slots)
+                await trio.sleep(0.01)
+    rows = await pg.fetch(
+        "SELECT s.slot, m.payload FROM pgbus.schedule_slots s"
+        " JOIN pgbus.messages m ON m.id = s.message_id WHERE s.name = $1",
+        name,
+    )
+    assert len(rows) == first.published + second.published
+    assert len({r["slot"] for r in rows}) == len(rows)
+
+
 def test_slots_follow_cron_in_its_time_zone() -> None:
     """'0 3 * * *' in Europe/Paris is 01:00 UTC in summer, 02:00 in winter (DST)."""
     schedule = make_schedule("nightly", "reports", cron="0 3 * * *", timezone="Europe/Paris")

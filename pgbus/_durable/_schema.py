@@ -637,6 +637,9 @@ ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS traceparent text;
 #   message's id for good (OVERRIDING SYSTEM VALUE when moved).
 # - pgbus.schedule_slots: one row per slot of a schedule published; the row and the message
 #   commit in one statement, so a slot is published exactly once whoever runs it.
+# - pgbus.schedules: what ``pgbus status`` shows of each schedule: its rule, as the runner
+#   that last ran it declared it, and the next slot that runner will publish (written once
+#   per pass, in the round trip that reads the database's clock).
 _V6 = r"""
 ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS dedup_key text COLLATE "C";
 ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS dedup_until timestamptz;
@@ -657,6 +660,18 @@ CREATE TABLE pgbus.schedule_slots (
     message_id bigint NOT NULL,
     published_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (name, slot)
+);
+
+CREATE TABLE pgbus.schedules (
+    name text PRIMARY KEY,
+    channel text NOT NULL,
+    cron text,
+    every double precision,
+    timezone text NOT NULL,
+    missed text NOT NULL,
+    next_slot timestamptz,
+    runner text,
+    seen_at timestamptz NOT NULL DEFAULT now()
 );
 """
 
