@@ -844,14 +844,17 @@ class Bus:
         """
         Every bus with durable support moves due delayed messages (several at once are safe),
         woken early by publishers' NOTIFYs on its listening connection (polling every second
-        behind a transaction pooler).
+        behind a transaction pooler). The mover subscribes itself, so a failure there is
+        retried with the rest of its work instead of leaving the bus without a mover.
         """
-        mover = DelayedMover(self._database())
-        if not self._database().transaction_pooling:
-            listener = await self._get_listener("the delayed messages' wake-ups")
-            await listener.add_hook(MOVER_CHANNEL, mover.wake)
+        subscribe = None if self._database().transaction_pooling else self._subscribe_mover
+        mover = DelayedMover(self._database(), subscribe)
         self.mover = mover
         await self._start(_Service("delayed mover"), mover.serve)
+
+    async def _subscribe_mover(self, wake: Callable[[str], None]) -> None:
+        listener = await self._get_listener("the delayed messages' wake-ups")
+        await listener.add_hook(MOVER_CHANNEL, wake)
 
     async def _bridge_in_durable(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -21,12 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from proxy import open_proxy
 from test_cli import pgbus_env, run_to_completion, running
 
 import pgbus
+import pgbus._durable._time
 from pgbus._cli import main
 from pgbus._durable._schedule import make_schedule
 from pgbus._durable._schema import SCHEMA_VERSION
+from pgbus._durable._time import DelayedMover
+from pgbus._pg import open_database
 
 if TYPE_CHECKING:
     from conftest import PgHelper
@@ -331,6 +336,64 @@ def mover_config(path: Path) -> Path:
         )
     )
     return config
+
+
+async def test_a_mover_asleep_for_a_long_poll_is_woken_by_notify(
+    pg_dsn: str, pg: PgHelper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mover polling once an hour moves a 0.3 s message another process stored, when due."""
+    monkeypatch.setattr(pgbus._durable._time, "MOVER_MAX_SLEEP", 3600.0)
+    channel = fresh("woken")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        assert bus.mover is not None
+        # The mover has looked and found nothing due: it sleeps for the hour now.
+        await wait_until(
+            pg, "SELECT NOT EXISTS (SELECT FROM pgbus.delayed WHERE channel = $1)", channel
+        )
+        # Stored by another process (which runs no mover): only its NOTIFY can wake this one.
+        stored = await run_to_completion(
+            "notify", channel, "soon", "--durable", "--delay", "0.3", "--dsn", pg_dsn
+        )
+        assert stored.returncode == 0, stored.stderr
+        with trio.fail_after(WAIT):  # WAIT: far shorter than the mover's hour
+            message = await bus.channel("in").receive()
+        assert message.payload == "soon"
+        assert bus.mover.moved == 1
+
+
+async def test_a_mover_refused_by_the_server_retries_and_says_so(
+    pg_dsn: str, pg: PgHelper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mover whose connection is refused warns in one line, retries with backoff, then moves."""
+    channel = fresh("refused")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        await bus.notify("warm-up", "x", durable=True)  # the schema
+    async with open_proxy(pg_dsn) as proxy, open_database(proxy.dsn, "pgbus-test") as database:
+        proxy.refuse_new = True
+        mover = DelayedMover(database)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mover.serve)
+            with trio.fail_after(WAIT):
+                while mover.failures < 3:  # noqa: ASYNC110 (attempts against a closed door)
+                    await trio.sleep(0.01)
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert warnings, "a refused mover must say so"
+            assert all("\n" not in w for w in warnings)
+            first = r"^delayed mover: cannot move: .*; retrying now \(1 failed attempt\)$"
+            assert re.match(first, warnings[0]), warnings[0]
+            stored = await run_to_completion(
+                "notify", channel, "late", "--durable", "--delay", "0.1", "--dsn", pg_dsn
+            )
+            assert stored.returncode == 0, stored.stderr
+            proxy.refuse_new = False
+            with trio.fail_after(WAIT):
+                while mover.moved < 1:  # noqa: ASYNC110 (the next attempt, after its backoff)
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert "delayed mover: working again" in [r.getMessage() for r in caplog.records]
+    assert await stored_count(pg, channel) == 1
 
 
 async def test_kill_9_of_a_movers_process_loses_nothing(
