@@ -174,6 +174,28 @@ async def test_durable_bridge_with_dedup_key_stores_each_key_once(
     assert len(rows) == 150
 
 
+async def test_a_bridge_batch_meeting_a_taken_key_stores_the_others_once(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """A batch of distinct keys, one of them already taken: the rest stored once, in order."""
+    channel = fresh("dedup-taken")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        taken = await bus.notify(channel, "first", durable=True, dedup_key="b")
+        bus.add_channel("out", math.inf)
+        for key in ("a", "b", "c"):  # queued before the bridge starts: one batch
+            await bus.send("out", key)
+        bridge = await bus.bridge_out("out", channel, durable=True, dedup_key=str)
+        await bridge.aclose()
+        for key in ("d", "e"):  # the next batch
+            await bus.send("out", key)
+        await bus.bridge_out("out", channel, durable=True, dedup_key=str)
+    rows = await pg.fetch(
+        "SELECT id, payload FROM pgbus.messages WHERE channel = $1 ORDER BY id", channel
+    )
+    assert [r["payload"] for r in rows] == ["first", "a", "c", "d", "e"]
+    assert rows[0]["id"] == taken
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
