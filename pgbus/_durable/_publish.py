@@ -63,11 +63,11 @@ _STORE_ONLY_TRACED = (
 # pgbus.messages' unique index, taken by ON CONFLICT DO NOTHING: a row comes back only for a
 # key that was free, and only those messages are stored; a concurrent publisher of the same
 # key waits on the first one's uncommitted row (and stores if that transaction rolls back).
-# Ids of keyless rows come back in insertion order, which is the batch's order. A delayed
-# message takes its id from the sequence up front and its key in a holder row (channel '',
-# xid = the key's expiry in Unix seconds) that the mover turns into the message itself.
-# $4: the window (seconds); $5/$6: delay seconds / absolute time (NULL both: deliver now);
-# $7: send the wake-up NOTIFY (not inside a caller's transaction).
+# Ids are drawn up front in the batch's order (so delivery follows it) and rows inserted in
+# key order, so two batches sharing keys cannot deadlock. A delayed message's key is held by
+# a row of its own (channel '', xid = the key's expiry in Unix seconds) that the mover turns
+# into the message itself. $4: the window (seconds); $5/$6: delay seconds / absolute time
+# (NULL both: deliver now); $7: send the wake-up NOTIFY (not inside a caller's transaction).
 _STORE_TIMED = """
 WITH due AS MATERIALIZED (
     SELECT CASE WHEN $5::float8 IS NULL AND $6::timestamptz IS NULL THEN NULL
@@ -75,22 +75,23 @@ WITH due AS MATERIALIZED (
                               statement_timestamp() + make_interval(secs => $5::float8)) END AS at,
            now() + make_interval(secs => $4::float8) AS until
 ), input AS MATERIALIZED (
-    SELECT u.payload, u.ord,
-           CASE WHEN u.key IS NOT NULL THEN octet_length($1) || ':' || $1 || u.key END AS qkey,
-           CASE WHEN due.at IS NOT NULL THEN nextval('pgbus.messages_id_seq') END AS id
-      FROM due, unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(payload, key, ord)
+    SELECT u.payload, u.ord, nextval('pgbus.messages_id_seq') AS id,
+           CASE WHEN u.key IS NOT NULL THEN octet_length($1) || ':' || $1 || u.key END AS qkey
+      FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(payload, key, ord)
 ), now_rows AS (
-    INSERT INTO pgbus.messages AS m (channel, payload, dedup_key, dedup_until)
-    SELECT $1, i.payload, i.qkey, CASE WHEN i.qkey IS NOT NULL THEN due.until END
-      FROM input i, due WHERE due.at IS NULL ORDER BY i.ord
+    INSERT INTO pgbus.messages AS m (id, channel, payload, dedup_key, dedup_until)
+    OVERRIDING SYSTEM VALUE
+    SELECT i.id, $1, i.payload, i.qkey, CASE WHEN i.qkey IS NOT NULL THEN due.until END
+      FROM input i, due WHERE due.at IS NULL ORDER BY i.qkey COLLATE "C", i.ord
     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
-    RETURNING m.id, m.dedup_key
+    RETURNING m.id
 ), holders AS (
     INSERT INTO pgbus.messages AS m (id, xid, channel, payload, dedup_key, dedup_until)
     OVERRIDING SYSTEM VALUE
     SELECT i.id, floor(extract(epoch FROM due.until))::bigint::text::xid8, '', '', i.qkey,
            due.until
-      FROM input i, due WHERE due.at IS NOT NULL AND i.qkey IS NOT NULL ORDER BY i.qkey
+      FROM input i, due WHERE due.at IS NOT NULL AND i.qkey IS NOT NULL
+     ORDER BY i.qkey COLLATE "C"
     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
     RETURNING m.id
 ), later_rows AS (
@@ -100,23 +101,15 @@ WITH due AS MATERIALIZED (
      ORDER BY i.ord
     RETURNING id
 ), stored AS (
-    SELECT i.ord, n.id FROM now_rows n JOIN input i ON i.qkey = n.dedup_key
-    UNION ALL
-    SELECT k.ord, n.id
-      FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM now_rows
-             WHERE dedup_key IS NULL) n
-      JOIN (SELECT ord, row_number() OVER (ORDER BY ord) AS rn FROM input
-             WHERE qkey IS NULL AND id IS NULL) k ON k.rn = n.rn
-    UNION ALL
-    SELECT i.ord, l.id FROM later_rows l JOIN input i ON i.id = l.id
+    SELECT id FROM now_rows UNION ALL SELECT id FROM later_rows
 )
-SELECT coalesce(array_agg(s.ord ORDER BY s.ord), '{}') AS ords,
-       coalesce(array_agg(s.id ORDER BY s.ord), '{}') AS ids,
+SELECT coalesce(array_agg(i.ord ORDER BY i.ord), '{}') AS ords,
+       coalesce(array_agg(i.id ORDER BY i.ord), '{}') AS ids,
        (SELECT at FROM due) AS deliver_at,
        CASE WHEN $7 AND count(*) > 0 THEN
             CASE WHEN (SELECT at FROM due) IS NULL THEN pg_notify($8, $1)
                  ELSE pg_notify($9, $1) END END AS woken
-  FROM stored s
+  FROM stored s JOIN input i ON i.id = s.id
 """
 
 # The out-bridge's batch of keyed messages, delivered now, while no key of it is taken (the
@@ -124,7 +117,9 @@ SELECT coalesce(array_agg(s.ord ORDER BY s.ord), '{}') AS ords,
 # CONFLICT. The unique index still decides: a key taken by a committed message makes the
 # statement fail (unique_violation, nothing stored) and the batch goes again through
 # `_STORE_TIMED`; a key held by an uncommitted one makes it wait for that transaction first,
-# as ON CONFLICT would. A speculative insertion (ON CONFLICT) costs about twice a plain one.
+# as ON CONFLICT would (two such batches waiting on each other's keys: PostgreSQL aborts one,
+# which goes through `_STORE_TIMED` too). A speculative insertion (ON CONFLICT) costs about
+# twice a plain one.
 _STORE_KEYED = """
 WITH stored AS (
     INSERT INTO pgbus.messages (channel, payload, dedup_key, dedup_until)
@@ -135,6 +130,7 @@ WITH stored AS (
 SELECT pg_notify($5, $1)
 """
 UNIQUE_VIOLATION = "23505"
+DEADLOCK_DETECTED = "40P01"
 
 # After the statement above: who holds the keys it did not take, and whether the holder's
 # window has passed (a new statement, so a new snapshot in READ COMMITTED: it sees the row a
@@ -337,7 +333,7 @@ async def store_keyed(
     try:
         await connection.execute(_STORE_KEYED, channel, payloads, keys, window, WAKE_CHANNEL)
     except DatabaseError as exc:
-        if exc.sqlstate == UNIQUE_VIOLATION:
+        if exc.sqlstate in (UNIQUE_VIOLATION, DEADLOCK_DETECTED):
             return False
         raise
     return True
