@@ -58,6 +58,8 @@ from ._errors import (
     ActorUnavailableError,
     AskTimeoutError,
     ConfigError,
+    DatabaseError,
+    DatabaseUnavailableError,
     DuplicateNameError,
     DuplicateNotificationError,
     LeaseLostError,
@@ -844,11 +846,17 @@ class Bus:
         """
         Every bus with durable support moves due delayed messages (several at once are safe),
         woken early by publishers' NOTIFYs on its listening connection (polling every second
-        behind a transaction pooler). The mover subscribes itself, so a failure there is
-        retried with the rest of its work instead of leaving the bus without a mover.
+        behind a transaction pooler). Subscribing is done here, before the first store; if
+        it fails the mover starts anyway and retries it with the rest of its work (backoff,
+        one warning line), instead of leaving the bus without a mover.
         """
-        subscribe = None if self._database().transaction_pooling else self._subscribe_mover
-        mover = DelayedMover(self._database(), subscribe)
+        mover = DelayedMover(self._database())
+        if not self._database().transaction_pooling:
+            try:
+                await self._subscribe_mover(mover.wake)
+            except (DatabaseUnavailableError, DatabaseError) as exc:
+                log.warning("delayed mover: could not listen for wake-ups: %s; retrying", exc)
+                mover.subscribe = self._subscribe_mover
         self.mover = mover
         await self._start(_Service("delayed mover"), mover.serve)
 
