@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -62,6 +63,8 @@ from ._errors import (
     ActorUnavailableError,
     AskTimeoutError,
     ConfigError,
+    DatabaseError,
+    DatabaseUnavailableError,
     DuplicateNameError,
     DuplicateNotificationError,
     LeaseLostError,
@@ -941,8 +944,12 @@ class Bus:
         *payload* encoded as JSON, or ``{"schedule": name, "slot": ISO time}`` without one.
         *missed* says what to do with slots that passed while no process ran the schedule:
         ``"skip"`` (default), ``"catch_up"`` (publish each, in order) or ``"latest"``.
-        Every process may run the same schedule: the slot's row and its message commit
-        together under a unique key, so each slot is published once whoever runs it.
+        Each slot's row and its message commit together under a unique key, so each slot is
+        published once whoever runs it. In session mode the schedule is a singleton of the
+        cluster (this bus joins it): one node at a time runs it, named ``schedule:NAME`` in
+        ``pgbus status``, and another takes over within *keepalive* when that node dies.
+        Behind a transaction pooler (no session locks) every bus that declares it runs it,
+        and the unique key alone keeps each slot once.
 
         Raises:
             SettingError: a cron expression that does not parse, an unknown time zone, both
@@ -960,23 +967,41 @@ class Bus:
         if name in self._schedules:
             raise ConfigError(f"schedule {name!r} already runs in this bus.")
         await self._durable_support().ensure_schema()
-        runner = ScheduleRunner(self._database(), checked, self._durable_max_payload)
+        database = self._database()
+        if database.transaction_pooling:
+            runner = ScheduleRunner(database, checked, self._durable_max_payload)
+            self._schedules[name] = runner
+            await self._start(_Service(f"schedule {name}"), runner.serve)
+            return runner
+        cluster = await self._join_cluster()
+        runner = ScheduleRunner(database, checked, self._durable_max_payload, runner=cluster.name)
         self._schedules[name] = runner
-        await self._start(_Service(f"schedule {name}"), runner.serve)
+        cluster.add_singleton(
+            ActorSpec(f"schedule:{name}", partial(_ScheduleActor, runner), None, "permanent")
+        )
         return runner
 
     async def _start_mover(self) -> None:
         """
         Every bus with durable support moves due delayed messages (several at once are safe),
         woken early by publishers' NOTIFYs on its listening connection (polling every second
-        behind a transaction pooler).
+        behind a transaction pooler). Subscribing is done here, before the first store; if
+        it fails the mover starts anyway and retries it with the rest of its work (backoff,
+        one warning line), instead of leaving the bus without a mover.
         """
         mover = DelayedMover(self._database())
         if not self._database().transaction_pooling:
-            listener = await self._get_listener("the delayed messages' wake-ups")
-            await listener.add_hook(MOVER_CHANNEL, mover.wake)
+            try:
+                await self._subscribe_mover(mover.wake)
+            except (DatabaseUnavailableError, DatabaseError) as exc:
+                log.warning("delayed mover: could not listen for wake-ups: %s; retrying", exc)
+                mover.subscribe = self._subscribe_mover
         self.mover = mover
         await self._start(_Service("delayed mover"), mover.serve)
+
+    async def _subscribe_mover(self, wake: Callable[[str], None]) -> None:
+        listener = await self._get_listener("the delayed messages' wake-ups")
+        await listener.add_hook(MOVER_CHANNEL, wake)
 
     async def _bridge_in_durable(
         self,
@@ -1108,6 +1133,16 @@ class Bus:
 
 async def _nothing() -> None:
     pass
+
+
+class _ScheduleActor(Actor):
+    """A schedule run as a singleton of the cluster: its runner, while this node holds it."""
+
+    def __init__(self, runner: ScheduleRunner) -> None:
+        self.runner = runner
+
+    async def run(self) -> None:
+        await self.runner.serve()
 
 
 _Finish = Callable[[float, trio.Event], Awaitable[list[str]]]

@@ -794,6 +794,17 @@ def _status_lines(overview: dict[str, Any], where: str) -> Iterator[str]:
             f"durable {group['channel']!r} group {group['group']!r}: lag {group['lag']}, "
             f"in flight {group['in_flight']}, dead letters {group['dead_letters']}"
         )
+    for schedule in overview.get("schedules", ()):
+        rule = (
+            f"cron {schedule['cron']!r} in {schedule['timezone']}"
+            if schedule["cron"] is not None
+            else f"every {schedule['every']:g}s"
+        )
+        yield (
+            f"schedule {schedule['name']!r} -> {schedule['postgres']!r} ({rule}, missed "
+            f"{schedule['missed']}): last slot {schedule['last_slot'] or '-'}, next slot "
+            f"{schedule['next_slot'] or '-'}, run by {schedule['runner'] or '-'}"
+        )
     for letter in overview["dead_letters"]:
         yield (
             f"dead letter {letter['id']} of {letter['channel']!r} group {letter['group']!r} "

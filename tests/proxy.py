@@ -46,6 +46,8 @@ class Proxy:
         self._paths: list[trio.CancelScope] = []
         self._stall_new = False
         self.accepted = 0
+        self.refuse_new = False
+        """Close each new connection at once, before a word (a server that refuses it)."""
         self.drop_notifications = False
         """Forward everything but the server's NotificationResponse messages, as a
         transaction-pooling proxy does for a LISTEN that has no session of its own."""
@@ -74,6 +76,8 @@ class Proxy:
     async def _handle(self, client: trio.SocketStream) -> None:
         self.accepted += 1
         async with client:
+            if self.refuse_new:
+                return
             if self._stall_new:
                 await trio.sleep_forever()
             server = await self._open_upstream()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -21,12 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from proxy import open_proxy
 from test_cli import pgbus_env, run_to_completion, running
 
 import pgbus
+import pgbus._durable._time
 from pgbus._cli import main
 from pgbus._durable._schedule import make_schedule
 from pgbus._durable._schema import SCHEMA_VERSION
+from pgbus._durable._time import DelayedMover
+from pgbus._pg import open_database
 
 if TYPE_CHECKING:
     from conftest import PgHelper
@@ -108,7 +113,7 @@ async def test_a_rolled_back_first_publisher_leaves_the_key_free(pg_dsn: str, pg
                 await wait_until(
                     pg,
                     "SELECT EXISTS (SELECT FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND query LIKE '%pgbus.dedup%')",
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%dedup_key%')",
                 )
                 assert second == []
                 raise Rollback(first)
@@ -137,11 +142,7 @@ async def test_dedup_key_is_per_channel_and_free_again_after_its_window(
         assert await bus.notify(a, "2", durable=True, dedup_key="k", dedup_window=0.3) == first
         other = await bus.notify(b, "1", durable=True, dedup_key="k")
         assert other != first
-        await wait_until(
-            pg,
-            "SELECT expires_at <= now() FROM pgbus.dedup WHERE channel = $1 AND key = 'k'",
-            a,
-        )
+        await wait_until(pg, "SELECT dedup_until <= now() FROM pgbus.messages WHERE id = $1", first)
         again = await bus.notify(a, "3", durable=True, dedup_key="k")
         assert again is not None
         assert again > first
@@ -171,6 +172,28 @@ async def test_durable_bridge_with_dedup_key_stores_each_key_once(
     # The first 100 keys once each, in order; then the 50 keyless messages of the second bridge.
     assert [r["payload"] for r in rows][:100] == [f'{{"key":{i},"n":{i}}}' for i in range(100)]
     assert len(rows) == 150
+
+
+async def test_a_bridge_batch_meeting_a_taken_key_stores_the_others_once(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """A batch of distinct keys, one of them already taken: the rest stored once, in order."""
+    channel = fresh("dedup-taken")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        taken = await bus.notify(channel, "first", durable=True, dedup_key="b")
+        bus.add_channel("out", math.inf)
+        for key in ("a", "b", "c"):  # queued before the bridge starts: one batch
+            await bus.send("out", key)
+        bridge = await bus.bridge_out("out", channel, durable=True, dedup_key=str)
+        await bridge.aclose()
+        for key in ("d", "e"):  # the next batch
+            await bus.send("out", key)
+        await bus.bridge_out("out", channel, durable=True, dedup_key=str)
+    rows = await pg.fetch(
+        "SELECT id, payload FROM pgbus.messages WHERE channel = $1 ORDER BY id", channel
+    )
+    assert [r["payload"] for r in rows] == ["first", "a", "c", "d", "e"]
+    assert rows[0]["id"] == taken
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -337,6 +360,64 @@ def mover_config(path: Path) -> Path:
     return config
 
 
+async def test_a_mover_asleep_for_a_long_poll_is_woken_by_notify(
+    pg_dsn: str, pg: PgHelper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mover polling once an hour moves a 0.3 s message another process stored, when due."""
+    monkeypatch.setattr(pgbus._durable._time, "MOVER_MAX_SLEEP", 3600.0)
+    channel = fresh("woken")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        assert bus.mover is not None
+        # The mover has looked and found nothing due: it sleeps for the hour now.
+        await wait_until(
+            pg, "SELECT NOT EXISTS (SELECT FROM pgbus.delayed WHERE channel = $1)", channel
+        )
+        # Stored by another process (which runs no mover): only its NOTIFY can wake this one.
+        stored = await run_to_completion(
+            "notify", channel, "soon", "--durable", "--delay", "0.3", "--dsn", pg_dsn
+        )
+        assert stored.returncode == 0, stored.stderr
+        with trio.fail_after(WAIT):  # WAIT: far shorter than the mover's hour
+            message = await bus.channel("in").receive()
+        assert message.payload == "soon"
+        assert bus.mover.moved == 1
+
+
+async def test_a_mover_refused_by_the_server_retries_and_says_so(
+    pg_dsn: str, pg: PgHelper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mover whose connection is refused warns in one line, retries with backoff, then moves."""
+    channel = fresh("refused")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        await bus.notify("warm-up", "x", durable=True)  # the schema
+    async with open_proxy(pg_dsn) as proxy, open_database(proxy.dsn, "pgbus-test") as database:
+        proxy.refuse_new = True
+        mover = DelayedMover(database)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mover.serve)
+            with trio.fail_after(WAIT):
+                while mover.failures < 3:  # noqa: ASYNC110 (attempts against a closed door)
+                    await trio.sleep(0.01)
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert warnings, "a refused mover must say so"
+            assert all("\n" not in w for w in warnings)
+            first = r"^delayed mover: cannot move: .*; retrying now \(1 failed attempt\)$"
+            assert re.match(first, warnings[0]), warnings[0]
+            stored = await run_to_completion(
+                "notify", channel, "late", "--durable", "--delay", "0.1", "--dsn", pg_dsn
+            )
+            assert stored.returncode == 0, stored.stderr
+            proxy.refuse_new = False
+            with trio.fail_after(WAIT):
+                while mover.moved < 1:  # noqa: ASYNC110 (the next attempt, after its backoff)
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert "delayed mover: working again" in [r.getMessage() for r in caplog.records]
+    assert await stored_count(pg, channel) == 1
+
+
 async def test_kill_9_of_a_movers_process_loses_nothing(
     pg_dsn: str, pg: PgHelper, tmp_path: Path
 ) -> None:
@@ -378,29 +459,74 @@ async def test_kill_9_of_a_movers_process_loses_nothing(
 
 
 async def test_schema_has_the_time_tables(pg_dsn: str, pg: PgHelper) -> None:
-    """The migration adds pgbus.dedup and pgbus.delayed at the current version."""
+    """The migration adds the key columns, their unique index and pgbus.delayed."""
     async with pgbus.open_bus(pg_dsn) as bus:
         await bus.notify("warm-up", "x", durable=True)
     assert await pg.fetchval("SELECT max(version) FROM pgbus.migrations") == SCHEMA_VERSION
-    assert await pg.fetchval("SELECT to_regclass('pgbus.dedup') IS NOT NULL")
+    assert await pg.fetchval("SELECT to_regclass('pgbus.messages_dedup') IS NOT NULL")
     assert await pg.fetchval("SELECT to_regclass('pgbus.delayed') IS NOT NULL")
+    assert await pg.fetchval("SELECT to_regclass('pgbus.dedup') IS NULL")
 
 
-async def test_the_janitor_deletes_expired_dedup_keys(pg_dsn: str, pg: PgHelper) -> None:
-    """A key past its window is deleted by the janitor (a consumer's bus runs one)."""
+def qualified(channel: str, key: str) -> str:
+    """A key as pgbus.messages.dedup_key holds it (qualified by its channel)."""
+    return f"{len(channel.encode())}:{channel}{key}"
+
+
+async def test_a_handled_message_keeps_its_key_for_the_window_then_the_janitor_frees_it(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """Once handled, a keyed message's row becomes its key's holder until the window ends."""
     channel = fresh("purge")
     async with pgbus.open_bus(pg_dsn) as bus:
         bus.add_channel("in", 10)
         await bus.bridge_in(channel, "in", durable=True, group="g")
-        await bus.notify(channel, "1", durable=True, dedup_key="gone", dedup_window=0.1)
-        await bus.notify(channel, "2", durable=True, dedup_key="kept")
+        gone = await bus.notify(channel, "1", durable=True, dedup_key="gone", dedup_window=1.0)
+        kept = await bus.notify(channel, "2", durable=True, dedup_key="kept")
+        with trio.fail_after(WAIT):
+            for _ in range(2):
+                bus.ack(await bus.channel("in").receive())
+        # The janitor is done with both: 'kept' holds its key (no payload, off the channel).
         await wait_until(
             pg,
-            "SELECT NOT EXISTS (SELECT FROM pgbus.dedup WHERE channel = $1 AND key = 'gone')",
+            "SELECT NOT EXISTS (SELECT FROM pgbus.messages WHERE channel = $1)"
+            " AND EXISTS (SELECT FROM pgbus.messages WHERE id = $2 AND channel = '')",
             channel,
+            kept,
         )
-    keys = await pg.fetch("SELECT key FROM pgbus.dedup WHERE channel = $1", channel)
-    assert [r["key"] for r in keys] == ["kept"]
+        assert await bus.notify(channel, "again", durable=True, dedup_key="kept") == kept
+        # 'gone' is purged once its window has passed; the key stores again.
+        await wait_until(pg, "SELECT NOT EXISTS (SELECT FROM pgbus.messages WHERE id = $1)", gone)
+        again = await bus.notify(channel, "3", durable=True, dedup_key="gone")
+        assert again not in (None, gone)
+    rows = await pg.fetch(
+        "SELECT id, channel, payload, dedup_key FROM pgbus.messages WHERE id = ANY($1::bigint[])",
+        [gone, kept, again],
+    )
+    assert sorted(tuple(r) for r in rows) == [
+        (kept, "", "", qualified(channel, "kept")),
+        (again, channel, "3", qualified(channel, "gone")),
+    ]
+
+
+async def test_a_delayed_message_holds_its_key_while_it_waits_and_after_it_moves(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """A delayed keyed message: the same key (delayed or not) gets its id, before and after."""
+    channel = fresh("delayed-key")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        first = await bus.notify(channel, "later", durable=True, dedup_key="k", delay=0.5)
+        assert await bus.notify(channel, "now", durable=True, dedup_key="k") == first
+        assert await bus.notify(channel, "x", durable=True, dedup_key="k", delay=9) == first
+        with trio.fail_after(WAIT):
+            message = await bus.channel("in").receive()
+        assert (message.id, message.payload) == (first, "later")
+        assert await bus.notify(channel, "now", durable=True, dedup_key="k") == first
+        bus.ack(message)
+    assert await stored_count(pg, channel) <= 1
+    assert await pg.fetchval("SELECT count(*) FROM pgbus.delayed WHERE channel = $1", channel) == 0
 
 
 # -- configuration and command line -------------------------------------------------------------
@@ -602,6 +728,78 @@ async def test_skip_and_latest_publish_none_or_one_missed_slot(pg_dsn: str, pg: 
             assert published == []
         else:
             assert published == [newest]
+
+
+async def test_status_shows_each_schedules_last_and_next_slot(pg_dsn: str, pg: PgHelper) -> None:
+    """status (text and --json) names each schedule's rule, last slot, next slot and runner."""
+    name, channel = fresh("status"), fresh("ticks")
+    async with pgbus.open_bus(pg_dsn, node="sched-node") as bus:
+        await bus.notify("warm-up", "x", durable=True)  # the schema
+        await pg.execute(
+            "INSERT INTO pgbus.schedule_slots (name, slot, message_id)"
+            " VALUES ($1, date_trunc('hour', now()) - interval '1 hour', 0)",
+            name,
+        )
+        await bus.schedule(name, channel, every=3600.0, missed="catch_up")
+        # The runner publishes the current hour's slot, then writes the next one it will.
+        await wait_until(pg, "SELECT EXISTS (SELECT FROM pgbus.schedules WHERE name = $1)", name)
+        result = await run_to_completion("status", "--dsn", pg_dsn, "--json")
+        text = await run_to_completion("status", "--dsn", pg_dsn)
+    assert result.returncode == 0, result.stderr
+    (shown,) = [s for s in json.loads(result.stdout)["schedules"] if s["name"] == name]
+    last = await pg.fetchval("SELECT max(slot) FROM pgbus.schedule_slots WHERE name = $1", name)
+    assert last is not None
+    following = last + datetime.timedelta(hours=1)
+    assert shown == {
+        "name": name,
+        "postgres": channel,
+        "cron": None,
+        "every": 3600.0,
+        "timezone": "UTC",
+        "missed": "catch_up",
+        "last_slot": last.astimezone(datetime.UTC).isoformat(),
+        "next_slot": following.astimezone(datetime.UTC).isoformat(),
+        "runner": "sched-node",
+        "seen_at": shown["seen_at"],
+    }
+    assert (
+        f"schedule {name!r} -> {channel!r} (every 3600s, missed catch_up): last slot "
+        f"{shown['last_slot']}, next slot {shown['next_slot']}, run by sched-node"
+    ) in text.stdout.decode().splitlines()
+
+
+async def test_a_schedule_runs_on_one_node_at_a_time_and_moves_when_it_leaves(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """Two nodes declare one schedule: one runs it (the other never looks) until it leaves."""
+    name, channel = fresh("single"), fresh("ticks")
+    async with pgbus.open_bus(pg_dsn, node="standby") as standby:
+        async with pgbus.open_bus(pg_dsn, node="holder") as holder:
+            first = await holder.schedule(name, channel, every=0.2)
+            with trio.fail_after(WAIT):
+                while first.passes < 3:  # noqa: ASYNC110 (the holder's passes)
+                    await trio.sleep(0.01)
+            second = await standby.schedule(name, channel, every=0.2)
+            published = first.published
+            with trio.fail_after(WAIT):
+                while first.published < published + 5:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            status = await standby.cluster_status()
+            (singleton,) = [s for s in status.singletons if s.name == f"schedule:{name}"]
+            assert singleton.holder == "holder"
+            assert sorted(singleton.candidates) == ["holder", "standby"]
+            assert second.passes == 0
+        # The holder left: the standby takes the schedule over.
+        with trio.fail_after(WAIT):
+            while second.published < 3:  # noqa: ASYNC110 (the new holder's slots)
+                await trio.sleep(0.01)
+    rows = await pg.fetch(
+        "SELECT s.slot, m.payload FROM pgbus.schedule_slots s"
+        " JOIN pgbus.messages m ON m.id = s.message_id WHERE s.name = $1",
+        name,
+    )
+    assert len(rows) == first.published + second.published
+    assert len({r["slot"] for r in rows}) == len(rows)
 
 
 def test_slots_follow_cron_in_its_time_zone() -> None:

@@ -8,7 +8,8 @@ pgbus durable channels for W6 and W7, as its README shows them (public names onl
 - W6R: W6 with ``lease = 2`` and a handler that takes 1 ms: what renewing the held leases
   (every 0.67 s, in the claims' round trips) costs; any message handled twice fails the run.
 - W6D: W6 with a ``dedup_key`` on every message (the bridge's ``dedup_key=`` function gives
-  each payload as its key, all distinct): what taking a key in ``pgbus.dedup`` costs.
+  each payload as its key, all distinct): what taking a key (``pgbus.messages.dedup_key``,
+  under a unique index) costs.
 - W7: ``bus.notify(channel, payload, durable=True)`` one at a time; one worker process (W7L is
   W7 again while the harness holds a writing transaction open in another database).
 - W10: delayed-message lateness. Messages published with ``delay=`` uniform in 0-10 s (in

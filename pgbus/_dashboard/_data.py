@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from .._cluster import read_status
+from .._durable._schedule import schedule_status
 
 if TYPE_CHECKING:
     from .._bus import BusStatistics
@@ -34,8 +35,9 @@ async def read_overview(connection: Connection) -> dict[str, Any]:
     The cluster as the server sees it now, as JSON-ready data: ``nodes`` (each with its public
     actors, singletons and inbound channels), ``singletons`` (with their holder), ``durable``
     (each group's lag, in-flight and dead letters; None before durable channels were ever
-    used) and ``dead_letters`` (the most recent `DEAD_LETTERS_SHOWN`, with ``error``, the
-    reason the last attempt failed). A few short queries on *connection*.
+    used), ``dead_letters`` (the most recent `DEAD_LETTERS_SHOWN`, with ``error``, the
+    reason the last attempt failed) and ``schedules`` (each with its rule, ``last_slot``,
+    ``next_slot`` and ``runner``: see `schedule_status`). A few short queries on *connection*.
     """
     overview = (await read_status(connection)).as_json()
     letters: list[dict[str, Any]] = []
@@ -46,6 +48,7 @@ async def read_overview(connection: Connection) -> dict[str, Any]:
             for r in rows
         ]
     overview["dead_letters"] = letters
+    overview["schedules"] = await schedule_status(connection)
     return overview
 
 

@@ -62,18 +62,34 @@ DELETE FROM pgbus.group_ticks k
 
 _HAS_GROUP = "SELECT EXISTS (SELECT FROM pgbus.groups WHERE channel = $1)"
 
+# What happens to the rows a retention pass is done with: deleted, except a message whose
+# deduplication key is still in its window, which becomes that key's holder (channel '', no
+# payload, xid = the key's expiry in Unix seconds: see `pgbus._durable._schema`'s version 6)
+# so the key keeps its message's id until the window ends, outside the channel's range.
+_DONE_WITH = """
+, kept AS (
+    UPDATE pgbus.messages m
+       SET channel = '', payload = '', traceparent = NULL,
+           xid = floor(extract(epoch FROM m.dedup_until))::bigint::text::xid8
+      FROM doomed WHERE m.id = doomed.id AND doomed.keep
+)
+DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id AND NOT doomed.keep
+"""
+
 # A message every group of its channel has claimed (visible in each group's tick_from, or at
 # or before a version-2 group's position) and none still holds (no delivery row: not in flight,
 # not waiting for a retry, not a dead letter). Only xids below the newest tick can qualify.
 # MATERIALIZED: the batch is chosen once, whatever the planner thinks of the table's size
 # (inlined, a table nobody analyzed can turn this into a loop per row).
-_DELETE_HANDLED = """
+_DELETE_HANDLED = (
+    """
 WITH horizon AS (
     SELECT min(coalesce(pg_snapshot_xmax(tick_from), position_xid)) AS xid,
            min(position_xid) AS settled
       FROM pgbus.group_positions WHERE channel = $1
 ), doomed AS MATERIALIZED (
-    SELECT m.id FROM pgbus.messages m, horizon h
+    SELECT m.id, m.dedup_key IS NOT NULL AND m.dedup_until > now() AS keep
+      FROM pgbus.messages m, horizon h
      WHERE m.channel = $1 AND m.xid <= h.xid
        AND (m.xid < h.settled  -- older than every group's position_xid: claimed by all
             OR NOT EXISTS (SELECT FROM pgbus.group_positions g
@@ -81,21 +97,23 @@ WITH horizon AS (
        AND NOT EXISTS (SELECT 1 FROM pgbus.deliveries d WHERE d.message_id = m.id)
      ORDER BY m.channel, m.xid, m.id
      LIMIT $2
-)
-DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
-""".replace("{claimed}", _CLAIMED_BY_G)
+)"""
+    + _DONE_WITH
+).replace("{claimed}", _CLAIMED_BY_G)
 
 # With no group at all, messages are kept for the retention period (a group joining with
 # start = "earliest" gets them), then deleted.
-_DELETE_AGED = """
+_DELETE_AGED = (
+    """
 WITH doomed AS MATERIALIZED (
-    SELECT m.id FROM pgbus.messages m
+    SELECT m.id, m.dedup_key IS NOT NULL AND m.dedup_until > now() AS keep
+      FROM pgbus.messages m
      WHERE m.channel = $1 AND m.created_at < now() - make_interval(secs => $2)
      ORDER BY m.channel, m.xid, m.id
      LIMIT $3
+)"""
+    + _DONE_WITH
 )
-DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
-"""
 
 
 # Every channel with a group or a message: pgbus.groups, plus a loose index scan of
@@ -161,7 +179,8 @@ async def janitor_pass(
     `JANITOR_WARN_AFTER`, then every `JANITOR_WARN_AFTER` more).
     """
     deleted = 0
-    channels = [r[0] for r in await connection.fetch(_CHANNELS)]
+    # '': the holders of deduplication keys, purged below by their expiry (never by retention).
+    channels = [r[0] for r in await connection.fetch(_CHANNELS) if r[0] != ""]
     for channel in channels:
         done = await retain(connection, channel, retention(channel))
         if done is not None:
@@ -184,12 +203,16 @@ async def janitor_pass(
     return deleted
 
 
-# Deduplication keys whose window has passed (skipping those a publisher is taking over now).
-# By ctid: a TID scan whatever the planner thinks of the table (never a join over all keys).
+# Holders of deduplication keys whose window has passed (skipping those a publisher or a
+# mover is working on now, and a delayed message's holder, which its mover turns into the
+# message): one range scan of messages_position, where holders are ordered by expiry. By
+# ctid: a TID scan whatever the planner thinks of the table.
 _PURGE_DEDUP = """
-DELETE FROM pgbus.dedup WHERE expires_at <= now() AND ctid = ANY(ARRAY(
-    SELECT ctid FROM pgbus.dedup WHERE expires_at <= now()
-     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+DELETE FROM pgbus.messages WHERE channel = '' AND ctid = ANY(ARRAY(
+    SELECT m.ctid FROM pgbus.messages m
+     WHERE m.channel = '' AND m.xid < floor(extract(epoch FROM now()))::bigint::text::xid8
+       AND NOT EXISTS (SELECT FROM pgbus.delayed d WHERE d.id = m.id)
+     ORDER BY m.channel, m.xid, m.id LIMIT $1 FOR UPDATE SKIP LOCKED
 ))
 """
 

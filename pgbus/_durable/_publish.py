@@ -58,54 +58,95 @@ _STORE_ONLY_TRACED = (
     " SELECT $1, p, $3 FROM unnest($2::text[]) AS p"
 )
 
-# Keyed and/or delayed messages, one statement. Ids come from pgbus.messages' sequence up front,
-# so a delayed message keeps its id when it moves. A key is taken by INSERT ... ON CONFLICT DO
-# UPDATE ... WHERE expired: a row comes back only for a key that was free or expired, and only
-# those messages are stored; a concurrent publisher of the same key waits on the first one's
-# uncommitted row (and stores if that transaction rolls back). Keys are inserted in key order
-# so two batches sharing keys cannot deadlock. $5/$6: delay seconds / absolute time (NULL
-# both: deliver now); $7: send the wake-up NOTIFY (not inside a caller's transaction).
+# Keyed and/or delayed messages, one statement: the batched INSERT of `_STORE` with each
+# message's key (qualified by its channel, see `pgbus._durable._schema`'s version 6) in
+# pgbus.messages' unique index, taken by ON CONFLICT DO NOTHING: a row comes back only for a
+# key that was free, and only those messages are stored; a concurrent publisher of the same
+# key waits on the first one's uncommitted row (and stores if that transaction rolls back).
+# Ids are drawn up front in the batch's order (so delivery follows it) and rows inserted in
+# key order, so two batches sharing keys cannot deadlock. A delayed message's key is held by
+# a row of its own (channel '', xid = the key's expiry in Unix seconds) that the mover turns
+# into the message itself. $4: the window (seconds); $5/$6: delay seconds / absolute time
+# (NULL both: deliver now); $7: send the wake-up NOTIFY (not inside a caller's transaction).
 _STORE_TIMED = """
-WITH input AS MATERIALIZED (
-    SELECT u.payload, u.key, u.ord, nextval('pgbus.messages_id_seq') AS id
-      FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(payload, key, ord)
-), keyed AS (
-    INSERT INTO pgbus.dedup AS d (channel, key, message_id, expires_at)
-    SELECT $1, i.key, i.id, now() + make_interval(secs => $4) FROM input i
-     WHERE i.key IS NOT NULL
-     ORDER BY i.key COLLATE "C"
-    ON CONFLICT (channel, key) DO UPDATE
-       SET message_id = EXCLUDED.message_id, expires_at = EXCLUDED.expires_at
-     WHERE d.expires_at <= now()
-    RETURNING d.message_id
-), chosen AS MATERIALIZED (
-    SELECT i.id, i.payload, i.ord FROM input i
-     WHERE i.key IS NULL OR i.id IN (SELECT k.message_id FROM keyed k)
-), due AS MATERIALIZED (
+WITH due AS MATERIALIZED (
     SELECT CASE WHEN $5::float8 IS NULL AND $6::timestamptz IS NULL THEN NULL
                 ELSE coalesce($6::timestamptz,
-                              statement_timestamp() + make_interval(secs => $5::float8)) END AS at
+                              statement_timestamp() + make_interval(secs => $5::float8)) END AS at,
+           now() + make_interval(secs => $4::float8) AS until
+), input AS MATERIALIZED (
+    SELECT u.payload, u.ord, nextval('pgbus.messages_id_seq') AS id,
+           CASE WHEN u.key IS NOT NULL THEN octet_length($1) || ':' || $1 || u.key END AS qkey
+      FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(payload, key, ord)
 ), now_rows AS (
-    INSERT INTO pgbus.messages (id, channel, payload) OVERRIDING SYSTEM VALUE
-    SELECT c.id, $1, c.payload FROM chosen c, due WHERE due.at IS NULL ORDER BY c.ord
+    INSERT INTO pgbus.messages AS m (id, channel, payload, dedup_key, dedup_until)
+    OVERRIDING SYSTEM VALUE
+    SELECT i.id, $1, i.payload, i.qkey, CASE WHEN i.qkey IS NOT NULL THEN due.until END
+      FROM input i, due WHERE due.at IS NULL ORDER BY i.qkey COLLATE "C", i.ord
+    ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+    RETURNING m.id
+), holders AS (
+    INSERT INTO pgbus.messages AS m (id, xid, channel, payload, dedup_key, dedup_until)
+    OVERRIDING SYSTEM VALUE
+    SELECT i.id, floor(extract(epoch FROM due.until))::bigint::text::xid8, '', '', i.qkey,
+           due.until
+      FROM input i, due WHERE due.at IS NOT NULL AND i.qkey IS NOT NULL
+     ORDER BY i.qkey COLLATE "C"
+    ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+    RETURNING m.id
 ), later_rows AS (
     INSERT INTO pgbus.delayed (id, channel, payload, deliver_at)
-    SELECT c.id, $1, c.payload, due.at FROM chosen c, due WHERE due.at IS NOT NULL ORDER BY c.ord
+    SELECT i.id, $1, i.payload, due.at FROM input i, due
+     WHERE due.at IS NOT NULL AND (i.qkey IS NULL OR i.id IN (SELECT h.id FROM holders h))
+     ORDER BY i.ord
+    RETURNING id
+), stored AS (
+    SELECT id FROM now_rows UNION ALL SELECT id FROM later_rows
 )
-SELECT coalesce(array_agg(c.ord ORDER BY c.ord), '{}') AS ords,
-       coalesce(array_agg(c.id ORDER BY c.ord), '{}') AS ids,
+SELECT coalesce(array_agg(i.ord ORDER BY i.ord), '{}') AS ords,
+       coalesce(array_agg(i.id ORDER BY i.ord), '{}') AS ids,
        (SELECT at FROM due) AS deliver_at,
        CASE WHEN $7 AND count(*) > 0 THEN
             CASE WHEN (SELECT at FROM due) IS NULL THEN pg_notify($8, $1)
                  ELSE pg_notify($9, $1) END END AS woken
-  FROM chosen c
+  FROM stored s JOIN input i ON i.id = s.id
 """
 
-# After the statement above: who holds the keys it did not take (a new statement, so a new
-# snapshot in READ COMMITTED: it sees the row a concurrent publisher committed meanwhile).
+# The out-bridge's batch of keyed messages, delivered now, while no key of it is taken (the
+# common case: keys are there to catch the rare repeat): `_STORE` with the keys, and no ON
+# CONFLICT. The unique index still decides: a key taken by a committed message makes the
+# statement fail (unique_violation, nothing stored) and the batch goes again through
+# `_STORE_TIMED`; a key held by an uncommitted one makes it wait for that transaction first,
+# as ON CONFLICT would (two such batches waiting on each other's keys: PostgreSQL aborts one,
+# which goes through `_STORE_TIMED` too). A speculative insertion (ON CONFLICT) costs about
+# twice a plain one.
+_STORE_KEYED = """
+WITH stored AS (
+    INSERT INTO pgbus.messages (channel, payload, dedup_key, dedup_until)
+    SELECT $1, u.payload, octet_length($1) || ':' || $1 || u.key,
+           now() + make_interval(secs => $4::float8)
+      FROM unnest($2::text[], $3::text[]) AS u(payload, key)
+)
+SELECT pg_notify($5, $1)
+"""
+UNIQUE_VIOLATION = "23505"
+DEADLOCK_DETECTED = "40P01"
+
+# After the statement above: who holds the keys it did not take, and whether the holder's
+# window has passed (a new statement, so a new snapshot in READ COMMITTED: it sees the row a
+# concurrent publisher committed meanwhile).
 _KEY_HOLDERS = """
-SELECT key, message_id FROM pgbus.dedup
- WHERE channel = $1 AND key = ANY($2::text[]) AND expires_at > now()
+SELECT u.key, m.id, m.dedup_until > now()
+  FROM unnest($2::text[]) AS u(key)
+  JOIN pgbus.messages m ON m.dedup_key = octet_length($1) || ':' || $1 || u.key
+"""
+
+# Keys whose window has passed are given up by their holders (the janitor would, later).
+_FREE_EXPIRED = """
+UPDATE pgbus.messages SET dedup_key = NULL
+ WHERE dedup_key = ANY(ARRAY(SELECT octet_length($1) || ':' || $1 || k
+                               FROM unnest($2::text[]) AS k))
+   AND dedup_until <= now()
 """
 
 _ACK_IN_TRANSACTION = """
@@ -250,12 +291,17 @@ async def store_timed(
         missing = {sent_k[j]: j for j in range(len(sent)) if ids[positions[j]] is None}
         if not missing:
             break
-        holders = await connection.fetch(_KEY_HOLDERS, channel, list(missing))
-        for key, message_id in holders:
-            ids[positions[missing.pop(key)]] = message_id
+        expired = []
+        for key, message_id, alive in await connection.fetch(_KEY_HOLDERS, channel, list(missing)):
+            if alive:
+                ids[positions[missing.pop(key)]] = message_id
+            else:
+                expired.append(key)
         if not missing:
             break
-        # The holder expired (and was deleted) between the two statements: try those again.
+        if expired:
+            await connection.execute(_FREE_EXPIRED, channel, expired)
+        # Keys expired, or whose holder went away between the statements: try those again.
         sent = [sent[j] for j in missing.values()]
         positions = [positions[j] for j in missing.values()]
         sent_k = list(missing)
@@ -270,6 +316,27 @@ async def store_timed(
         assert key is not None
         ids[i] = ids[first[key]]
     return Stored([int(i) if i is not None else 0 for i in ids], new, delayed)
+
+
+async def store_keyed(
+    connection: Connection,
+    channel: str,
+    payloads: Sequence[str],
+    keys: Sequence[str],
+    window: float,
+) -> bool:
+    """
+    Store *payloads* (each with its key of *keys*, all distinct, taken for *window* seconds)
+    and wake the consumers, in one statement: True; False, storing nothing, if a key is
+    taken (then `store_timed` sorts the batch out).
+    """
+    try:
+        await connection.execute(_STORE_KEYED, channel, payloads, keys, window, WAKE_CHANNEL)
+    except DatabaseError as exc:
+        if exc.sqlstate in (UNIQUE_VIOLATION, DEADLOCK_DETECTED):
+            return False
+        raise
+    return True
 
 
 async def wake_movers(connection: Connection) -> None:
@@ -316,6 +383,7 @@ class DurableOutboundBridge(OutboundBridge):
         self.dedup_key = dedup_key
         self.dedup_window = dedup_window
         self._keys: list[str | None] = []  # with dedup_key: one per payload of the batch
+        self._optimistic = True  # keyed batches try `store_keyed` first
 
     def _add(self, batch: list[str], message: object) -> None:
         try:
@@ -346,12 +414,21 @@ class DurableOutboundBridge(OutboundBridge):
     async def _publish(self, batch: list[str]) -> None:
         assert self._connection is not None
         keys = self._keys  # kept with the batch until it is stored or refused
+        distinct = [k for k in keys if k is not None]
         try:
             if self.delay is None and self.dedup_key is None:
                 # One span per batch, a root: the senders' spans stayed in their own tasks.
                 await store(self._connection, self.pg_channel, batch, root=True)
-            else:
-                await store_timed(
+            elif not (
+                self._optimistic
+                and self.delay is None
+                and len(distinct) == len(batch)
+                and len(set(distinct)) == len(batch)
+                and await store_keyed(
+                    self._connection, self.pg_channel, batch, distinct, self.dedup_window
+                )
+            ):
+                stored = await store_timed(
                     self._connection,
                     self.pg_channel,
                     batch,
@@ -359,6 +436,9 @@ class DurableOutboundBridge(OutboundBridge):
                     window=self.dedup_window,
                     delay=self.delay,
                 )
+                # A batch with a repeat: the next goes through ON CONFLICT at once, until one
+                # stores every message again.
+                self._optimistic = all(stored.new)
         except DatabaseError as exc:
             log.error(
                 "PostgreSQL refused %d durable message(s) for %r: %s",

@@ -20,6 +20,8 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
+import socket
 import zoneinfo
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +163,56 @@ SELECT id, pg_notify($5, $3) FROM stored
 
 _LOOK = "SELECT clock_timestamp(), max(slot) FROM pgbus.schedule_slots WHERE name = $1"
 
+# What `pgbus status` shows: this runner's rule and next slot; and the database's time.
+_NOTE_NEXT = """
+INSERT INTO pgbus.schedules AS s
+       (name, channel, cron, every, timezone, missed, next_slot, runner, seen_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+ON CONFLICT (name) DO UPDATE
+   SET channel = $2, cron = $3, every = $4, timezone = $5, missed = $6, next_slot = $7,
+       runner = $8, seen_at = now()
+RETURNING clock_timestamp()
+"""
+
+# Every schedule a runner has declared, with its last published slot (an index probe).
+_SCHEDULES = """
+SELECT s.name, s.channel, s.cron, s.every, s.timezone, s.missed, s.next_slot, s.runner,
+       s.seen_at,
+       (SELECT max(t.slot) FROM pgbus.schedule_slots t WHERE t.name = s.name) AS last_slot
+  FROM pgbus.schedules s
+ ORDER BY s.name
+"""
+
+
+async def schedule_status(connection: Connection) -> list[dict[str, Any]]:
+    """
+    Each schedule some runner declared, for ``pgbus status``: its rule, ``last_slot`` (the
+    newest slot published, ISO 8601, None before the first), ``next_slot`` (the next one its
+    last runner was to publish), ``runner`` (that runner's node or process) and ``seen_at``
+    (when it last wrote this row: a runner writes it once per pass, at least every 30 s).
+    """
+    if not await connection.fetchval("SELECT to_regclass('pgbus.schedules') IS NOT NULL"):
+        return []
+    return [
+        {
+            "name": r[0],
+            "postgres": r[1],
+            "cron": r[2],
+            "every": r[3],
+            "timezone": r[4],
+            "missed": r[5],
+            "next_slot": _iso(r[6]),
+            "runner": r[7],
+            "seen_at": _iso(r[8]),
+            "last_slot": _iso(r[9]),
+        }
+        for r in await connection.fetch(_SCHEDULES)
+    ]
+
+
+def _iso(value: datetime.datetime | None) -> str | None:
+    return None if value is None else value.astimezone(datetime.UTC).isoformat()
+
 
 async def publish_slot(
     connection: Connection, schedule: Schedule, slot: datetime.datetime, max_payload: int
@@ -176,10 +228,14 @@ async def publish_slot(
 class ScheduleRunner:
     """Runs one schedule in this process, on a connection of its own (see the module)."""
 
-    def __init__(self, db: Database, schedule: Schedule, max_payload: int) -> None:
+    def __init__(
+        self, db: Database, schedule: Schedule, max_payload: int, runner: str = ""
+    ) -> None:
         self.db = db
         self.schedule = schedule
         self.max_payload = max_payload
+        self.runner = runner or f"{socket.gethostname()}:{os.getpid()}"
+        """Who runs it, as `pgbus status` names it (the node's name in a cluster)."""
         self.published = 0
         """Slots this runner published (others may have published the rest)."""
         self.passes = 0
@@ -230,7 +286,18 @@ class ScheduleRunner:
         if len(due) >= MAX_CATCH_UP:
             return 0.0, now
         following = next(iter(self.schedule.slots_after(due[-1] if due else last)))
-        current = await connection.fetchval("SELECT clock_timestamp()")
+        rule = self.schedule
+        current = await connection.fetchval(
+            _NOTE_NEXT,
+            rule.name,
+            rule.postgres,
+            rule.cron,
+            rule.every,
+            rule.timezone,
+            rule.missed,
+            following,
+            self.runner,
+        )
         return float((following - current).total_seconds()), now
 
 

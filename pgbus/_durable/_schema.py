@@ -3,8 +3,9 @@ pgbus's own schema ``pgbus``: versioned migrations, applied once, under an advis
 
 Tables (version 1; version 2 replaced the claim function; version 3 added the tick columns and
 ``pgbus.claim_v3``; version 4 made the cluster's registry ``pgbus.cluster_nodes`` part of the
-schema; version 5 added ``pgbus.messages.traceparent``; version 6 the tables of delayed
-messages, deduplication keys and schedule slots):
+schema; version 5 added ``pgbus.messages.traceparent``; version 6 deduplication keys
+(``pgbus.messages.dedup_key``, ``dedup_until``) and the tables of delayed messages and schedule
+slots):
 
 - ``pgbus.messages``: one row per durable message: ``id``, ``xid`` (the publishing transaction,
   ``pg_current_xact_id()``), ``channel``, ``payload``, ``created_at``, ``traceparent`` (the
@@ -612,26 +613,37 @@ _V5 = r"""
 ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS traceparent text;
 """
 
-# Version 6, time and idempotency: deduplication keys and
-# delayed messages. Additive: two new tables, nothing existing changes. Both take message ids
-# from pgbus.messages' own sequence, so the id a publisher gets back is the message's id for
-# good (a delayed message keeps it when the mover copies it, with OVERRIDING SYSTEM VALUE).
-# - pgbus.dedup: one row per (channel, key) taken; a publish with a key inserts here with
-#   ON CONFLICT ... DO UPDATE ... WHERE expires_at <= now(): only a free or expired key stores
-#   the message. The janitor deletes expired rows.
+# Version 6, time and idempotency: deduplication keys, delayed messages, schedule slots.
+# Additive: two nullable columns of pgbus.messages (without default: a catalog change, no
+# rewrite; the previous release never names them), one partial index, two new tables.
+# - pgbus.messages.dedup_key / dedup_until: a message published with a key holds it, until
+#   dedup_until, in the unique index messages_dedup. The indexed value is the key qualified by
+#   its channel (`pgbus._durable._publish` builds it: the channel's length in bytes, ':', the
+#   channel, the key), so one single-column index of "C" strings holds every channel's keys
+#   and a key can live on rows whose channel is not (yet) its own (below). The batched INSERT
+#   that stores messages takes keys with ON CONFLICT DO NOTHING: no second table, no second
+#   round trip while keys are free.
+# - Key holders: a row of pgbus.messages with channel '' (never a channel's name: names have
+#   1 to 63 bytes, so no group ever claims them, and the janitor leaves that "channel" to its
+#   key purge), payload '', and xid set to its key's expiry in Unix seconds (so those rows are
+#   ordered by expiry in messages_position, and purged by one range scan). Two kinds: a
+#   delayed message's key, held until the mover turns the holder into the message itself
+#   (same row, same id: the key is never free meanwhile); and the key of a message every group
+#   has handled before its window ended, which the janitor turns into a holder instead of
+#   deleting it (so keyed messages never pile up in their channel's range).
 # - pgbus.delayed: messages not yet due; movers (every bus with durable support) move due
 #   rows into pgbus.messages with DELETE ... FOR UPDATE SKIP LOCKED, each row exactly once.
+#   Ids come from pgbus.messages' own sequence, so the id a publisher gets back is the
+#   message's id for good (OVERRIDING SYSTEM VALUE when moved).
 # - pgbus.schedule_slots: one row per slot of a schedule published; the row and the message
 #   commit in one statement, so a slot is published exactly once whoever runs it.
+# - pgbus.schedules: what ``pgbus status`` shows of each schedule: its rule, as the runner
+#   that last ran it declared it, and the next slot that runner will publish (written once
+#   per pass, in the round trip that reads the database's clock).
 _V6 = r"""
-CREATE TABLE pgbus.dedup (
-    channel text COLLATE "C" NOT NULL,  -- keys are compared byte for byte: faster, and exact
-    key text COLLATE "C" NOT NULL,
-    message_id bigint NOT NULL,
-    expires_at timestamptz NOT NULL,
-    PRIMARY KEY (channel, key)
-);
-CREATE INDEX dedup_expiry ON pgbus.dedup (expires_at);
+ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS dedup_key text COLLATE "C";
+ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS dedup_until timestamptz;
+CREATE UNIQUE INDEX messages_dedup ON pgbus.messages (dedup_key) WHERE dedup_key IS NOT NULL;
 
 CREATE TABLE pgbus.delayed (
     id bigint PRIMARY KEY,
@@ -648,6 +660,18 @@ CREATE TABLE pgbus.schedule_slots (
     message_id bigint NOT NULL,
     published_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (name, slot)
+);
+
+CREATE TABLE pgbus.schedules (
+    name text PRIMARY KEY,
+    channel text NOT NULL,
+    cron text,
+    every double precision,
+    timezone text NOT NULL,
+    missed text NOT NULL,
+    next_slot timestamptz,
+    runner text,
+    seen_at timestamptz NOT NULL DEFAULT now()
 );
 """
 

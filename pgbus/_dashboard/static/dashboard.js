@@ -119,6 +119,13 @@
               number(g.dead_letters, true), g.seen_at],
     })), cluster.durable === null ? "no durable channel yet" : "no group");
 
+    fill("schedules", (cluster.schedules || []).map((x) => ({
+      key: x.name,
+      cells: [x.name, x.postgres,
+              x.cron !== null ? "cron " + x.cron + " (" + x.timezone + ")" : "every " + x.every + " s",
+              x.last_slot, x.next_slot, x.runner],
+    })), "no schedule");
+
     const letters = cluster.dead_letters || [];
     const total = durable.reduce((sum, g) => sum + g.dead_letters, 0);
     $("dead-count").textContent = total > letters.length
