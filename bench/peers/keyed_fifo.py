@@ -1,0 +1,218 @@
+"""
+The limit of W9: a per-key FIFO written by hand on asyncpg, nothing a library adds.
+
+As a competent engineer writes it (no retries, no dead letters, no activation, no epochs):
+
+- Tables ``bench_kfifo_mail (id bigserial, kind, shard, key, payload)``, ``bench_kfifo_state
+  (kind, key, count)`` and ``bench_kfifo_shards (kind, shard)``: keys are hashed into 64 shards
+  (``crc32(key) % 64``), and a shard's row lock is what makes a worker its only consumer.
+- Publishing: one ``INSERT ... SELECT FROM unnest(...)`` plus one ``pg_notify`` per batch of 5000.
+- Each of the 4 worker processes loops on one transaction: lock up to 4 shards that have mail
+  (``FOR UPDATE SKIP LOCKED``), then take up to 250 of each one's oldest messages with their
+  keys' states (a second statement, whose snapshot sees what the shards' previous holder
+  committed), handle them in id order in Python (each key's count + 1), then delete
+  the messages and upsert the states (one statement), and commit. Shards locked by others are
+  skipped, so a key is only ever in one transaction, and its messages go in id order.
+- An idle worker waits for the publisher's NOTIFY, polling every second as a safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import zlib
+
+import asyncpg
+
+from ._durable_tools import (
+    DEFAULT_WORKERS,
+    WorkerReport,
+    Workers,
+    asyncio_peer_main,
+    check_finals,
+    parse_worker_args,
+)
+from ._keyed_tools import check_counts, keyed_messages, out_of_order, parse_payload
+from ._protocol import PeerArgs, Result, WorkloadError, clock, throughput
+
+MODULE = "bench.peers.keyed_fifo"
+SHARDS = 64
+LOCK_SHARDS = 4
+"""Shards one transaction locks: with 4 workers, a quarter of the 64 are busy at any time."""
+PER_SHARD = 250
+"""Messages taken from each locked shard per transaction (so up to 1000 per transaction)."""
+BATCH = 5000
+
+_CREATE = """
+CREATE TABLE IF NOT EXISTS bench_kfifo_mail (
+    id bigserial PRIMARY KEY, kind text NOT NULL, shard int NOT NULL, key text NOT NULL,
+    payload text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bench_kfifo_mail_shard ON bench_kfifo_mail (kind, shard, id);
+CREATE TABLE IF NOT EXISTS bench_kfifo_state (
+    kind text NOT NULL, key text NOT NULL, count int NOT NULL, PRIMARY KEY (kind, key)
+);
+CREATE TABLE IF NOT EXISTS bench_kfifo_shards (
+    kind text NOT NULL, shard int NOT NULL, PRIMARY KEY (kind, shard)
+);
+"""
+_ENQUEUE = """
+WITH stored AS (
+    INSERT INTO bench_kfifo_mail (kind, shard, key, payload)
+    SELECT $1, s, k, p FROM unnest($2::int[], $3::text[], $4::text[]) AS t(s, k, p)
+)
+SELECT pg_notify($1, '')
+"""
+_LOCK = """
+SELECT array_agg(shard) FROM (
+    SELECT shard FROM bench_kfifo_shards AS s
+    WHERE kind = $1
+      AND EXISTS (SELECT FROM bench_kfifo_mail AS m WHERE m.kind = $1 AND m.shard = s.shard)
+    ORDER BY random() LIMIT $2 FOR UPDATE SKIP LOCKED
+) AS locked
+"""
+# A statement of its own, after the lock: in READ COMMITTED its snapshot is taken once the
+# shards are ours, so it sees what their previous holder committed (in the locking statement's
+# snapshot, rows another worker deleted meanwhile would still be there: handled twice).
+_FETCH = """
+SELECT m.id, m.key, m.payload, st.count
+FROM unnest($2::int[]) AS locked(shard)
+CROSS JOIN LATERAL (
+    SELECT id, key, payload FROM bench_kfifo_mail
+    WHERE kind = $1 AND shard = locked.shard ORDER BY id LIMIT $3
+) AS m
+LEFT JOIN bench_kfifo_state AS st ON st.kind = $1 AND st.key = m.key
+ORDER BY m.id
+"""
+_COMMIT = """
+WITH gone AS (DELETE FROM bench_kfifo_mail WHERE id = ANY($2::bigint[]))
+INSERT INTO bench_kfifo_state (kind, key, count)
+SELECT $1, k, c FROM unnest($3::text[], $4::int[]) AS t(k, c)
+ON CONFLICT (kind, key) DO UPDATE SET count = excluded.count
+"""
+
+
+def shard_of(key: str) -> int:
+    return zlib.crc32(key.encode()) % SHARDS
+
+
+async def _connect(dsn: str, application_name: str) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn, server_settings={"application_name": application_name})
+
+
+async def _prepare(connection: asyncpg.Connection, kind: str) -> None:
+    await connection.execute("SELECT pg_advisory_lock(4243)")
+    try:
+        await connection.execute(_CREATE)
+    finally:
+        await connection.execute("SELECT pg_advisory_unlock(4243)")
+    await connection.execute(
+        "INSERT INTO bench_kfifo_shards (kind, shard) SELECT $1, s FROM generate_series(0, $2) s"
+        " ON CONFLICT DO NOTHING",
+        kind,
+        SHARDS - 1,
+    )
+
+
+async def keyed_throughput(args: PeerArgs) -> Result:
+    stream = keyed_messages(args.messages, args.keys)
+    kind = args.channel
+    connection = await _connect(args.dsn, args.application_name)
+    try:
+        await _prepare(connection, kind)
+        workers = Workers(MODULE, "W9", DEFAULT_WORKERS, args)
+        try:
+            await asyncio.to_thread(workers.wait_ready, args.timeout)
+            workers.expect(args.messages)
+            start = clock()
+            for first in range(0, args.messages, BATCH):
+                chunk = stream[first : first + BATCH]
+                await connection.execute(
+                    _ENQUEUE,
+                    kind,
+                    [shard_of(m.key) for m in chunk],
+                    [m.key for m in chunk],
+                    [m.payload for m in chunk],
+                )
+            published = clock() - start
+            await asyncio.to_thread(workers.wait_handled, args.timeout)
+            # Each message is deleted in the transaction that commits its key's state.
+            elapsed = clock() - start
+            rows = await connection.fetch(
+                "SELECT key, count FROM bench_kfifo_state WHERE kind = $1", kind
+            )
+            left = await connection.fetchval(
+                "SELECT count(*) FROM bench_kfifo_mail WHERE kind = $1", kind
+            )
+        finally:
+            finals = await asyncio.to_thread(workers.stop)
+        await connection.execute("DELETE FROM bench_kfifo_state WHERE kind = $1", kind)
+        await connection.execute("DELETE FROM bench_kfifo_shards WHERE kind = $1", kind)
+    finally:
+        await connection.close()
+    result = throughput(args.messages, elapsed)
+    result.update(check_finals(finals, [m.payload for m in stream], DEFAULT_WORKERS))
+    if left:
+        raise WorkloadError(f"{left} message(s) still in the mailbox table after the run")
+    check_counts({r["key"]: r["count"] for r in rows}, stream)
+    result["keys"] = args.keys
+    result["publish_seconds"] = published
+    return result
+
+
+async def _worker(argv: list[str]) -> None:
+    args = parse_worker_args(argv)
+    kind = args.channel
+    report = WorkerReport(args.mode)
+    connection = await _connect(args.dsn, args.application_name)
+    listener = await _connect(args.dsn, args.application_name)
+    wake = asyncio.Event()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await listener.add_listener(kind, lambda *_: wake.set())
+    lock = await connection.prepare(_LOCK)
+    fetch = await connection.prepare(_FETCH)
+    report.ready()
+    try:
+        while not stop.is_set():
+            wake.clear()
+            handled: list[str] = []
+            async with connection.transaction():
+                shards = await lock.fetchval(kind, LOCK_SHARDS)
+                rows = await fetch.fetch(kind, shards, PER_SHARD) if shards else []
+                if rows:
+                    counts: dict[str, int] = {}
+                    for row in rows:
+                        key, seq = parse_payload(row["payload"])
+                        before = counts.get(key, row["count"] or 0)
+                        problem = out_of_order(key, seq, before)
+                        if problem:
+                            report.problems.append(problem)
+                        counts[key] = before + 1
+                        handled.append(row["payload"])
+                    await connection.execute(
+                        _COMMIT,
+                        kind,
+                        [row["id"] for row in rows],
+                        list(counts),
+                        list(counts.values()),
+                    )
+            for payload in handled:  # committed: the state and the deletions
+                report.handled(payload)
+            if not rows:
+                stopping = asyncio.ensure_future(stop.wait())
+                woken = asyncio.ensure_future(wake.wait())
+                await asyncio.wait({stopping, woken}, timeout=1.0, return_when="FIRST_COMPLETED")
+                stopping.cancel()
+                woken.cancel()
+    finally:
+        await listener.close()
+        await connection.close()
+    report.final()
+
+
+WORKLOADS = {"W9": keyed_throughput}
+
+
+if __name__ == "__main__":
+    asyncio_peer_main("keyed_fifo", "the hand-written per-key FIFO", WORKLOADS, _worker)
