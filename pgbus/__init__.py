@@ -33,6 +33,11 @@ _EXPORTS: dict[str, str] = {  # public name -> the private module defining it
     "Bus": "_bus",
     "BusStatistics": "_bus",
     "Transaction": "_bus",
+    "EntityRef": "_bus",
+    "Entity": "_entities",
+    "EntityKeyError": "_entities",
+    "KindStatistics": "_entities",
+    "UnknownEntityKindError": "_entities",
     "open_bus": "_bus",
     "Channel": "_channel",
     "ChannelStatistics": "_channel",
@@ -82,6 +87,7 @@ if TYPE_CHECKING:
     from ._bridge import BridgeStatistics as BridgeStatistics
     from ._bus import Bus as Bus
     from ._bus import BusStatistics as BusStatistics
+    from ._bus import EntityRef as EntityRef
     from ._bus import Transaction as Transaction
     from ._bus import open_bus as open_bus
     from ._channel import Channel as Channel
@@ -97,6 +103,10 @@ if TYPE_CHECKING:
     from ._durable._rules import MAX_DURABLE_PAYLOAD_BYTES as MAX_DURABLE_PAYLOAD_BYTES
     from ._durable._rules import DurableMessage as DurableMessage
     from ._durable._schema import SchemaError as SchemaError
+    from ._entities import Entity as Entity
+    from ._entities import EntityKeyError as EntityKeyError
+    from ._entities import KindStatistics as KindStatistics
+    from ._entities import UnknownEntityKindError as UnknownEntityKindError
     from ._errors import ActorFailedError as ActorFailedError
     from ._errors import ActorUnavailableError as ActorUnavailableError
     from ._errors import AskTimeoutError as AskTimeoutError
@@ -153,8 +163,12 @@ __all__ = [
     "DuplicateNameError",
     "DuplicateNotificationError",
     "DurableMessage",
+    "Entity",
+    "EntityKeyError",
+    "EntityRef",
     "Gap",
     "GroupStatus",
+    "KindStatistics",
     "LeaseLostError",
     "MessageNotJSONError",
     "MessageTooLargeError",
@@ -174,6 +188,7 @@ __all__ = [
     "Transaction",
     "UnknownActorError",
     "UnknownChannelError",
+    "UnknownEntityKindError",
     "open_bus",
     "serve_metrics",
     "validate_channel_name",

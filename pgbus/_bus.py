@@ -6,7 +6,7 @@ import contextlib
 import datetime
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -52,6 +52,9 @@ from ._durable._rules import (
 from ._durable._schedule import ScheduleRunner, make_schedule
 from ._durable._support import DurableSupport
 from ._durable._time import DelayedMover
+from ._entities import Entity, EntityHost, KindSpec, KindStatistics, check_entity_class
+from ._entities._mail import store_many as entity_store_many
+from ._entities._mail import store_one as entity_store_one
 from ._errors import (
     ActorFailedError,
     ActorUnavailableError,
@@ -62,6 +65,7 @@ from ._errors import (
     LeaseLostError,
     NoDatabaseError,
     PgbusError,
+    RemoteError,
     SessionNeededError,
     UnknownActorError,
     UnknownChannelError,
@@ -96,6 +100,8 @@ class BusStatistics:
     """This bus as a node of the cluster, once it has joined."""
     connected: bool = True
     """`Bus.connected` when the snapshot was taken."""
+    entities: tuple[KindStatistics, ...] = ()
+    """The kinds of keyed actors this bus hosts."""
 
 
 class _Service:
@@ -196,6 +202,7 @@ class Bus:
         self._cluster_lock = trio.Lock()
         self._services: list[_Service] = []
         """Every service started, in start order: what `_shutdown` walks."""
+        self._entities: EntityHost | None = None
 
     # -- channels ----------------------------------------------------------------------------
 
@@ -432,6 +439,123 @@ class Bus:
                     raise error from None
                 self._cluster = cluster
         return self._cluster
+
+    # -- keyed actors ------------------------------------------------------------------------
+
+    async def host(
+        self,
+        entity_class: type[Entity],
+        *,
+        passivate_after: float = 60.0,
+        max_attempts: int = 5,
+        retry_after: float = 1.0,
+        concurrency: int = 64,
+        batch: int = 1000,
+    ) -> None:
+        """
+        Host keyed actors of *entity_class*'s kind on this node: from now on some of its keys
+        are activated here (the cluster shares them among the nodes hosting the kind).
+
+        *passivate_after*: seconds idle before an activation leaves memory. A handler that
+        raises is retried after ``retry_after * 2 ** (attempt - 1)`` seconds, at most
+        *max_attempts* times in all, then its message is dead-lettered (``pgbus.entity_dead``);
+        the key's later messages wait behind it. At most *concurrency* keys are handled at once
+        here, from batches of at most *batch* messages. The bus joins the cluster if it has not.
+
+        Raises:
+            ConfigError: *entity_class* is not an `Entity` with a valid ``kind`` and `handle`,
+                or a setting is out of range.
+        """
+        cls = check_entity_class(entity_class)
+        spec = KindSpec(
+            cls,
+            passivate_after=_positive("passivate_after", passivate_after),
+            max_attempts=_at_least_one("max_attempts", max_attempts),
+            retry_after=_positive("retry_after", retry_after, zero=True),
+            concurrency=_at_least_one("concurrency", concurrency),
+            batch=_at_least_one("batch", batch),
+        )
+        await self._durable_support().ensure_schema()
+        host = await self._entity_host()
+        await host.add(spec)
+
+    async def _entity_host(self) -> EntityHost:
+        if self._entities is None:
+            cluster = await self._join_cluster()
+            listener = await self._get_listener("keyed actors' wake-ups")
+            host = EntityHost(
+                self, self._database(), cluster, listener, max_payload=self._durable_max_payload
+            )
+            service = _Service(
+                "entities", stop_intake=host.stop_intake, finish=_finish_entities(host)
+            )
+            await self._start(service, host.serve)
+            self._entities = host
+        return self._entities
+
+    def entity(self, kind: str, key: str) -> EntityRef:
+        """
+        The keyed actor (*kind*, *key*), wherever it is activated: ``await
+        bus.entity("account", "42").tell(message)`` or ``.ask(message, timeout=5)``.
+        """
+        return EntityRef(self, kind, key)
+
+    async def tell_many(self, kind: str, items: Iterable[tuple[str, object]]) -> int:
+        """
+        Store a message for each (key, message) of *items*, for keyed actors of *kind*, in one
+        statement; returns how many. Each key's messages are handled in the order given.
+
+        Raises:
+            UnknownEntityKindError: no node has ever hosted *kind*.
+            EntityKeyError, CodecError, PayloadTooLargeError: before anything is stored.
+        """
+        await self._durable_support().ensure_schema()
+        async with self._database().borrow() as connection:
+            return await entity_store_many(connection, kind, items, self._durable_max_payload)
+
+    async def _entity_tell(self, kind: str, key: str, message: object) -> int:
+        await self._durable_support().ensure_schema()
+        async with self._database().borrow() as connection:
+            id, _ = await entity_store_one(
+                connection, kind, key, message, self._durable_max_payload
+            )
+        return id
+
+    async def _entity_ask(self, kind: str, key: str, message: object, timeout: float) -> Any:
+        what = f"{kind}/{key}"
+        deadline = trio.current_time() + timeout
+        await self._durable_support().ensure_schema()
+        if self._cluster is None:  # joining takes round trips: bounded by the ask's deadline
+            with trio.move_on_at(deadline):
+                await self._join_cluster()
+        cluster = self._cluster
+        if cluster is None:
+            self._raise_join_problem(what, f"{timeout:g}s")
+            raise AskTimeoutError(what, timeout)
+        pending = cluster.expect_reply(what, None)
+        try:
+            with trio.move_on_at(deadline) as scope:
+                async with self._database().borrow() as connection:
+                    _, owner = await entity_store_one(
+                        connection,
+                        kind,
+                        key,
+                        message,
+                        self._durable_max_payload,
+                        reply_to=cluster.channel,
+                        ask_id=pending.id,
+                    )
+                node = cluster.node_by_channel(owner)
+                if node is not None:
+                    pending.node = node
+                result = await pending.wait()
+        finally:
+            cluster.forget(pending)
+        if scope.cancelled_caught:
+            raise AskTimeoutError(what, timeout)
+        if isinstance(result, outcome.Error) and isinstance(result.error, RemoteError):
+            raise ActorFailedError(what, result.error) from result.error
+        return result.unwrap()
 
     # -- PostgreSQL --------------------------------------------------------------------------
 
@@ -705,6 +829,7 @@ class Bus:
             actors=tuple(self._supervisor.statistics()),
             bridges=tuple(bridges),
             cluster=self._cluster.statistics() if self._cluster is not None else None,
+            entities=self._entities.statistics() if self._entities is not None else (),
             connected=not self._starting
             and (self._listener is None or self._listener.connected)
             and all(bridge.connected for bridge in bridges),
@@ -1016,6 +1141,72 @@ def _finish_outbound(bridge: OutboundBridge) -> _Finish:
     return finish
 
 
+def _finish_entities(host: EntityHost) -> _Finish:
+    async def finish(deadline: float, done: trio.Event) -> list[str]:
+        return await host.finish(deadline)
+
+    return finish
+
+
+def _positive(name: str, value: object, *, zero: bool = False) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        bound = "at least 0" if zero else "greater than 0"
+        raise ConfigError(f"{name} must be a number of seconds {bound} (got {value!r}).")
+    return float(value)
+
+
+def _at_least_one(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer of at least 1 (got {value!r}).")
+    return value
+
+
+class EntityRef:
+    """A keyed actor, by kind and key (`Bus.entity`): where it runs is the cluster's business."""
+
+    __slots__ = ("_bus", "key", "kind")
+
+    def __init__(self, bus: Bus, kind: str, key: str) -> None:
+        self._bus = bus
+        self.kind = kind
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"EntityRef({self.kind!r}, {self.key!r})"
+
+    async def tell(self, message: object) -> int:
+        """
+        Store *message* in this key's mailbox; returns its id once stored (it is handled at
+        least once, after every message stored for the key before it).
+
+        Raises:
+            UnknownEntityKindError: no node has ever hosted this kind.
+            EntityKeyError, CodecError, PayloadTooLargeError: nothing is stored.
+        """
+        return await self._bus._entity_tell(self.kind, self.key, message)
+
+    async def ask(self, message: object, *, timeout: float) -> Any:
+        """
+        Store *message* and wait for what `Entity.handle` returns for it.
+
+        The message is stored whatever happens next: after *timeout* it is still handled
+        (later), only its reply is dropped. If the node handling the key dies, the node that
+        takes the key over handles it and replies.
+
+        Raises:
+            AskTimeoutError: no reply within *timeout* seconds.
+            ActorFailedError: ``handle`` raised on every attempt (the message is dead-lettered).
+            UnknownEntityKindError, EntityKeyError, CodecError, PayloadTooLargeError.
+        """
+        return await self._bus._entity_ask(self.kind, self.key, message, timeout)
+
+
 def _finish_cluster(cluster: Cluster) -> _Finish:
     async def finish(deadline: float, done: trio.Event) -> list[str]:
         # Requests still waiting for room are refused (answered), then replies and tells the
@@ -1142,6 +1333,18 @@ class Transaction:
             raise DuplicateNotificationError(postgres)
         payloads[payload] = None
         return None
+
+    async def tell(self, kind: str, key: str, message: object) -> int:
+        """
+        Store *message* for the keyed actor (*kind*, *key*) when (and only if) this commits:
+        the outbox pattern for keyed actors. Returns its id.
+        """
+        if self._durable_support is not None:
+            await self._durable_support().ensure_schema()
+        id, _ = await entity_store_one(
+            self._connection, kind, key, message, self._durable_max_payload
+        )
+        return id
 
     async def _flush(self) -> None:
         for channel, payloads in self._pending.items():

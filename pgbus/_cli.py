@@ -706,11 +706,19 @@ def _add_cluster_commands(commands: Any, prog: str) -> None:
             description="Send the JSON message MESSAGE to the public actor ACTOR, wherever it\n"
             "runs in the cluster"
             + (", and print its reply as one JSON line." if name == "ask" else "."),
-            epilog=f"example:\n  {prog} {name} billing '{{\"invoice\": 42}}'",
+            epilog=f"examples:\n  {prog} {name} billing '{{\"invoice\": 42}}'\n"
+            f"  {prog} {name} account --key 42 '{{\"amount\": 5}}'",
             formatter_class=formatter,
         )
-        command.add_argument("actor", metavar="ACTOR", help="the actor's name")
+        command.add_argument(
+            "actor", metavar="ACTOR", help="the actor's name (with --key: a keyed actor's kind)"
+        )
         command.add_argument("message", metavar="MESSAGE", help="a JSON value")
+        command.add_argument(
+            "--key",
+            metavar="KEY",
+            help="address the keyed actor (ACTOR, KEY): its message is stored in its mailbox",
+        )
         _add_dsn(command, f"default: {ENV_DSN}")
         if name == "ask":
             command.add_argument(
@@ -773,6 +781,14 @@ def _status_lines(overview: dict[str, Any], where: str) -> Iterator[str]:
             held = "held by nobody"
         candidates = ", ".join(map(repr, singleton["candidates"]))
         yield f"singleton {singleton['name']!r}: {held} (candidates: {candidates})"
+    for kind in overview.get("entities") or ():
+        hosts = ", ".join(
+            f"{h['node']!r} {h['activations']} active / {h['shards']} shards" for h in kind["hosts"]
+        )
+        yield (
+            f"entities {kind['kind']!r}: {kind['keys']} keys, {kind['waiting']} waiting, "
+            f"{kind['dead']} dead; " + (f"hosted by {hosts}" if hosts else "hosted by no node")
+        )
     for group in overview["durable"] or ():
         yield (
             f"durable {group['channel']!r} group {group['group']!r}: lag {group['lag']}, "
@@ -805,7 +821,11 @@ def _ask(args: argparse.Namespace) -> int:
         from ._bus import open_bus
 
         async with open_bus(dsn) as bus:
-            replies.append(await bus.ask(args.actor, message, timeout=args.timeout))
+            if args.key is not None:
+                entity = bus.entity(args.actor, args.key)
+                replies.append(await entity.ask(message, timeout=args.timeout))
+            else:
+                replies.append(await bus.ask(args.actor, message, timeout=args.timeout))
 
     with _logging_to_stderr("warning"):
         status = _trio_run(ask)
@@ -920,10 +940,14 @@ def _tell(args: argparse.Namespace) -> int:
         from ._bus import open_bus
 
         async with open_bus(dsn) as bus:
-            await bus.tell(args.actor, message)
+            if args.key is not None:
+                await bus.entity(args.actor, args.key).tell(message)
+            else:
+                await bus.tell(args.actor, message)
 
     with _logging_to_stderr("warning"):
         status = _trio_run(tell)
     if status == EXIT_OK:
-        _say(f"told {args.actor!r} at {describe_dsn(dsn)}")
+        whom = repr(args.actor) if args.key is None else f"{args.actor}/{args.key}"
+        _say(f"told {whom} at {describe_dsn(dsn)}")
     return status

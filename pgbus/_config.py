@@ -45,6 +45,7 @@ from ._durable._rules import (
     validate_seconds,
 )
 from ._durable._schedule import Schedule, make_schedule
+from ._entities._entity import Entity, check_entity_class, validate_kind
 from ._errors import (
     ActorOptionsError,
     CapacityError,
@@ -171,6 +172,20 @@ class ActorConfig:
 
 
 @attrs.frozen
+class EntityConfig:
+    """One ``[entities.KIND]`` table: this node hosts keyed actors of that kind."""
+
+    kind: str
+    class_path: str
+    entity_class: type[Entity]
+    passivate_after: float = 60.0
+    max_attempts: int = 5
+    retry_after: float = 1.0
+    concurrency: int = 64
+    batch: int = 1000
+
+
+@attrs.frozen
 class NodeConfig:
     """The ``[node]`` table: this process as a node of the cluster."""
 
@@ -193,6 +208,8 @@ class BusConfig:
     """The ``[node]`` table, if the file has one (then the bus joins the cluster at start)."""
     schedules: tuple[Schedule, ...] = ()
     """The ``[[schedule]]`` tables: each publishes one durable message per slot."""
+    entities: tuple[EntityConfig, ...] = ()
+    """The ``[entities.KIND]`` tables: the keyed actors this node hosts."""
 
     @property
     def needs_database(self) -> bool:
@@ -204,6 +221,7 @@ class BusConfig:
         return bool(
             self.bridges
             or self.schedules
+            or self.entities
             or self.node is not None
             or any(a.public or a.singleton or a.actor_class.needs_database for a in self.actors)
         )
@@ -300,6 +318,11 @@ class BusConfig:
             lines.append(
                 f"schedule {sch.name!r}: {when} -> durable {sch.postgres!r}, missed {sch.missed}"
             )
+        for e in self.entities:
+            lines.append(
+                f"entities {e.kind!r}: {e.class_path}, passivate after {e.passivate_after:g}s, "
+                f"{e.max_attempts} attempts, concurrency {e.concurrency}"
+            )
         if self.metrics is not None:
             dashboard = ", dashboard on /" if self.metrics.dashboard else ""
             lines.append(f"metrics: http://{self.metrics.listen}/metrics and /healthz{dashboard}")
@@ -390,6 +413,16 @@ def parse_config(
             _parse_actor(name, table, declared, out_sources)
             for name, table in root.tables_of("actors", "[actors.NAME]")
         )
+        entities = tuple(
+            _parse_entity(kind, table)
+            for kind, table in root.tables_of("entities", "[entities.KIND]")
+        )
+    if entities and node is None:
+        root.fail(
+            "entities",
+            "needs a [node] table: keyed actors are hosted by nodes of the cluster "
+            "(add [node], with or without a name).",
+        )
     metrics = _parse_metrics(root)
     schedules: dict[str, Schedule] = {}
     for table in root.array_of_tables("schedule"):
@@ -407,6 +440,50 @@ def parse_config(
         metrics,
         node,
         schedules=tuple(schedules.values()),
+        entities=entities,
+    )
+
+
+def _parse_entity(kind: str, t: _Table) -> EntityConfig:
+    t.no_unknown_keys(
+        ("class", "passivate_after", "max_attempts", "retry_after", "concurrency", "batch")
+    )
+    try:
+        validate_kind(kind, "the kind in [entities.KIND]")
+    except ConfigError as exc:
+        t.fail(None, str(exc))
+    class_path: str = t.get("class", "a string", hint='"package.module:ClassName"')
+    if not _CLASS_PATH.match(class_path):
+        t.fail("class", f'must look like "package.module:ClassName" (got {_show(class_path)}).')
+    cls: type[Entity] = _import_class(t, class_path, Entity, "pgbus.Entity")
+    if cls.kind != kind:
+        t.fail("class", f"{class_path!r} has kind {cls.kind!r}, not {kind!r}: they must match.")
+    try:
+        check_entity_class(cls)
+    except ConfigError as exc:
+        t.fail("class", str(exc))
+    seconds = {}
+    for key, default, zero in (("passivate_after", 60.0, False), ("retry_after", 1.0, True)):
+        value = t.get(key, "a number", default)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            bound = "at least 0" if zero else "greater than 0"
+            t.fail(key, f"must be a number of seconds {bound} (got {_show(value)}).")
+        seconds[key] = float(value)
+    counts = {}
+    for key, default in (("max_attempts", 5), ("concurrency", 64), ("batch", 1000)):
+        value = t.get(key, "an integer", default)
+        if value < 1:
+            t.fail(key, f"must be at least 1 (got {_show(value)}).")
+        counts[key] = value
+    return EntityConfig(
+        kind,
+        class_path,
+        cls,
+        passivate_after=seconds["passivate_after"],
+        max_attempts=counts["max_attempts"],
+        retry_after=seconds["retry_after"],
+        concurrency=counts["concurrency"],
+        batch=counts["batch"],
     )
 
 
@@ -458,6 +535,7 @@ _TOP_LEVEL_KEYS = (
     "metrics",
     "node",
     "schedule",
+    "entities",
 )
 _MISSING: Any = object()
 _KINDS: dict[str, tuple[type, ...]] = {
@@ -797,6 +875,11 @@ def _parse_actor(
 
 
 def _import_actor_class(t: _Table, class_path: str) -> type[Actor]:
+    cls: type[Actor] = _import_class(t, class_path, Actor, "pgbus.Actor")
+    return cls
+
+
+def _import_class(t: _Table, class_path: str, base: type[Any], base_name: str) -> Any:
     module_name, _, qualname = class_path.partition(":")
     what = f"{class_path!r}:"
     moved = _ready_made_moved(class_path)
@@ -820,19 +903,19 @@ def _import_actor_class(t: _Table, class_path: str) -> type[Actor]:
             t.fail("class", f"{what} {owner!r} has no attribute {attr!r}{hint}")
         obj = getattr(obj, attr)
         owner = f"{owner}.{attr}"
-    if obj is Actor:
+    if obj is base:
         t.fail(
             "class",
-            f"{class_path!r} is pgbus.Actor itself; name a subclass that implements handle().",
+            f"{class_path!r} is {base_name} itself; name a subclass that implements handle().",
         )
     if not isinstance(obj, type):
         t.fail(
             "class",
-            f"{class_path!r} is not a subclass of pgbus.Actor (got a {type(obj).__name__}).",
+            f"{class_path!r} is not a subclass of {base_name} (got a {type(obj).__name__}).",
         )
-    if not issubclass(obj, Actor):
+    if not issubclass(obj, base):
         got = f"class {obj.__module__}.{obj.__qualname__}"
-        t.fail("class", f"{class_path!r} is not a subclass of pgbus.Actor (got {got}).")
+        t.fail("class", f"{class_path!r} is not a subclass of {base_name} (got {got}).")
     return obj
 
 

@@ -219,6 +219,15 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
                 durable=bridge.durable is not None,
                 delay=bridge.durable.delay if bridge.durable is not None else None,
             )
+    for entity in config.entities:
+        await bus.host(
+            entity.entity_class,
+            passivate_after=entity.passivate_after,
+            max_attempts=entity.max_attempts,
+            retry_after=entity.retry_after,
+            concurrency=entity.concurrency,
+            batch=entity.batch,
+        )
     for schedule in config.schedules:
         await bus.schedule(
             schedule.name,

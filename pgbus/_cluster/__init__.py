@@ -23,7 +23,7 @@ import itertools
 import logging
 import secrets
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -98,6 +98,8 @@ JUNK_SUMMARY_EVERY = 60.0
 """After the first one, junk is logged as one summary line per this many seconds."""
 
 _NO_CONTEXT = (None, None)
+_NOBODY = NodeInfo("", -1, "", "", 0, "", (), (), (), (-1,))
+"""Where a keyed actor's ask went when no node held its key yet."""
 
 
 @attrs.frozen
@@ -131,12 +133,15 @@ class ClusterStatistics:
 class _Pending:
     """An ask waiting for its reply from another node: the first `settle` wins."""
 
-    __slots__ = ("actor", "id", "node", "result", "suspects", "task")
+    __slots__ = ("actor", "any_node", "id", "node", "result", "suspects", "task")
 
-    def __init__(self, id: int, actor: str, node: NodeInfo) -> None:
+    def __init__(self, id: int, actor: str, node: NodeInfo, *, any_node: bool = False) -> None:
         self.id = id
         self.actor = actor
         self.node = node
+        self.any_node = any_node
+        """An entity's ask: any node of the cluster may answer (the key may move meanwhile),
+        and the node it was sent to leaving fails nothing (the message is stored)."""
         self.result: outcome.Outcome[Any] | None = None
         self.task: trio.lowlevel.Task | None = None
         self.suspects: list[tuple[int, Reply | Failure | Refusal]] = []
@@ -245,6 +250,9 @@ class Cluster:
         # first node by name.
         self._turn = itertools.count(secrets.randbelow(1 << 16))
         self._pending: dict[int | str, _Pending] = {}
+        self._watchers: list[Callable[[], None]] = []
+        self._extra_senders: set[int] = set()
+        """Backends besides the sender that send replies for this node (keyed actors' commits)."""
         self._overflows: dict[Channel, deque[tuple[object, Ask | Tell]]] = {}
         self._nursery: trio.Nursery | None = None
         self.late_replies = 0
@@ -297,12 +305,25 @@ class Cluster:
 
     def _sender_pids(self) -> list[int]:
         pid = self._sender.pid
-        return [] if pid is None else [pid]
+        return sorted(self._extra_senders if pid is None else {pid, *self._extra_senders})
 
     async def _sender_connected(self, connection: Connection) -> None:
         # Registered from the new backend itself, before it sends anything: a reply it sends
         # next is committed after the registry says it may come from there.
-        await self._membership.advertise_sender(connection)
+        await self._membership.advertise_sender(connection, self._sender_pids())
+
+    async def add_sender(self, connection: Connection, old_pid: int | None = None) -> None:
+        """
+        *connection* sends replies for this node too (a keyed actors' commit connection,
+        replacing *old_pid*): registered from it before it sends any.
+        """
+        if old_pid is not None:
+            self._extra_senders.discard(old_pid)
+        self._extra_senders.add(connection.pid)
+        await self._membership.advertise_sender(connection, self._sender_pids())
+
+    def remove_sender(self, pid: int) -> None:
+        self._extra_senders.discard(pid)
 
     # -- asking other nodes ------------------------------------------------------------------
 
@@ -346,6 +367,25 @@ class Cluster:
             if isinstance(result, outcome.Error) and isinstance(result.error, RemoteError):
                 raise ActorFailedError(actor, result.error) from result.error
             return result.unwrap()
+
+    def expect_reply(self, what: str, node: NodeInfo | None) -> _Pending:
+        """
+        A reply to come for *what* (a keyed actor's ask, stored by the caller with this
+        node's channel and the pending's id), from any node; `forget` it when done.
+        """
+        pending = _Pending(new_id(), what, node or _NOBODY, any_node=True)
+        self._pending[pending.id] = pending
+        return pending
+
+    def forget(self, pending: _Pending) -> None:
+        self._pending.pop(pending.id, None)
+
+    def node_by_channel(self, channel: str | None) -> NodeInfo | None:
+        """The live node listening on *channel*, as the last registry read knows."""
+        for node in self._nodes.values():
+            if node.channel == channel:
+                return node
+        return None
 
     async def tell(self, actor: str, message: object) -> None:
         """See `Bus.tell`: the remote half. Returns once queued for sending."""
@@ -399,18 +439,25 @@ class Cluster:
         self._nodes, self._serving, self._standby = nodes, serving, standby
         for pending in list(self._pending.values()):
             current = nodes.get(pending.node.pid)
-            if current is None:
+            if current is None and not pending.any_node:
                 pending.fail("its session ended")
                 continue
-            pending.node = current
+            if current is not None:
+                pending.node = current
             if pending.suspects:
                 suspects, pending.suspects = pending.suspects, []
                 for pid, message in suspects:
-                    if self._from_node(current, pid):
+                    if self._accepts(pending, pid, nodes):
                         pending.answer(message)
                     else:
-                        self._junk(f"a reply from backend {pid}, not node {current.name!r}'s")
+                        self._junk(f"a reply from backend {pid}, not node {pending.node.name!r}'s")
         self._summarize_junk()
+        for watcher in self._watchers:
+            watcher()
+
+    def on_nodes(self, watcher: Callable[[], None]) -> None:
+        """Call *watcher()* after every read of the membership (a change or not)."""
+        self._watchers.append(watcher)
 
     # -- what arrives ---------------------------------------------------------------------------
 
@@ -451,7 +498,7 @@ class Cluster:
         if pending is None:
             self.late_replies += 1
             log.debug("cluster: dropped a reply to ask %s, which had already given up", message.id)
-        elif self._from_node(pending.node, pid):
+        elif self._accepts(pending, pid, self._nodes):
             pending.answer(message)
         else:
             # Maybe the node's sender reconnected and the registry read is behind: decided at
@@ -461,6 +508,12 @@ class Cluster:
             else:
                 self._junk(f"a reply from backend {pid}, which is not node {pending.node.name!r}")
             self._membership.poll_soon()
+
+    def _accepts(self, pending: _Pending, pid: int, nodes: dict[int, NodeInfo]) -> bool:
+        """Whether a reply from backend *pid* may settle *pending*."""
+        if pending.any_node:  # a keyed actor's: from a sender any live node registered
+            return pid in self._extra_senders or any(pid in n.sender_pids for n in nodes.values())
+        return self._from_node(pending.node, pid)
 
     @staticmethod
     def _from_node(node: NodeInfo, pid: int) -> bool:

@@ -226,12 +226,15 @@ class ClusterStatus:
     singletons: tuple[SingletonStatus, ...]
     durable: tuple[Any, ...] | None = None
     """Durable groups' lag and dead letters, when pgbus's durable tables exist."""
+    entities: tuple[Any, ...] | None = None
+    """Keyed actors' kinds: messages waiting, dead letters, and activations per node."""
 
     def as_json(self) -> dict[str, Any]:
         return {
             "nodes": [attrs.asdict(n) for n in self.nodes],
             "singletons": [attrs.asdict(s) for s in self.singletons],
             "durable": None if self.durable is None else list(self.durable),
+            "entities": None if self.entities is None else list(self.entities),
         }
 
 
@@ -249,7 +252,9 @@ async def read_status(connection: Connection) -> ClusterStatus:
     """The cluster as the server sees it now (a few queries on *connection*)."""
     exists = await connection.fetchval("SELECT to_regclass('pgbus.cluster_nodes') IS NOT NULL")
     if not exists:
-        return ClusterStatus((), (), await _durable_status(connection))
+        return ClusterStatus(
+            (), (), await _durable_status(connection), await _entity_status(connection)
+        )
     has_senders = await connection.fetchval(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'pgbus.cluster_nodes'::regclass"
         " AND attname = 'sender_pids' AND NOT attisdropped)"
@@ -272,7 +277,18 @@ async def read_status(connection: Connection) -> ClusterStatus:
                 name, holder.name if holder else None, pid if holder else None, candidates, foreign
             )
         )
-    return ClusterStatus(nodes, tuple(singletons), await _durable_status(connection))
+    return ClusterStatus(
+        nodes,
+        tuple(singletons),
+        await _durable_status(connection),
+        await _entity_status(connection),
+    )
+
+
+async def _entity_status(connection: Connection) -> tuple[dict[str, Any], ...] | None:
+    from .._entities._status import entity_status
+
+    return await entity_status(connection)
 
 
 async def _durable_status(connection: Connection) -> tuple[dict[str, Any], ...] | None:
@@ -382,15 +398,18 @@ class Membership:
         if self._wake is not None:
             self._wake.cancel()
 
-    async def advertise_sender(self, connection: Connection) -> None:
-        """*connection* is this node's sender from now on: say so, on it (bounded)."""
+    async def advertise_sender(self, connection: Connection, senders: list[int]) -> None:
+        """*connection* sends for this node from now on (with *senders*): say so, on it."""
         pid = self.pid
         if pid is not None:  # else the registration will say it
             with trio.fail_after(self.keepalive):
                 await connection.execute(
-                    "UPDATE pgbus.cluster_nodes SET sender_pids = ARRAY[pg_backend_pid()]"
+                    "UPDATE pgbus.cluster_nodes SET sender_pids ="
+                    " (SELECT array_agg(DISTINCT p ORDER BY p)"
+                    "    FROM unnest($2::integer[] || pg_backend_pid()) AS p)"
                     " WHERE pid = $1",
                     pid,
+                    senders,
                 )
                 await connection.execute(
                     "SELECT pg_notify($1, $2)", CLUSTER_CHANNEL, f"change {self.name}"

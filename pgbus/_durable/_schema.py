@@ -651,7 +651,124 @@ CREATE TABLE pgbus.schedule_slots (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
+# Version 7, keyed actors (pgbus._entities). Additive: new tables and a function only.
+# - pgbus.entity_mail: the mailboxes, one row per stored message, deleted when its effects
+#   commit (in the same transaction as the key's state);
+# - pgbus.entity_state: each key's JSON state and how many messages it has taken (version);
+# - pgbus.entity_shards: 256 shards per kind; the node owning a shard (its channel in
+#   pgbus.cluster_nodes) and an epoch, raised by every change of owner: the fence;
+# - pgbus.entity_hosts: which node hosts which kind, and its activations;
+# - pgbus.entity_dead: messages whose handler failed max_attempts times;
+# - pgbus.entity_commit: one batch's effects, all or nothing, fenced by the shards' epochs.
+_V7 = r"""
+CREATE TABLE pgbus.entity_mail (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    shard integer NOT NULL,
+    message text NOT NULL,
+    reply_to text,
+    ask_id text,
+    traceparent text,
+    attempts integer NOT NULL DEFAULT 0,
+    not_before timestamptz,
+    last_error text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX entity_mail_shard ON pgbus.entity_mail (kind, shard, id);
+
+CREATE TABLE pgbus.entity_state (
+    kind text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    state jsonb NOT NULL,
+    version bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, key)
+);
+
+CREATE TABLE pgbus.entity_shards (
+    kind text COLLATE "C" NOT NULL,
+    shard integer NOT NULL,
+    owner text,
+    epoch bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (kind, shard)
+);
+
+CREATE TABLE pgbus.entity_hosts (
+    node text COLLATE "C" NOT NULL,
+    kind text COLLATE "C" NOT NULL,
+    activations integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (node, kind)
+);
+
+CREATE TABLE pgbus.entity_dead (
+    id bigint PRIMARY KEY,
+    kind text NOT NULL,
+    key text NOT NULL,
+    message text NOT NULL,
+    attempts integer NOT NULL,
+    error text,
+    created_at timestamptz NOT NULL,
+    failed_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE FUNCTION pgbus.entity_commit(
+    p_kind text, p_owner text, p_shards integer[], p_epochs bigint[],
+    p_keys text[], p_states text[], p_counts integer[], p_acked bigint[],
+    p_failed bigint[], p_errors text[], p_delays double precision[], p_max_attempts integer,
+    p_out_kinds text[], p_out_keys text[], p_out_shards integer[], p_out_messages text[],
+    p_reply_channels text[], p_replies text[]
+) RETURNS integer[] LANGUAGE plpgsql AS $f$
+DECLARE
+    stale integer[];
+BEGIN
+    -- The fence: every shard still this owner's at the epoch it read, locked until COMMIT,
+    -- so no takeover can move one meanwhile. A stale shard: nothing is written.
+    PERFORM 1 FROM pgbus.entity_shards
+      WHERE kind = p_kind AND shard = ANY(p_shards) ORDER BY shard FOR SHARE;
+    SELECT coalesce(array_agg(u.shard), '{}') INTO stale
+      FROM unnest(p_shards, p_epochs) AS u(shard, epoch)
+     WHERE NOT EXISTS (SELECT 1 FROM pgbus.entity_shards s
+                        WHERE s.kind = p_kind AND s.shard = u.shard
+                          AND s.owner = p_owner AND s.epoch = u.epoch);
+    IF cardinality(stale) > 0 THEN
+        RETURN stale;
+    END IF;
+    INSERT INTO pgbus.entity_state AS e (kind, key, state, version)
+    SELECT p_kind, u.key, u.state::jsonb, u.n
+      FROM unnest(p_keys, p_states, p_counts) AS u(key, state, n)
+    ON CONFLICT (kind, key) DO UPDATE
+       SET state = EXCLUDED.state, version = e.version + EXCLUDED.version, updated_at = now();
+    DELETE FROM pgbus.entity_mail WHERE id = ANY(p_acked);
+    IF cardinality(p_failed) > 0 THEN
+        UPDATE pgbus.entity_mail m
+           SET attempts = m.attempts + 1, last_error = f.error,
+               not_before = now() + make_interval(secs => f.delay)
+          FROM unnest(p_failed, p_errors, p_delays) AS f(id, error, delay)
+         WHERE m.id = f.id;
+        WITH dead AS (
+            DELETE FROM pgbus.entity_mail
+             WHERE id = ANY(p_failed) AND attempts >= p_max_attempts
+            RETURNING id, kind, key, message, attempts, last_error, created_at
+        )
+        INSERT INTO pgbus.entity_dead (id, kind, key, message, attempts, error, created_at)
+        SELECT * FROM dead;
+    END IF;
+    IF cardinality(p_out_kinds) > 0 THEN
+        INSERT INTO pgbus.entity_mail (kind, key, shard, message)
+        SELECT * FROM unnest(p_out_kinds, p_out_keys, p_out_shards, p_out_messages);
+        PERFORM pg_notify('pgbus.entities', w.wake)
+           FROM (SELECT DISTINCT k || ':' || s AS wake
+                   FROM unnest(p_out_kinds, p_out_shards) AS o(k, s)) AS w;
+    END IF;
+    PERFORM pg_notify(r.channel, r.reply)
+       FROM unnest(p_reply_channels, p_replies) AS r(channel, reply);
+    RETURN stale;
+END
+$f$;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 """Migration *n* (1-based) brings the schema from version n-1 to n; never edit a released one."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
