@@ -11,7 +11,9 @@ clock, the peer reads every key's committed count: each must equal the key's mes
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -58,3 +60,32 @@ def check_counts(counts: Mapping[str, int], stream: list[KeyedMessage]) -> None:
             f"{len(wrong)} key(s) with a wrong committed count ({sample}); "
             f"{len(extra)} unexpected key(s)"
         )
+
+
+def check_keyed_finals(
+    finals: list[dict[str, Any]], stream: list[KeyedMessage], workers: int
+) -> dict[str, Any]:
+    """
+    Every message handled at least once, no problem seen by a handler; the workers' RSS, and
+    how many handler calls were repeats (allowed: effects commit exactly once, and the
+    committed counts are checked separately, but a repeat is work the peer did twice).
+    """
+    if len(finals) != workers:
+        raise WorkloadError(f"{workers - len(finals)} worker(s) sent no final report")
+    problems = [p for f in finals for p in f.get("problems", [])]
+    if problems:
+        raise WorkloadError(f"{len(problems)} problem(s) in the workers, first: {problems[0]}")
+    handled = Counter(p for f in finals for p in f["payloads"])
+    expected = {m.payload for m in stream}
+    missing = expected - set(handled)
+    unexpected = set(handled) - expected
+    if missing or unexpected:
+        raise WorkloadError(
+            f"{len(missing)} message(s) never handled, {len(unexpected)} never sent"
+        )
+    rss = [f["rss"] / 2**20 for f in finals]
+    return {
+        "handled_again": sum(handled.values()) - len(expected),
+        "worker_rss_mb": [round(r, 1) for r in rss],
+        "worker_rss_max_mb": max(rss),
+    }

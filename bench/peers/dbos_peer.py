@@ -39,8 +39,14 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ._durable_tools import DEFAULT_WORKERS, WorkerReport, Workers, check_finals, parse_worker_args
-from ._keyed_tools import KeyedMessage, check_counts, keyed_messages, out_of_order
+from ._durable_tools import DEFAULT_WORKERS, WorkerReport, Workers, parse_worker_args
+from ._keyed_tools import (
+    KeyedMessage,
+    check_counts,
+    check_keyed_finals,
+    keyed_messages,
+    out_of_order,
+)
 from ._protocol import (
     PeerArgs,
     PeerUnavailableError,
@@ -175,7 +181,7 @@ def _run(
         engine.dispose()
         client.destroy()
     result = throughput(args.messages, elapsed)
-    result.update(check_finals(finals, [m.payload for m in stream], DEFAULT_WORKERS))
+    result.update(check_keyed_finals(finals, stream, DEFAULT_WORKERS))
     result["keys"] = args.keys
     result["publish_seconds"] = published
     return result

@@ -29,10 +29,15 @@ from ._durable_tools import (
     WorkerReport,
     Workers,
     asyncio_peer_main,
-    check_finals,
     parse_worker_args,
 )
-from ._keyed_tools import check_counts, keyed_messages, out_of_order, parse_payload
+from ._keyed_tools import (
+    check_counts,
+    check_keyed_finals,
+    keyed_messages,
+    out_of_order,
+    parse_payload,
+)
 from ._protocol import PeerArgs, Result, WorkloadError, clock, throughput
 
 MODULE = "bench.peers.keyed_fifo"
@@ -151,7 +156,7 @@ async def keyed_throughput(args: PeerArgs) -> Result:
     finally:
         await connection.close()
     result = throughput(args.messages, elapsed)
-    result.update(check_finals(finals, [m.payload for m in stream], DEFAULT_WORKERS))
+    result.update(check_keyed_finals(finals, stream, DEFAULT_WORKERS))
     if left:
         raise WorkloadError(f"{left} message(s) still in the mailbox table after the run")
     check_counts({r["key"]: r["count"] for r in rows}, stream)
