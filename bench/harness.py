@@ -242,7 +242,7 @@ def _brief(workload: Workload, outcome: RunOutcome) -> str:
     if workload.name == "W9C" and "warm_p50_us" in r:
         return (
             f"cold p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs; the same keys warm: "
-            f"p50 {r['warm_p50_us']:.0f} µs (activation +{r['activation_p50_us']:.0f} µs)"
+            f"p50 {r['warm_p50_us']:.0f} µs (activation: {r['activation_p50_us']:+.0f} µs p50)"
         )
     if workload.metric == "latency" and "ratio_p50" in r:
         return (
@@ -314,9 +314,10 @@ def _notes(
             warm = statistics.median(r["warm_p50_us"] for r in cold)
             extra = statistics.median(r["activation_p50_us"] for r in cold)
             notes.append(
-                f"W9C {peer}: the same keys asked again once active: p50 {warm:.0f} µs, so "
-                f"activating (loading the state, claiming) adds {extra:.0f} µs to an ask's "
-                f"p50 (medians of {len(cold)}; target: cold ask p50 <= 2 ms)."
+                f"W9C {peer}: each key asked again right after, once active: p50 {warm:.0f} µs; "
+                f"activating a key (loading its state, claiming it) added {extra:+.0f} µs to "
+                f"its ask (median of the pairs' differences; medians of {len(cold)} runs; "
+                "target: activation p50 <= 2 ms)."
             )
         handled_again = [
             o.result["handled_again"] for o in runs if o.ok and o.result.get("handled_again")

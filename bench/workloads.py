@@ -206,7 +206,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "W9C",
             "cold activation: process A asks entities that have state but no activation "
-            "(a freshly started host), one key at a time, p50 / p99",
+            "(a freshly started host), one key at a time, p50 / p99; each key then asked warm",
             "latency",
             messages=1_000,
             keys=1_000,
