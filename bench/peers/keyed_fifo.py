@@ -3,16 +3,15 @@ The limit of W9: a per-key FIFO written by hand on asyncpg, nothing a library ad
 
 As a competent engineer writes it (no retries, no dead letters, no activation, no epochs):
 
-- Tables ``bench_kfifo_mail (id bigserial, kind, shard, key, payload)``, ``bench_kfifo_state
-  (kind, key, count)`` and ``bench_kfifo_shards (kind, shard)``: keys are hashed into 64 shards
-  (``crc32(key) % 64``), and a shard's row lock is what makes a worker its only consumer.
+- Tables ``bench_kfifo_mail (id bigserial, kind, shard, key, payload)`` and
+  ``bench_kfifo_state (kind, key, count)``; keys are hashed into 64 shards (``crc32(key) % 64``).
 - Publishing: one ``INSERT ... SELECT FROM unnest(...)`` plus one ``pg_notify`` per batch of 5000.
-- Each of the 4 worker processes loops on one transaction: lock up to 4 shards that have mail
-  (``FOR UPDATE SKIP LOCKED``), then take up to 250 of each one's oldest messages with their
-  keys' states (a second statement, whose snapshot sees what the shards' previous holder
-  committed), handle them in id order in Python (each key's count + 1), then delete
-  the messages and upsert the states (one statement), and commit. Shards locked by others are
-  skipped, so a key is only ever in one transaction, and its messages go in id order.
+- Hashed partitions: each of the 4 worker processes takes a slot with a session advisory lock
+  (``pg_try_advisory_lock(kind, slot)``, the first free of 4) and is the only consumer of the
+  shards ``shard % 4 == slot``, so a key's messages go through one process, in id order.
+- A worker loops on two autocommit statements: read up to 64 of each of its 16 shards' oldest
+  messages with their keys' states, handle them in id order in Python (each key's count + 1),
+  then delete the messages and upsert the states in one statement (atomic on its own).
 - An idle worker waits for the publisher's NOTIFY, polling every second as a safety net.
 """
 
@@ -42,10 +41,10 @@ from ._protocol import PeerArgs, Result, WorkloadError, clock, throughput
 
 MODULE = "bench.peers.keyed_fifo"
 SHARDS = 64
-LOCK_SHARDS = 4
-"""Shards one transaction locks: with 4 workers, a quarter of the 64 are busy at any time."""
-PER_SHARD = 250
-"""Messages taken from each locked shard per transaction (so up to 1000 per transaction)."""
+SLOTS = 4
+"""Worker slots: the shards ``shard % SLOTS == slot`` belong to the worker holding *slot*."""
+PER_SHARD = 64
+"""Messages read from each of a worker's 16 shards per batch (so up to 1024 per batch)."""
 BATCH = 5000
 
 _CREATE = """
@@ -57,9 +56,6 @@ CREATE INDEX IF NOT EXISTS bench_kfifo_mail_shard ON bench_kfifo_mail (kind, sha
 CREATE TABLE IF NOT EXISTS bench_kfifo_state (
     kind text NOT NULL, key text NOT NULL, count int NOT NULL, PRIMARY KEY (kind, key)
 );
-CREATE TABLE IF NOT EXISTS bench_kfifo_shards (
-    kind text NOT NULL, shard int NOT NULL, PRIMARY KEY (kind, shard)
-);
 """
 _ENQUEUE = """
 WITH stored AS (
@@ -68,23 +64,12 @@ WITH stored AS (
 )
 SELECT pg_notify($1, '')
 """
-_LOCK = """
-SELECT array_agg(shard) FROM (
-    SELECT shard FROM bench_kfifo_shards AS s
-    WHERE kind = $1
-      AND EXISTS (SELECT FROM bench_kfifo_mail AS m WHERE m.kind = $1 AND m.shard = s.shard)
-    ORDER BY random() LIMIT $2 FOR UPDATE SKIP LOCKED
-) AS locked
-"""
-# A statement of its own, after the lock: in READ COMMITTED its snapshot is taken once the
-# shards are ours, so it sees what their previous holder committed (in the locking statement's
-# snapshot, rows another worker deleted meanwhile would still be there: handled twice).
 _FETCH = """
 SELECT m.id, m.key, m.payload, st.count
-FROM unnest($2::int[]) AS locked(shard)
+FROM unnest($2::int[]) AS mine(shard)
 CROSS JOIN LATERAL (
     SELECT id, key, payload FROM bench_kfifo_mail
-    WHERE kind = $1 AND shard = locked.shard ORDER BY id LIMIT $3
+    WHERE kind = $1 AND shard = mine.shard ORDER BY id LIMIT $3
 ) AS m
 LEFT JOIN bench_kfifo_state AS st ON st.kind = $1 AND st.key = m.key
 ORDER BY m.id
@@ -111,12 +96,6 @@ async def _prepare(connection: asyncpg.Connection, kind: str) -> None:
         await connection.execute(_CREATE)
     finally:
         await connection.execute("SELECT pg_advisory_unlock(4243)")
-    await connection.execute(
-        "INSERT INTO bench_kfifo_shards (kind, shard) SELECT $1, s FROM generate_series(0, $2) s"
-        " ON CONFLICT DO NOTHING",
-        kind,
-        SHARDS - 1,
-    )
 
 
 async def keyed_throughput(args: PeerArgs) -> Result:
@@ -152,7 +131,6 @@ async def keyed_throughput(args: PeerArgs) -> Result:
         finally:
             finals = await asyncio.to_thread(workers.stop)
         await connection.execute("DELETE FROM bench_kfifo_state WHERE kind = $1", kind)
-        await connection.execute("DELETE FROM bench_kfifo_shards WHERE kind = $1", kind)
     finally:
         await connection.close()
     result = throughput(args.messages, elapsed)
@@ -165,6 +143,14 @@ async def keyed_throughput(args: PeerArgs) -> Result:
     return result
 
 
+async def _take_slot(connection: asyncpg.Connection, kind: str) -> int:
+    """The first free worker slot of *kind*, held by this session until it ends."""
+    for slot in range(SLOTS):
+        if await connection.fetchval("SELECT pg_try_advisory_lock(hashtext($1), $2)", kind, slot):
+            return slot
+    raise WorkloadError(f"all {SLOTS} worker slots of {kind!r} are taken")
+
+
 async def _worker(argv: list[str]) -> None:
     args = parse_worker_args(argv)
     kind = args.channel
@@ -175,36 +161,29 @@ async def _worker(argv: list[str]) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await listener.add_listener(kind, lambda *_: wake.set())
-    lock = await connection.prepare(_LOCK)
+    slot = await _take_slot(connection, kind)
+    mine = [shard for shard in range(SHARDS) if shard % SLOTS == slot]
     fetch = await connection.prepare(_FETCH)
     report.ready()
     try:
         while not stop.is_set():
             wake.clear()
-            handled: list[str] = []
-            async with connection.transaction():
-                shards = await lock.fetchval(kind, LOCK_SHARDS)
-                rows = await fetch.fetch(kind, shards, PER_SHARD) if shards else []
-                if rows:
-                    counts: dict[str, int] = {}
-                    for row in rows:
-                        key, seq = parse_payload(row["payload"])
-                        before = counts.get(key, row["count"] or 0)
-                        problem = out_of_order(key, seq, before)
-                        if problem:
-                            report.problems.append(problem)
-                        counts[key] = before + 1
-                        handled.append(row["payload"])
-                    await connection.execute(
-                        _COMMIT,
-                        kind,
-                        [row["id"] for row in rows],
-                        list(counts),
-                        list(counts.values()),
-                    )
-            for payload in handled:  # committed: the state and the deletions
-                report.handled(payload)
-            if not rows:
+            rows = await fetch.fetch(kind, mine, PER_SHARD)
+            if rows:
+                counts: dict[str, int] = {}
+                for row in rows:
+                    key, seq = parse_payload(row["payload"])
+                    before = counts.get(key, row["count"] or 0)
+                    problem = out_of_order(key, seq, before)
+                    if problem:
+                        report.problems.append(problem)
+                    counts[key] = before + 1
+                await connection.execute(
+                    _COMMIT, kind, [row["id"] for row in rows], list(counts), list(counts.values())
+                )
+                for row in rows:  # committed: the states and the deletions
+                    report.handled(row["payload"])
+            else:
                 stopping = asyncio.ensure_future(stop.wait())
                 woken = asyncio.ensure_future(wake.wait())
                 await asyncio.wait({stopping, woken}, timeout=1.0, return_when="FIRST_COMPLETED")
