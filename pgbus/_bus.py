@@ -14,6 +14,7 @@ import attrs
 import outcome
 import trio
 
+from . import _tracing
 from ._actor import Actor, Request, check_actor_options
 from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
@@ -52,7 +53,8 @@ from ._durable._rules import (
 from ._durable._schedule import ScheduleRunner, make_schedule
 from ._durable._support import DurableSupport
 from ._durable._time import DelayedMover
-from ._entities import Entity, EntityHost, KindSpec, KindStatistics, check_entity_class
+from ._entities import Entity, EntityHost, KindSpec, KindStatistics
+from ._entities import _entity as entity_rules
 from ._entities._mail import store_many as entity_store_many
 from ._entities._mail import store_one as entity_store_one
 from ._errors import (
@@ -446,11 +448,11 @@ class Bus:
         self,
         entity_class: type[Entity],
         *,
-        passivate_after: float = 60.0,
-        max_attempts: int = 5,
-        retry_after: float = 1.0,
-        concurrency: int = 64,
-        batch: int = 1000,
+        passivate_after: float = entity_rules.DEFAULT_PASSIVATE_AFTER,
+        max_attempts: int = entity_rules.DEFAULT_MAX_ATTEMPTS,
+        retry_after: float = entity_rules.DEFAULT_RETRY_AFTER,
+        concurrency: int = entity_rules.DEFAULT_CONCURRENCY,
+        batch: int = entity_rules.DEFAULT_BATCH,
     ) -> None:
         """
         Host keyed actors of *entity_class*'s kind on this node: from now on some of its keys
@@ -466,14 +468,13 @@ class Bus:
             ConfigError: *entity_class* is not an `Entity` with a valid ``kind`` and `handle`,
                 or a setting is out of range.
         """
-        cls = check_entity_class(entity_class)
-        spec = KindSpec(
-            cls,
-            passivate_after=_positive("passivate_after", passivate_after),
-            max_attempts=_at_least_one("max_attempts", max_attempts),
-            retry_after=_positive("retry_after", retry_after, zero=True),
-            concurrency=_at_least_one("concurrency", concurrency),
-            batch=_at_least_one("batch", batch),
+        spec = KindSpec.checked(
+            entity_class,
+            passivate_after=passivate_after,
+            max_attempts=max_attempts,
+            retry_after=retry_after,
+            concurrency=concurrency,
+            batch=batch,
         )
         await self._durable_support().ensure_schema()
         host = await self._entity_host()
@@ -510,15 +511,24 @@ class Bus:
             EntityKeyError, CodecError, PayloadTooLargeError: before anything is stored.
         """
         await self._durable_support().ensure_schema()
-        async with self._database().borrow() as connection:
-            return await entity_store_many(connection, kind, items, self._durable_max_payload)
+        with _tracing.storing_entity("tell", kind) as traceparent:
+            async with self._database().borrow() as connection:
+                return await entity_store_many(
+                    connection, kind, items, self._durable_max_payload, traceparent
+                )
 
     async def _entity_tell(self, kind: str, key: str, message: object) -> int:
         await self._durable_support().ensure_schema()
-        async with self._database().borrow() as connection:
-            id, _ = await entity_store_one(
-                connection, kind, key, message, self._durable_max_payload
-            )
+        with _tracing.storing_entity("tell", kind) as traceparent:
+            async with self._database().borrow() as connection:
+                id, _ = await entity_store_one(
+                    connection,
+                    kind,
+                    key,
+                    message,
+                    self._durable_max_payload,
+                    traceparent=traceparent,
+                )
         return id
 
     async def _entity_ask(self, kind: str, key: str, message: object, timeout: float) -> Any:
@@ -534,7 +544,10 @@ class Bus:
             raise AskTimeoutError(what, timeout)
         pending = cluster.expect_reply(what, None)
         try:
-            with trio.move_on_at(deadline) as scope:
+            with (
+                _tracing.storing_entity("ask", kind) as traceparent,
+                trio.move_on_at(deadline) as scope,
+            ):
                 async with self._database().borrow() as connection:
                     _, owner = await entity_store_one(
                         connection,
@@ -544,6 +557,7 @@ class Bus:
                         self._durable_max_payload,
                         reply_to=cluster.channel,
                         ask_id=pending.id,
+                        traceparent=traceparent,
                     )
                 node = cluster.node_by_channel(owner)
                 if node is not None:
@@ -1148,25 +1162,6 @@ def _finish_entities(host: EntityHost) -> _Finish:
     return finish
 
 
-def _positive(name: str, value: object, *, zero: bool = False) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not zero)
-    ):
-        bound = "at least 0" if zero else "greater than 0"
-        raise ConfigError(f"{name} must be a number of seconds {bound} (got {value!r}).")
-    return float(value)
-
-
-def _at_least_one(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer of at least 1 (got {value!r}).")
-    return value
-
-
 class EntityRef:
     """A keyed actor, by kind and key (`Bus.entity`): where it runs is the cluster's business."""
 
@@ -1341,9 +1336,15 @@ class Transaction:
         """
         if self._durable_support is not None:
             await self._durable_support().ensure_schema()
-        id, _ = await entity_store_one(
-            self._connection, kind, key, message, self._durable_max_payload
-        )
+        with _tracing.storing_entity("tell", kind) as traceparent:
+            id, _ = await entity_store_one(
+                self._connection,
+                kind,
+                key,
+                message,
+                self._durable_max_payload,
+                traceparent=traceparent,
+            )
         return id
 
     async def _flush(self) -> None:

@@ -45,7 +45,8 @@ from ._durable._rules import (
     validate_seconds,
 )
 from ._durable._schedule import Schedule, make_schedule
-from ._entities._entity import Entity, check_entity_class, validate_kind
+from ._entities._entity import Entity, validate_kind
+from ._entities._host import KindSpec
 from ._errors import (
     ActorOptionsError,
     CapacityError,
@@ -175,14 +176,13 @@ class ActorConfig:
 class EntityConfig:
     """One ``[entities.KIND]`` table: this node hosts keyed actors of that kind."""
 
-    kind: str
     class_path: str
-    entity_class: type[Entity]
-    passivate_after: float = 60.0
-    max_attempts: int = 5
-    retry_after: float = 1.0
-    concurrency: int = 64
-    batch: int = 1000
+    spec: KindSpec
+    """The class and its settings, checked by the same rules as `Bus.host`'s."""
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
 
 @attrs.frozen
@@ -320,8 +320,9 @@ class BusConfig:
             )
         for e in self.entities:
             lines.append(
-                f"entities {e.kind!r}: {e.class_path}, passivate after {e.passivate_after:g}s, "
-                f"{e.max_attempts} attempts, concurrency {e.concurrency}"
+                f"entities {e.kind!r}: {e.class_path}, passivate after "
+                f"{e.spec.passivate_after:g}s, {e.spec.max_attempts} attempts, "
+                f"concurrency {e.spec.concurrency}"
             )
         if self.metrics is not None:
             dashboard = ", dashboard on /" if self.metrics.dashboard else ""
@@ -445,9 +446,8 @@ def parse_config(
 
 
 def _parse_entity(kind: str, t: _Table) -> EntityConfig:
-    t.no_unknown_keys(
-        ("class", "passivate_after", "max_attempts", "retry_after", "concurrency", "batch")
-    )
+    settings = [f.name for f in attrs.fields(KindSpec)[1:]]
+    t.no_unknown_keys(("class", *settings))
     try:
         validate_kind(kind, "the kind in [entities.KIND]")
     except ConfigError as exc:
@@ -458,33 +458,14 @@ def _parse_entity(kind: str, t: _Table) -> EntityConfig:
     cls: type[Entity] = _import_class(t, class_path, Entity, "pgbus.Entity")
     if cls.kind != kind:
         t.fail("class", f"{class_path!r} has kind {cls.kind!r}, not {kind!r}: they must match.")
+    given = {name: t.data[name] for name in settings if name in t.data}
     try:
-        check_entity_class(cls)
+        spec = KindSpec.checked(cls, **given)
+    except SettingError as exc:
+        t.fail(exc.key, exc.describe(_show))
     except ConfigError as exc:
         t.fail("class", str(exc))
-    seconds = {}
-    for key, default, zero in (("passivate_after", 60.0, False), ("retry_after", 1.0, True)):
-        value = t.get(key, "a number", default)
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-            bound = "at least 0" if zero else "greater than 0"
-            t.fail(key, f"must be a number of seconds {bound} (got {_show(value)}).")
-        seconds[key] = float(value)
-    counts = {}
-    for key, default in (("max_attempts", 5), ("concurrency", 64), ("batch", 1000)):
-        value = t.get(key, "an integer", default)
-        if value < 1:
-            t.fail(key, f"must be at least 1 (got {_show(value)}).")
-        counts[key] = value
-    return EntityConfig(
-        kind,
-        class_path,
-        cls,
-        passivate_after=seconds["passivate_after"],
-        max_attempts=counts["max_attempts"],
-        retry_after=seconds["retry_after"],
-        concurrency=counts["concurrency"],
-        batch=counts["batch"],
-    )
+    return EntityConfig(class_path, spec)
 
 
 def _parse_schedule(t: _Table) -> Schedule:

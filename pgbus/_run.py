@@ -220,13 +220,14 @@ async def start_config(bus: Bus, config: BusConfig) -> None:
                 delay=bridge.durable.delay if bridge.durable is not None else None,
             )
     for entity in config.entities:
+        spec = entity.spec
         await bus.host(
-            entity.entity_class,
-            passivate_after=entity.passivate_after,
-            max_attempts=entity.max_attempts,
-            retry_after=entity.retry_after,
-            concurrency=entity.concurrency,
-            batch=entity.batch,
+            spec.cls,
+            passivate_after=spec.passivate_after,
+            max_attempts=spec.max_attempts,
+            retry_after=spec.retry_after,
+            concurrency=spec.concurrency,
+            batch=spec.batch,
         )
     for schedule in config.schedules:
         await bus.schedule(

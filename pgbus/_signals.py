@@ -9,11 +9,18 @@ acts on one noted before. Imported as a library, pgbus never touches signal hand
 
 from __future__ import annotations
 
+# The C module, not `signal`: importing `signal` (or `typing`) takes milliseconds in which a
+# Ctrl-C would still end `python -m pgbus` with a KeyboardInterrupt traceback, before the
+# handlers are in place. `signal` is imported once they are.
+import _signal  # type: ignore[import-not-found]
 import os
-import signal
-from types import FrameType, ModuleType
+from types import FrameType, ModuleType  # loaded by the interpreter already
 
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+TYPE_CHECKING = False  # typing's, without importing typing
+if TYPE_CHECKING:
+    import signal
+
+_STOP_SIGNUMS: tuple[int, ...] = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 
 early: list[int] = []
 """Stop signals received before a command listened for them, in order."""
@@ -27,10 +34,16 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     The signals that stop a command: SIGINT, SIGTERM and SIGHUP, less those the process was
     started ignoring (a daemon started with ``nohup`` keeps ignoring SIGHUP).
     """
+    import signal
+
     ignored = _ignored
     if ignored is None:
-        ignored = {s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN}
-    return tuple(s for s in STOP_SIGNALS if s not in ignored)
+        ignored = _ignored_now()
+    return tuple(signal.Signals(s) for s in _STOP_SIGNUMS if s not in ignored)
+
+
+def _ignored_now() -> set[int]:
+    return {s for s in _STOP_SIGNUMS if _signal.getsignal(s) == _signal.SIG_IGN}
 
 
 def started_as_the_command(sys: ModuleType) -> bool:
@@ -48,12 +61,13 @@ def _remember(signum: int, _frame: FrameType | None) -> None:
 def remember_early_signals() -> None:
     """Note stop signals instead of acting on them (the default would kill or raise)."""
     global _ignored
-    _ignored = {s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN}
-    for stop_signal in stop_signals():
-        signal.signal(stop_signal, _remember)
+    _ignored = _ignored_now()
+    for signum in _STOP_SIGNUMS:
+        if signum not in _ignored:
+            _signal.signal(signum, _remember)
 
 
 def ignore_stop_signals() -> None:
     """For the very end: a signal must not kill the interpreter while it tears itself down."""
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, signal.SIG_IGN)
+    for signum in _STOP_SIGNUMS:
+        _signal.signal(signum, _signal.SIG_IGN)

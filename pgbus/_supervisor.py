@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from ._actor import Actor
-from ._errors import RestartIntensityError, SettingError
+from ._errors import PgbusError, RestartIntensityError, SettingError
 from ._rules import check_choice, check_count, check_seconds
 
 if TYPE_CHECKING:
@@ -122,13 +122,23 @@ class Supervisor:
             tuple[_Child, BaseException | None]
         ](math.inf)
         self._nursery: trio.Nursery | None = None
-        self._loop_scope = trio.CancelScope()
+        # Shielded: a cancellation from outside (a signal, a deadline around open_bus) must not
+        # end the supervisor, and close its nursery, while the bus may still start an actor
+        # (a spawn() that was in a shielded LISTEN when it came). Only stop_all ends it.
+        self._loop_scope = trio.CancelScope(shield=True)
         self._stop_deadline = math.inf  # while shutting down: when on_stop must be done
+        self._stopping = False  # stop_all has begun: no new actor
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Supervise until cancelled or until restart intensity is exceeded (then raise)."""
+        """
+        Supervise until `stop_all` or until restart intensity is exceeded (then raise).
+
+        A cancellation from outside does not stop it: however the bus is left, its shutdown
+        calls `stop_all`, and until then `start` works (as the bus's services, the supervisor
+        is stopped when the bus says so, not by a stray cancellation).
+        """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -141,9 +151,19 @@ class Supervisor:
                 raise
 
     async def start(self, spec: ActorSpec) -> None:
-        """Start a new actor after the others; returns once its ``on_start`` has run."""
+        """
+        Start a new actor after the others; returns once its ``on_start`` has run.
+
+        Raises:
+            PgbusError: the bus is stopping its actors (an ``on_stop`` that spawns): the new
+                actor would outlive the shutdown that no longer waits for it.
+        """
         if self._nursery is None:
             raise RuntimeError("the supervisor is not running")
+        if self._stopping:
+            raise PgbusError(
+                f"actor {spec.name!r} was not started: the bus is stopping its actors."
+            )
         child = _Child(spec)
         self._children.append(child)
         try:
@@ -162,6 +182,7 @@ class Supervisor:
         shutdown), each ``on_stop`` gets at most until then (and never more than stop_timeout).
         """
         self._loop_scope.cancel()
+        self._stopping = True
         self._stop_deadline = deadline
         for child in reversed(self._children):
             await self._stop(child)

@@ -12,6 +12,11 @@ pgbus[tracing]``) and an SDK's tracer provider is configured:
   the actor's ``handle``: on the first attempt a child of the publish span, on each retry a new
   root span with a link to it (so a retried message does not grow one trace without end).
 
+- a keyed actor's message: ``tell {kind}`` (PRODUCER) or ``ask {kind}`` (CLIENT) when it is
+  stored, its ``traceparent`` stored with it (``pgbus.entity_mail.traceparent``), and
+  ``handle {kind}`` (CONSUMER) around ``handle``, parented as a durable message's; the tells a
+  handler queues carry the handle span's context.
+
 NOTIFY bridges carry no context: their payload format is the user's, byte for byte. Nothing in
 one process is traced by pgbus (channels, local asks): the caller's span covers it.
 
@@ -22,7 +27,9 @@ context is read from the database. Errors never come from here: a malformed cont
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -89,10 +96,21 @@ NOTHING: Any = _Nothing()
 class _State:
     provider: object = None
     tracer: Any = None
+    unset_until = -math.inf  # no SDK was configured: not asked again before this time
+
+
+RECHECK_UNSET = 1.0
+"""Seconds between asks while no SDK is configured: the API's answer reads the environment, too
+costly once per message. A provider configured after the bus started counts within this."""
 
 
 def _tracer() -> Any:
     """The tracer of the configured SDK, or None when only the API is there (no provider)."""
+    if _State.tracer is None:
+        now = time.monotonic()
+        if now < _State.unset_until:
+            return None
+        _State.unset_until = now + RECHECK_UNSET
     provider = trace.get_tracer_provider()
     if provider is not _State.provider:
         _State.provider = provider
@@ -269,11 +287,78 @@ def handling_durable(actor: str, message: DurableMessage) -> Iterator[None]:
     The ``handle {actor}`` span of a durable *message*: on the first attempt a child of its
     publish span; on a retry a new root with a link to the publish span.
     """
+    attributes = {
+        "messaging.message.id": str(message.id),
+        "messaging.consumer.group.name": message.group,
+        "pgbus.actor": actor,
+        "pgbus.attempt": message.attempt,
+    }
+    with _handling_stored(
+        f"handle {actor}", message.channel, message._trace, message.attempt, attributes
+    ):
+        yield
+
+
+def handling_entity(kind: str, key: str, id: int, traceparent: str | None, attempt: int) -> Any:
+    """
+    The ``handle {kind}`` span of a keyed actor's message (as `handling_durable`: a child of
+    the span that stored it on the first attempt, a linked root on a retry), or nothing.
+    """
+    if trace is None or _tracer() is None:
+        return NOTHING
+    attributes = {"messaging.message.id": str(id), "pgbus.key": key, "pgbus.attempt": attempt}
+    return _handling_stored(f"handle {kind}", kind, traceparent, attempt, attributes)
+
+
+def storing_entity(operation: str, kind: str) -> Any:
+    """
+    Around storing a message for a keyed actor of *kind* (*operation* ``"tell"``, a PRODUCER
+    span, or ``"ask"``, CLIENT, ended with the reply): gives the ``traceparent`` to store with
+    it, or None when nothing is traced.
+    """
+    if trace is None:
+        return NOTHING
+    tracer = _tracer()
+    if tracer is None:
+        return NOTHING
+    return _storing_entity(tracer, operation, kind)
+
+
+@contextmanager
+def _storing_entity(tracer: Any, operation: str, kind: str) -> Iterator[str | None]:
+    with tracer.start_as_current_span(
+        f"{operation} {kind}",
+        kind=SpanKind.CLIENT if operation == "ask" else SpanKind.PRODUCER,
+        attributes=_attributes("send", kind),
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield valid_traceparent(_carrier(span).get("traceparent"))
+        except Exception as exc:
+            _fail(span, exc)
+            raise
+
+
+def current_traceparent() -> str | None:
+    """The current span's ``traceparent`` (a handler's outgoing tells carry it), or None."""
+    if trace is None or _tracer() is None:
+        return None
+    span = trace.get_current_span()
+    if not span.get_span_context().is_valid:
+        return None
+    return valid_traceparent(_carrier(span).get("traceparent"))
+
+
+@contextmanager
+def _handling_stored(
+    name: str, destination: str, stored: str | None, attempt: int, more: dict[str, Any]
+) -> Iterator[None]:
     tracer = _tracer()
     if tracer is None:
         yield
         return
-    traceparent = valid_traceparent(message._trace)
+    traceparent = valid_traceparent(stored)
     published = (
         Context()
         if traceparent is None
@@ -281,27 +366,17 @@ def handling_durable(actor: str, message: DurableMessage) -> Iterator[None]:
     )
     links = []
     parent = published
-    if message.attempt > 1:
+    if attempt > 1:
         parent = Context()  # a root: each attempt is a trace of its own
         publish = trace.get_current_span(published).get_span_context()
         if publish.is_valid:
             links.append(Link(publish, {"pgbus.link": "publish"}))
-    attributes = _attributes(
-        "process",
-        message.channel,
-        **{
-            "messaging.message.id": str(message.id),
-            "messaging.consumer.group.name": message.group,
-            "pgbus.actor": actor,
-            "pgbus.attempt": message.attempt,
-        },
-    )
     with tracer.start_as_current_span(
-        f"handle {actor}",
+        name,
         context=parent,
         kind=SpanKind.CONSUMER,
         links=links,
-        attributes=attributes,
+        attributes=_attributes("process", destination, **more),
         record_exception=False,
         set_status_on_exception=False,
     ) as span:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
@@ -120,6 +122,32 @@ async def test_nohup_keeps_sighup_ignored(pg: PgHelper) -> None:
     stderr = "\n".join(bus.lines["stderr"])
     assert "SIGTERM received" in stderr
     assert "SIGHUP" not in stderr
+
+
+SPY_ON_THE_FIRST_HANDLER = """
+import _signal, sys
+sys.argv = ["pgbus"]  # as the `pgbus` script: pgbus installs its early handlers
+before = set(sys.modules)
+install = _signal.signal
+def spy(signum, handler):
+    if not imported:
+        imported.extend(sorted(set(sys.modules) - before))
+    return install(signum, handler)
+imported = []
+_signal.signal = spy
+import pgbus
+print(" ".join(imported))
+"""
+
+
+def test_the_early_handlers_come_before_any_slow_import() -> None:
+    """`pgbus` notes stop signals before it imports anything (`signal` takes milliseconds)."""
+    # Until the handlers are in place, a Ctrl-C ends the process with a KeyboardInterrupt
+    # traceback: seen in CI, inside `import signal`, at a random moment of start-up.
+    done = subprocess.run(
+        [sys.executable, "-c", SPY_ON_THE_FIRST_HANDLER], capture_output=True, check=True
+    )
+    assert done.stdout.decode().split() == ["pgbus", "pgbus._signals"]
 
 
 async def test_a_server_that_is_down_is_said_and_stats_keep_coming() -> None:

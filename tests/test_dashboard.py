@@ -511,3 +511,39 @@ async def test_the_dashboard_command_takes_dsn_and_name_from_config(
         assert f"{name}:dashboard" in names
         assert await dashboard.stop(signal.SIGINT, timeout=10) == 0
     await pg.wait_for_no_backends()
+
+
+class Counter(pgbus.Entity):
+    """A keyed actor counting its messages (its kind is set per test: kinds are cluster-wide)."""
+
+    async def handle(self, message: object) -> int:
+        self.state["n"] = self.state.get("n", 0) + 1
+        return int(self.state["n"])
+
+
+async def test_the_page_shows_each_keyed_actor_kind_with_its_nodes(pg: PgHelper) -> None:
+    """A hosted kind: keys, waiting, dead, its node's activations and shards; this bus's counts."""
+    kind = unique("counter")
+    hosted = type("Hosted", (Counter,), {"kind": kind})
+    node = unique("dash-e")
+    async with (
+        pgbus.open_bus(pg.dsn, node=node, keepalive=KEEPALIVE) as bus,
+        trio.open_nursery() as nursery,
+        chromium() as browser,
+    ):
+        await bus.host(hosted)
+        for key in ("a", "b", "c"):
+            assert await bus.entity(kind, key).ask("hello", timeout=WAIT) == 1
+        url = await nursery.start(pgbus.serve_metrics, bus, "127.0.0.1:0")
+        await browser.do("goto", f"{url}/", WAIT)
+        await browser.do("expect_row", "entities", kind, [node, "3 active · 256 shards"], WAIT)
+        await browser.do("expect_cell", "entities", kind, 2, "3", WAIT)  # keys
+        await browser.do("expect_cell", "entities", kind, 3, "0", WAIT)  # waiting
+        await browser.do("expect_cell", "entities", kind, 4, "0", WAIT)  # dead
+        await browser.do("expect_cell", "hosted", kind, 2, "256", WAIT)  # this bus: shards
+        await browser.do("expect_cell", "hosted", kind, 4, "3", WAIT)  # handled
+        await bus.entity(kind, "d").tell("hello")
+        await browser.do("expect_cell", "entities", kind, 2, "4", WAIT)
+        await browser.do("expect_cell", "hosted", kind, 4, "4", WAIT)
+        nursery.cancel_scope.cancel()
+    await pg.wait_for_no_backends()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import trio
+from fixtures_actors.bank import Account
 from processes import pgbus_env, run_to_completion
 from test_cli import one_error_line
 from test_durable_cli import make_dead_letter
@@ -62,7 +63,10 @@ class Echo(pgbus.Actor):
 
 
 async def test_the_grants_alone_run_every_feature(pg: PgHelper) -> None:
-    """A role with only `pgbus grants` uses durable channels, the cluster, status and the CLI."""
+    """
+    A role with only `pgbus grants` uses durable channels, the cluster, keyed actors, status
+    and the CLI.
+    """
     channel = f"restricted-{uuid.uuid4().hex[:8]}"
     async with role(pg, granted=True) as dsn:
         env = pgbus_env(PGBUS_DSN=dsn)
@@ -90,6 +94,11 @@ async def test_the_grants_alone_run_every_feature(pg: PgHelper) -> None:
                     "node": "restricted-a",
                 }
                 assert (await asking.ask("only-one", 2, timeout=WAIT))["node"] == "restricted-a"
+                # Keyed actors: hosted, told, asked, all as the restricted role.
+                await serving.host(Account)
+                key = uuid.uuid4().hex
+                await asking.entity("bank", key).tell({"amount": 3})
+                assert await asking.entity("bank", key).ask({"amount": 4}, timeout=WAIT) == 7
             status = await run_to_completion("status", "--json", env=env)
             assert status.returncode == 0, status.stderr.decode()
             nodes = {node["name"] for node in json.loads(status.stdout)["nodes"]}

@@ -539,3 +539,44 @@ async def test_cancelling_the_bus_interrupts_an_on_start_in_progress(
     assert elapsed < 100, "spawn() was stuck until the actor's run() returned by itself"
     assert elapsed == 1
     assert [a.state for a in bus.statistics().actors] in ([], ["stopped"])
+
+
+async def test_a_spawn_after_the_bus_was_cancelled_starts_the_actor_and_stops_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A spawn() reached while shielded after a cancellation hit the bus still works."""
+    # What `pgbus run` does when a signal comes while bridge_in's LISTEN (shielded) is in
+    # flight: the next line of start_config spawns the actors.
+    log: list[tuple[str, str]] = []
+    with trio.CancelScope() as outer:
+        async with pgbus.open_bus() as bus:
+            outer.cancel()
+            with trio.CancelScope(shield=True):
+                await trio.testing.wait_all_tasks_blocked()  # every task of the bus saw it
+                await spawn_members(bus, log, "late")
+    assert log == [("start", "late"), ("stop", "late")]
+    assert actor_table(bus) == {"late": ("stopped", 0)}
+
+
+async def test_an_on_stop_that_spawns_is_refused_and_the_bus_still_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A spawn from on_stop (the bus is stopping its actors) is refused in one line; no hang."""
+    refused: list[str] = []
+
+    class Late(pgbus.Actor):
+        async def run(self) -> None:
+            await trio.sleep_forever()
+
+    class Spawner(pgbus.Actor):
+        async def on_stop(self) -> None:
+            try:
+                await self.bus.spawn(Late, name="late")
+            except pgbus.PgbusError as exc:
+                refused.append(str(exc))
+
+    with trio.fail_after(60):
+        async with pgbus.open_bus(stop_timeout=5) as bus:
+            await bus.spawn(Spawner, name="spawner", inbox_capacity=1)
+    assert refused == ["actor 'late' was not started: the bus is stopping its actors."]
+    assert actor_table(bus) == {"spawner": ("stopped", 0)}

@@ -54,7 +54,7 @@ def local_overview(
 ) -> dict[str, Any]:
     """
     This bus's own channels, bridges (with *rates*, messages per second; None until a bridge
-    has been counted twice) and actors.
+    has been counted twice), actors, and the keyed-actor kinds it hosts (`KindStatistics`).
     """
     return {
         "node": node,
@@ -79,6 +79,18 @@ def local_overview(
         ],
         "actors": [
             {"name": a.name, "state": a.state, "restarts": a.restarts} for a in stats.actors
+        ],
+        "entities": [
+            {
+                "kind": k.kind,
+                "shards": k.shards,
+                "activations": k.activations,
+                "handled": k.handled,
+                "failed": k.failed,
+                "dead": k.dead,
+                "stale_batches": k.stale_batches,
+            }
+            for k in stats.entities
         ],
     }
 

@@ -657,7 +657,8 @@ CREATE TABLE pgbus.schedule_slots (
 # - pgbus.entity_state: each key's JSON state and how many messages it has taken (version);
 # - pgbus.entity_shards: 256 shards per kind; the node owning a shard (its channel in
 #   pgbus.cluster_nodes) and an epoch, raised by every change of owner: the fence;
-# - pgbus.entity_hosts: which node hosts which kind, and its activations;
+# - pgbus.entity_hosts: which node hosts which kind, its activations, and when it last placed
+#   (a host that has not for 2 x keepalive, a paused process, counts as gone);
 # - pgbus.entity_dead: messages whose handler failed max_attempts times;
 # - pgbus.entity_commit: one batch's effects, all or nothing, fenced by the shards' epochs.
 _V7 = r"""
@@ -698,6 +699,7 @@ CREATE TABLE pgbus.entity_hosts (
     node text COLLATE "C" NOT NULL,
     kind text COLLATE "C" NOT NULL,
     activations integer NOT NULL DEFAULT 0,
+    seen_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (node, kind)
 );
 
@@ -717,7 +719,7 @@ CREATE FUNCTION pgbus.entity_commit(
     p_keys text[], p_states text[], p_counts integer[], p_acked bigint[],
     p_failed bigint[], p_errors text[], p_delays double precision[], p_max_attempts integer,
     p_out_kinds text[], p_out_keys text[], p_out_shards integer[], p_out_messages text[],
-    p_reply_channels text[], p_replies text[]
+    p_out_traces text[], p_reply_channels text[], p_replies text[]
 ) RETURNS integer[] LANGUAGE plpgsql AS $f$
 DECLARE
     stale integer[];
@@ -755,8 +757,8 @@ BEGIN
         SELECT * FROM dead;
     END IF;
     IF cardinality(p_out_kinds) > 0 THEN
-        INSERT INTO pgbus.entity_mail (kind, key, shard, message)
-        SELECT * FROM unnest(p_out_kinds, p_out_keys, p_out_shards, p_out_messages);
+        INSERT INTO pgbus.entity_mail (kind, key, shard, message, traceparent)
+        SELECT * FROM unnest(p_out_kinds, p_out_keys, p_out_shards, p_out_messages, p_out_traces);
         PERFORM pg_notify('pgbus.entities', w.wake)
            FROM (SELECT DISTINCT k || ':' || s AS wake
                    FROM unnest(p_out_kinds, p_out_shards) AS o(k, s)) AS w;

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._errors import ConfigError, PgbusError
+from .. import _tracing
+from .._errors import ConfigError, PgbusError, SettingError
 
 if TYPE_CHECKING:
     from .._bus import Bus
@@ -20,6 +22,48 @@ WAKE_CHANNEL = "pgbus.entities"
 
 _KIND = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
 
+DEFAULT_PASSIVATE_AFTER = 60.0
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_RETRY_AFTER = 1.0
+DEFAULT_CONCURRENCY = 64
+DEFAULT_BATCH = 1000
+
+
+def check_settings(
+    passivate_after: object,
+    max_attempts: object,
+    retry_after: object,
+    concurrency: object,
+    batch: object,
+) -> tuple[float, int, float, int, int]:
+    """A kind's hosting settings (`Bus.host`, ``[entities.KIND]``), each checked by its rule."""
+    return (
+        _seconds("passivate_after", passivate_after, zero=False),
+        _count("max_attempts", max_attempts),
+        _seconds("retry_after", retry_after, zero=True),
+        _count("concurrency", concurrency),
+        _count("batch", batch),
+    )
+
+
+def _seconds(name: str, value: object, *, zero: bool) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        bound = "at least 0" if zero else "greater than 0"
+        raise SettingError(name, f"must be a number of seconds {bound}", value=value)
+    return float(value)
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingError(name, "must be an integer of at least 1", value=value)
+    return value
+
 
 class UnknownEntityKindError(PgbusError, LookupError):
     """No node of the cluster has ever hosted this kind of entity (a typo, or none started)."""
@@ -32,8 +76,11 @@ class UnknownEntityKindError(PgbusError, LookupError):
         )
 
 
-class EntityKeyError(PgbusError, ValueError):
-    """A key that is not a non-empty string of at most `MAX_KEY_CHARS` characters."""
+class EntityKeyError(ConfigError, ValueError):
+    """
+    A key that is not a non-empty string of at most `MAX_KEY_CHARS` characters (on the command
+    line, a usage error: exit status 2).
+    """
 
 
 def validate_kind(kind: object, where: str = "entity kind") -> str:
@@ -92,7 +139,7 @@ class Entity:
     """The bus hosting this activation."""
 
     def __init__(self) -> None:
-        self._outbox: list[tuple[str, str, object]] = []
+        self._outbox: list[tuple[str, str, object, str | None]] = []
 
     async def on_activate(self) -> None:
         """Called once the key's state is loaded, before its first message here."""
@@ -102,7 +149,11 @@ class Entity:
         raise NotImplementedError(f"{type(self).__name__} must implement handle()")
 
     async def on_passivate(self) -> None:
-        """Called when this activation leaves memory (idle, the key moved, the node stops)."""
+        """
+        Called when this activation leaves memory, once it has been activated: idle for
+        ``passivate_after``, its key moved to another node (or came back: a new activation
+        then), its connection was lost, or the node stops. Its state is saved already.
+        """
 
     def tell(self, kind: str, key: str, message: object) -> None:
         """
@@ -111,7 +162,7 @@ class Entity:
         """
         validate_kind(kind)
         validate_key(kind, key)
-        self._outbox.append((kind, key, message))
+        self._outbox.append((kind, key, message, _tracing.current_traceparent()))
 
 
 def check_entity_class(cls: object) -> type[Entity]:

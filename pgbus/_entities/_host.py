@@ -38,12 +38,27 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .. import _tracing
 from .._cluster._membership import _ALIVE, CLUSTER_CHANNEL
 from .._cluster._wire import Failure, Reply, is_node_channel
 from .._codec import encoder
 from .._errors import DatabaseError, DatabaseUnavailableError, PgbusError
 from .._pg import Backoff, Connection, Database, connect_with_retry
-from ._entity import SHARDS, WAKE_CHANNEL, Entity, shard_of
+from ._entity import (
+    DEFAULT_BATCH,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PASSIVATE_AFTER,
+    DEFAULT_RETRY_AFTER,
+    SHARDS,
+    WAKE_CHANNEL,
+    Entity,
+    UnknownEntityKindError,
+    check_entity_class,
+    check_settings,
+    shard_of,
+)
+from ._mail import encode_message
 
 if TYPE_CHECKING:
     from .._bus import Bus
@@ -60,10 +75,13 @@ MAX_RETRY_DELAY = 300.0
 IDLE_POLL = 5.0
 """An idle loop reads its shards at least this often (a lost wake-up costs at most this)."""
 
-_HOSTS = f"""
-SELECT h.node FROM pgbus.entity_hosts h JOIN pgbus.cluster_nodes n ON n.channel = h.node
- WHERE h.kind = $1 AND {_ALIVE}
+# A host is live while its node's session holds the node's lock (`_membership`) and it has
+# placed within $2 seconds: a paused process keeps its session, not its shards.
+_LIVE_HOST = f"""
+SELECT 1 FROM pgbus.entity_hosts h JOIN pgbus.cluster_nodes n ON n.channel = h.node
+ WHERE h.kind = $1 AND h.seen_at > now() - make_interval(secs => $2) AND {_ALIVE}
 """
+_HOSTS = _LIVE_HOST.replace("SELECT 1", "SELECT h.node", 1)
 _REGISTER = """
 WITH shards AS (
     INSERT INTO pgbus.entity_shards (kind, shard) SELECT $2, s FROM generate_series(0, $3 - 1) s
@@ -77,12 +95,11 @@ INSERT INTO pgbus.entity_hosts (node, kind) VALUES ($1, $2) ON CONFLICT DO NOTHI
 _CLAIM = f"""
 WITH free AS (
     SELECT s.shard FROM pgbus.entity_shards s
-     WHERE s.kind = $1 AND s.shard = ANY($3::integer[]) AND s.owner IS DISTINCT FROM $2
-       AND (s.owner IS NULL OR NOT EXISTS (
-            SELECT 1 FROM pgbus.cluster_nodes n WHERE n.channel = s.owner AND {_ALIVE}))
+     WHERE s.kind = $1 AND s.shard = ANY($4::integer[]) AND s.owner IS DISTINCT FROM $3
+       AND (s.owner IS NULL OR NOT EXISTS ({_LIVE_HOST} AND h.node = s.owner))
      ORDER BY s.shard FOR UPDATE SKIP LOCKED
 )
-UPDATE pgbus.entity_shards s SET owner = $2, epoch = s.epoch + 1
+UPDATE pgbus.entity_shards s SET owner = $3, epoch = s.epoch + 1
   FROM free WHERE s.kind = $1 AND s.shard = free.shard
 RETURNING s.shard, s.epoch
 """
@@ -97,7 +114,9 @@ UPDATE pgbus.entity_shards s SET owner = NULL, epoch = s.epoch + 1
 RETURNING s.shard
 """
 _OWNED = "SELECT shard, epoch FROM pgbus.entity_shards WHERE kind = $1 AND owner = $2"
-_ACTIVATIONS = "UPDATE pgbus.entity_hosts SET activations = $3 WHERE node = $1 AND kind = $2"
+_SEEN = (
+    "UPDATE pgbus.entity_hosts SET activations = $3, seen_at = now() WHERE node = $1 AND kind = $2"
+)
 _LEAVE = """
 WITH released AS (
     UPDATE pgbus.entity_shards SET owner = NULL, epoch = epoch + 1 WHERE owner = $1
@@ -108,7 +127,7 @@ DELETE FROM pgbus.entity_hosts WHERE node = $1
 # Per shard, the oldest messages first: a key lives in one shard, so its order is kept.
 _FETCH = """
 SELECT m.id, m.key, m.shard, m.message, m.reply_to, m.ask_id, m.attempts,
-       coalesce(extract(epoch FROM m.not_before - now()), 0)::float8
+       coalesce(extract(epoch FROM m.not_before - now()), 0)::float8, m.traceparent
   FROM unnest($2::integer[]) AS s(shard)
  CROSS JOIN LATERAL (
     SELECT * FROM pgbus.entity_mail e WHERE e.kind = $1 AND e.shard = s.shard
@@ -117,7 +136,7 @@ SELECT m.id, m.key, m.shard, m.message, m.reply_to, m.ask_id, m.attempts,
 _LOAD = "SELECT key, state::text FROM pgbus.entity_state WHERE kind = $1 AND key = ANY($2::text[])"
 _COMMIT = (
     "SELECT pgbus.entity_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-    " $13, $14, $15, $16, $17, $18)"
+    " $13, $14, $15, $16, $17, $18, $19)"
 )
 
 
@@ -126,11 +145,19 @@ class KindSpec:
     """How this node hosts one kind (`Bus.host`, ``[entities.<kind>]``)."""
 
     cls: type[Entity]
-    passivate_after: float = 60.0
-    max_attempts: int = 5
-    retry_after: float = 1.0
-    concurrency: int = 64
-    batch: int = 1000
+    passivate_after: float = DEFAULT_PASSIVATE_AFTER
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_after: float = DEFAULT_RETRY_AFTER
+    concurrency: int = DEFAULT_CONCURRENCY
+    batch: int = DEFAULT_BATCH
+
+    @classmethod
+    def checked(cls, entity_class: object, **settings: object) -> KindSpec:
+        """*entity_class* and *settings* (the fields above), each checked by its rule."""
+        values = {f.name: settings.pop(f.name, f.default) for f in attrs.fields(cls)[1:]}
+        if settings:
+            raise TypeError(f"unknown settings: {', '.join(sorted(settings))}")
+        return cls(check_entity_class(entity_class), *check_settings(**values))
 
     @property
     def kind(self) -> str:
@@ -146,11 +173,12 @@ def rendezvous(shard: int, hosts: list[str]) -> str:
 
 
 class _Activation:
-    __slots__ = ("encoded", "entity", "last_used", "ready")
+    __slots__ = ("encoded", "entity", "epoch", "last_used", "ready")
 
-    def __init__(self, entity: Entity, encoded: str) -> None:
+    def __init__(self, entity: Entity, encoded: str, epoch: int) -> None:
         self.entity = entity
         self.encoded = encoded  # the state as last committed (or handled, within a batch)
+        self.epoch = epoch  # its shard's epoch when loaded: another epoch, another activation
         self.last_used = trio.current_time()
         self.ready = False  # on_activate has run
 
@@ -170,6 +198,7 @@ class _Effects:
     out_keys: list[str] = attrs.Factory(list)
     out_shards: list[int] = attrs.Factory(list)
     out_messages: list[str] = attrs.Factory(list)
+    out_traces: list[str | None] = attrs.Factory(list)
     reply_channels: list[str] = attrs.Factory(list)
     replies: list[str] = attrs.Factory(list)
 
@@ -197,6 +226,8 @@ class _Kind:
         self.owned: dict[int, int] = {}  # shard -> epoch
         self.active: dict[str, _Activation] = {}
         self.wake = trio.Event()
+        self.dirty: set[int] | None = None
+        """The shards to read next, as wake-ups named them (None: every owned shard)."""
         self.handled = 0
         self.failed = 0
         self.dead = 0
@@ -216,7 +247,12 @@ class _Kind:
             self.stale_batches,
         )
 
-    def poke(self) -> None:
+    def poke(self, shard: int | None = None) -> None:
+        """Read *shard* (None: every owned shard) at once."""
+        if shard is None:
+            self.dirty = None
+        elif self.dirty is not None:
+            self.dirty.add(shard)
         self.wake.set()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -237,7 +273,7 @@ class _Kind:
                 await self.host.cluster.add_sender(connection, old)
                 await self._loop(connection)
             except (DatabaseUnavailableError, DatabaseError, trio.TooSlowError) as exc:
-                self._drop_all()
+                await self.passivate_all()  # what they handled may not be committed
                 log.warning("entities %s: %s; reconnecting", self.kind, exc or type(exc).__name__)
                 await trio.sleep(backoff.next_delay())
             finally:
@@ -251,24 +287,35 @@ class _Kind:
         next_sweep = trio.current_time() + self.spec.passivate_after / 4
         while not self.host.stopping:
             self.wake = trio.Event()
+            dirty, self.dirty = self.dirty, set()
             owned = dict(self.owned)
-            self._drop_moved(owned)
+            await self._drop_moved(owned)
             wait = IDLE_POLL
             handled = 0
             if owned and self.host.cluster.pid is not None:
-                handled, wait = await self._batch(connection, owned)
+                shards = sorted(owned if dirty is None else dirty.intersection(owned))
+                if shards:
+                    handled, wait = await self._batch(connection, owned, shards)
             if trio.current_time() >= next_sweep:
                 await self._passivate_idle()
                 next_sweep = trio.current_time() + self.spec.passivate_after / 4
             if handled or self.host.stopping:
                 await trio.lowlevel.checkpoint()
                 continue
-            with trio.move_on_after(min(wait, next_sweep - trio.current_time(), IDLE_POLL)):
+            with trio.move_on_after(
+                min(wait, next_sweep - trio.current_time(), IDLE_POLL)
+            ) as timer:
                 await self.wake.wait()
+            if timer.cancelled_caught:  # a retry came due, or the safety poll: read them all
+                self.dirty = None
 
-    async def _batch(self, connection: Connection, owned: dict[int, int]) -> tuple[int, float]:
-        """One batch: read, handle, commit. (messages handled, seconds until one is due)."""
-        shards = sorted(owned)
+    async def _batch(
+        self, connection: Connection, owned: dict[int, int], shards: list[int]
+    ) -> tuple[int, float]:
+        """
+        One batch of *shards*: read, handle, commit. (messages handled, seconds until one is
+        due). The shards it handled messages of are read again next (more may wait).
+        """
         per_shard = max(1, self.spec.batch // len(shards))
         rows = await connection.fetch(_FETCH, self.kind, shards, per_shard)
         if not rows:
@@ -290,9 +337,15 @@ class _Kind:
             group.append(row)
         if not groups:
             return 0, wait
-        cold = [key for key in groups if key not in self.active]
+        cold = []
+        for key, group in groups.items():
+            activation = self.active.get(key)
+            if activation is None or activation.epoch != owned[group[0][2]]:
+                cold.append(key)  # (a key that left and came back: from the database again)
+                if activation is not None:
+                    await self._drop(key)
         if cold:
-            await self._load(connection, cold)
+            await self._load(connection, cold, owned)
         effects = _Effects()
         items = list(groups.items())
         if self.spec.concurrency == 1 or len(items) == 1:
@@ -328,13 +381,14 @@ class _Kind:
             effects.out_keys,
             effects.out_shards,
             effects.out_messages,
+            effects.out_traces,
             effects.reply_channels,
             effects.replies,
         )
         if stale:
             self.stale_batches += 1
             for key in groups:  # what they handled is not committed: from the database again
-                self._drop(key)
+                await self._drop(key)
             for shard in stale:
                 if self.owned.get(shard) == owned[shard]:
                     del self.owned[shard]
@@ -346,11 +400,14 @@ class _Kind:
                 len(rows),
             )
             self.host.poll_soon()
+            self.dirty = None
             return 0, 0.0
+        if self.dirty is not None:
+            self.dirty.update(touched)
         self.handled += len(effects.acked)
         return len(effects.acked) + len(effects.failed), wait
 
-    async def _load(self, connection: Connection, keys: list[str]) -> None:
+    async def _load(self, connection: Connection, keys: list[str], owned: dict[int, int]) -> None:
         rows = await connection.fetch(_LOAD, self.kind, keys)
         found = {row[0]: row[1] for row in rows}
         bus = self.host.bus
@@ -360,9 +417,16 @@ class _Kind:
             entity.key = key
             entity.bus = bus
             entity.state = _json_decode(encoded)
-            if not isinstance(entity.state, dict):
+            if not isinstance(entity.state, dict):  # written by hand: said, and started over
+                log.warning(
+                    "entities %s/%s: the stored state is not a JSON object (%.60s); "
+                    "starting from {}",
+                    self.kind,
+                    key,
+                    encoded,
+                )
                 entity.state = {}
-            self.active[key] = _Activation(entity, encoded)
+            self.active[key] = _Activation(entity, encoded, owned[shard_of(key)])
 
     async def _handle_key(self, key: str, rows: list[Any], effects: _Effects) -> None:
         activation = self.active[key]
@@ -375,9 +439,12 @@ class _Kind:
                 if not activation.ready:
                     await entity.on_activate()
                     activation.ready = True
-                value = await entity.handle(_json_decode(row[3]))
+                with _tracing.handling_entity(self.kind, key, id, row[8], attempts + 1):
+                    value = await entity.handle(_json_decode(row[3]))
                 encoded = self._encoded_state(key, entity.state)
-                out = [self.host.outgoing(kind, k, m) for kind, k, m in outbox]
+                out = [self.host.outgoing(kind, k, m, tp) for kind, k, m, tp in outbox]
+                for kind, *_ in out:
+                    await self.host.check_kind(kind)
                 reply = None
                 if row[5] is not None and is_node_channel(row[4]):
                     reply = Reply(_ask_id(row[5]), value).encode(f"{self.kind}/{key}")
@@ -388,11 +455,12 @@ class _Kind:
             activation.encoded = encoded
             count += 1
             effects.acked.append(id)
-            for kind, k, shard, payload in out:
+            for kind, k, shard, payload, tp in out:
                 effects.out_kinds.append(kind)
                 effects.out_keys.append(k)
                 effects.out_shards.append(shard)
                 effects.out_messages.append(payload)
+                effects.out_traces.append(tp)
             if reply is not None:
                 effects.reply_channels.append(row[4])
                 effects.replies.append(reply)
@@ -445,18 +513,16 @@ class _Kind:
 
     # -- activations ----------------------------------------------------------------------------
 
-    def _drop(self, key: str) -> None:
-        self.active.pop(key, None)
+    async def _drop(self, key: str) -> None:
+        activation = self.active.pop(key, None)
+        if activation is not None and activation.ready:
+            await self._passivate(activation)
 
-    def _drop_all(self) -> None:
-        self.active.clear()
-
-    def _drop_moved(self, owned: dict[int, int]) -> None:
-        """Activations of shards no longer owned here leave (their state is committed)."""
-        if len(owned) == SHARDS or not self.active:
-            return
-        for key in [k for k in self.active if shard_of(k) not in owned]:
-            del self.active[key]
+    async def _drop_moved(self, owned: dict[int, int]) -> None:
+        """Activations of shards no longer owned here, or owned at another epoch, leave."""
+        moved = [k for k, a in self.active.items() if owned.get(shard_of(k)) != a.epoch]
+        for key in moved:
+            await self._drop(key)
 
     async def _passivate_idle(self) -> None:
         horizon = trio.current_time() - self.spec.passivate_after
@@ -510,22 +576,38 @@ class EntityHost:
         self.listener = listener
         self.max_payload = max_payload
         self.kinds: dict[str, _Kind] = {}
+        self._known: set[str] = set()  # kinds some node has hosted
         self.stopping = False
         self._nursery: trio.Nursery | None = None
         self._placement_wake = trio.Event()
         self.period = cluster.keepalive / 4
+        self.stale_after = 2 * cluster.keepalive
+        """A host that has not placed for this long (a paused process) loses its shards."""
 
     def statistics(self) -> tuple[KindStatistics, ...]:
         return tuple(k.statistics() for k in self.kinds.values())
 
-    def outgoing(self, kind: str, key: str, message: object) -> tuple[str, str, int, str]:
+    def outgoing(
+        self, kind: str, key: str, message: object, traceparent: str | None
+    ) -> tuple[str, str, int, str, str | None]:
         """A tell queued by a handler, encoded for the commit (or the handler's error)."""
-        from ._mail import encode_message
-
-        return kind, key, shard_of(key), encode_message(kind, key, message, self.max_payload)
+        payload = encode_message(kind, key, message, self.max_payload)
+        return kind, key, shard_of(key), payload, traceparent
 
     def poll_soon(self) -> None:
         self._placement_wake.set()
+
+    async def check_kind(self, kind: str) -> None:
+        """`UnknownEntityKindError` unless some node has hosted *kind* (cached once known)."""
+        if kind in self.kinds or kind in self._known:
+            return
+        async with self.db.borrow() as connection:
+            known = await connection.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pgbus.entity_shards WHERE kind = $1)", kind
+            )
+        if not known:
+            raise UnknownEntityKindError(kind)
+        self._known.add(kind)
 
     def _woken(self, payload: str) -> None:
         """A message was stored (``kind:shard``), or the listener reconnected (``""``)."""
@@ -538,7 +620,10 @@ class EntityHost:
         if found is None:
             return
         kind = found
-        if shard == "*" or not shard.isdigit() or int(shard) in kind.owned:
+        if shard.isdigit():
+            if int(shard) in kind.owned:
+                kind.poke(int(shard))
+        else:  # "kind:*" (a batch), or junk: read every shard
             kind.poke()
 
     async def add(self, spec: KindSpec) -> None:
@@ -586,15 +671,17 @@ class EntityHost:
             return
         with trio.fail_after(self.cluster.keepalive):
             async with self.db.borrow() as connection:
-                hosts = sorted(r[0] for r in await connection.fetch(_HOSTS, kind.kind))
-                if me not in hosts:  # our row went (deleted by hand, or we were taken dead)
+                # Seen first: a host that was paused is live again before it decides anything.
+                seen = await connection.execute(_SEEN, me, kind.kind, len(kind.active))
+                if seen.endswith(" 0"):  # our row went (deleted by hand): written again
                     await connection.execute(_REGISTER, me, kind.kind, SHARDS)
-                    hosts = sorted({*hosts, me})
+                horizon = self.stale_after
+                hosts = sorted(r[0] for r in await connection.fetch(_HOSTS, kind.kind, horizon))
+                hosts = sorted({*hosts, me})
                 mine = [s for s in range(SHARDS) if rendezvous(s, hosts) == me]
                 released = await connection.fetch(_RELEASE, kind.kind, me, mine)
-                claimed = await connection.fetch(_CLAIM, kind.kind, me, mine)
+                claimed = await connection.fetch(_CLAIM, kind.kind, horizon, me, mine)
                 owned = {r[0]: r[1] for r in await connection.fetch(_OWNED, kind.kind, me)}
-                await connection.execute(_ACTIVATIONS, me, kind.kind, len(kind.active))
                 if released:
                     await connection.execute(
                         "SELECT pg_notify($1, $2)", CLUSTER_CHANNEL, "entities"

@@ -23,32 +23,33 @@ _STORE_ONE = f"""
 WITH shard AS (
     SELECT owner FROM pgbus.entity_shards WHERE kind = $1 AND shard = $3
 ), stored AS (
-    INSERT INTO pgbus.entity_mail (kind, key, shard, message, reply_to, ask_id)
-    SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM shard)
+    INSERT INTO pgbus.entity_mail (kind, key, shard, message, reply_to, ask_id, traceparent)
+    SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM shard)
     RETURNING id
 )
 SELECT stored.id, (SELECT owner FROM shard), pg_notify('{WAKE_CHANNEL}', $1 || ':' || $3)
   FROM stored
 """
 
-# A batch for one kind: one statement, one wake-up per shard touched.
+# A batch for one kind: one statement, and its wake-ups ($6: ``kind:shard`` for each shard
+# touched, or ``kind:*`` for a batch touching many).
 _STORE_MANY = f"""
 WITH known AS (
     SELECT 1 FROM pgbus.entity_shards WHERE kind = $1 AND shard = 0
 ), stored AS (
-    INSERT INTO pgbus.entity_mail (kind, key, shard, message)
-    SELECT $1, u.key, u.shard, u.message
+    INSERT INTO pgbus.entity_mail (kind, key, shard, message, traceparent)
+    SELECT $1, u.key, u.shard, u.message, $5
       FROM unnest($2::text[], $3::integer[], $4::text[])
            WITH ORDINALITY AS u(key, shard, message, n)
      WHERE EXISTS (SELECT 1 FROM known)
      ORDER BY u.n
-    RETURNING shard
+    RETURNING 1
 )
-SELECT count(*), (SELECT count(*) FROM (
-    SELECT pg_notify('{WAKE_CHANNEL}', $1 || ':' || s)
-      FROM (SELECT DISTINCT shard AS s FROM stored) AS d) AS w)
+SELECT count(*), (SELECT count(pg_notify('{WAKE_CHANNEL}', w)) FROM unnest($6::text[]) AS w)
   FROM stored
 """
+WAKE_ALL_ABOVE = 32
+"""A batch touching more shards than this wakes each owner once for all of them."""
 
 
 def encode_message(kind: str, key: str, message: object, limit: int) -> str:
@@ -66,6 +67,7 @@ async def store_one(
     *,
     reply_to: str | None = None,
     ask_id: int | None = None,
+    traceparent: str | None = None,
 ) -> tuple[int, str | None]:
     """Store one message; (its id, the channel of the node owning its key now, or None)."""
     validate_kind(kind)
@@ -79,6 +81,7 @@ async def store_one(
         payload,
         reply_to,
         None if ask_id is None else str(ask_id),
+        traceparent,
     )
     if row is None:
         raise UnknownEntityKindError(kind)
@@ -86,7 +89,11 @@ async def store_one(
 
 
 async def store_many(
-    connection: Connection, kind: str, items: Iterable[tuple[str, object]], limit: int
+    connection: Connection,
+    kind: str,
+    items: Iterable[tuple[str, object]],
+    limit: int,
+    traceparent: str | None = None,
 ) -> int:
     """Store (key, message) pairs for *kind* in one statement; how many were stored."""
     validate_kind(kind)
@@ -100,7 +107,11 @@ async def store_many(
         payloads.append(encode_message(kind, key, message, limit))
     if not keys:
         return 0
-    row: Any = await connection.fetchrow(_STORE_MANY, kind, keys, shards, payloads)
+    touched = set(shards)
+    wakes = [f"{kind}:*"] if len(touched) > WAKE_ALL_ABOVE else [f"{kind}:{s}" for s in touched]
+    row: Any = await connection.fetchrow(
+        _STORE_MANY, kind, keys, shards, payloads, traceparent, wakes
+    )
     if row[0] == 0:
         raise UnknownEntityKindError(kind)
     return int(row[0])

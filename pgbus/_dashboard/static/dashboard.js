@@ -23,6 +23,28 @@
     return span;
   }
 
+  // A keyed-actor kind's hosts: one line per live node, "NODE  3 active · 256 shards".
+  function hosts(list) {
+    const div = document.createElement("div");
+    if (!list || list.length === 0) {
+      div.textContent = "no live node (messages wait)";
+      div.className = "bad";
+    }
+    for (const h of list || []) {
+      const line = document.createElement("div");
+      line.className = "host";
+      line.dataset.node = h.node;
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = h.node;
+      line.appendChild(tag);
+      line.appendChild(document.createTextNode(
+        " " + h.activations + " active · " + h.shards + " shards"));
+      div.appendChild(line);
+    }
+    return div;
+  }
+
   // Replace a table's rows: rows is a list of {key, cells: [value | {text, cls} | Node]}.
   function fill(tableId, rows, emptyText) {
     const table = $(tableId);
@@ -82,6 +104,14 @@
               tags(x.candidates)],
     })), "no singleton");
 
+    const kinds = cluster.entities || [];
+    $("entities-count").textContent = kinds.length ? String(kinds.length) : "";
+    fill("entities", kinds.map((k) => ({
+      key: k.kind,
+      cells: [{ text: k.kind, cls: "name" }, number(k.keys, false), number(k.waiting, false),
+              number(k.dead, true), hosts(k.hosts)],
+    })), cluster.entities ? "no kind hosted yet" : "no keyed actor yet");
+
     const durable = cluster.durable || [];
     fill("durable", durable.map((g) => ({
       key: g.channel + "/" + g.group,
@@ -120,6 +150,11 @@
         key: a.name,
         cells: [a.name, { text: a.state, cls: a.state === "failed" ? "bad" : "" }, a.restarts],
       })), "no actor");
+      fill("hosted", (local.entities || []).map((k) => ({
+        key: k.kind,
+        cells: [k.kind, k.shards, k.activations, k.handled, number(k.failed, true),
+                number(k.dead, true), number(k.stale_batches, true)],
+      })), "no kind hosted here");
     }
   }
 
