@@ -175,6 +175,8 @@ def _run_one(
     channel = f"bench_{workload.name.lower()}_{os.getpid()}_{run}"
     if workload.name == "W7L":
         outcome = _run_w7l(args, dsn, sizes, peer, channel)
+    elif workload.name == "W9A":
+        outcome = _run_w9a(args, dsn, sizes, peer, channel)
     else:
         outcome = run_peer(
             PEERS[peer], workload.name, sizes, dsn=dsn, channel=channel, timeout=args.timeout
@@ -205,12 +207,43 @@ def _run_w7l(
     return outcome
 
 
+def _run_w9a(
+    args: argparse.Namespace, dsn: str, sizes: Sizes, peer: str, channel: str
+) -> RunOutcome:
+    """
+    W8 (the named-actor ask across processes), then W9A (the keyed ask) at the same sizes: the
+    second run's latencies, with the first's and their ratios (``w8_p50_us``, ``ratio_p50``).
+    """
+    base = run_peer(
+        PEERS[peer], "W8", sizes, dsn=dsn, channel=channel + "_w8", timeout=args.timeout
+    )
+    if not base.ok:
+        return base
+    outcome = run_peer(PEERS[peer], "W9A", sizes, dsn=dsn, channel=channel, timeout=args.timeout)
+    if outcome.ok:
+        for key in ("p50_us", "p99_us"):
+            outcome.result[f"w8_{key}"] = base.result[key]
+            outcome.result[f"ratio_{key[:3]}"] = outcome.result[key] / base.result[key]
+    return outcome
+
+
 def _brief(workload: Workload, outcome: RunOutcome) -> str:
     if outcome.status == "unavailable":
         return f"n/a: {outcome.message}"
     if not outcome.ok:
         return f"ERROR: {outcome.message}"
     r = outcome.result
+    if workload.name == "W9A" and "ratio_p50" in r:
+        return (
+            f"p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs (W8 just before: "
+            f"{r['w8_p50_us']:.0f} / {r['w8_p99_us']:.0f} µs; {r['ratio_p50']:.2f}x / "
+            f"{r['ratio_p99']:.2f}x)"
+        )
+    if workload.name == "W9C" and "warm_p50_us" in r:
+        return (
+            f"cold p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs; the same keys warm: "
+            f"p50 {r['warm_p50_us']:.0f} µs (activation: {r['activation_p50_us']:+.0f} µs p50)"
+        )
     if workload.metric == "latency" and "ratio_p50" in r:
         return (
             f"p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs (W7 just before: "
@@ -240,8 +273,9 @@ def _notes(
 ) -> list[str]:
     notes = [
         f"Ratios are against {PEERS[REFERENCE].label} in this run (W6, W7: against "
-        f"{PEERS['pgqueuer'].label}): higher is better for msg/s, lower for µs. W5 shows RSS "
-        "growth of the consuming process (lower is better)."
+        f"{PEERS['pgqueuer'].label}; W9: against {PEERS['dbos'].label}): higher is better "
+        "for msg/s, lower for µs. W5 shows RSS growth of the consuming process (lower is "
+        "better)."
     ]
     for reference in dict.fromkeys(w.reference for w in workloads):
         if reference not in args.peers:
@@ -259,8 +293,41 @@ def _notes(
         for error in dict.fromkeys(cell["errors"]):
             count = cell["errors"].count(error)
             notes.append(f"error: {workload_name} {peer} ({count}/{cell['runs']} runs): {error}")
+    limit, ours = cells.get(("W9", "keyed_fifo")), cells.get(("W9", "pgbus"))
+    if limit and ours and "msg_per_s" in limit and "msg_per_s" in ours:
+        notes.append(
+            f"W9: pgbus {ours['msg_per_s'] / limit['msg_per_s']:.2f}x the hand-written per-key "
+            "FIFO (the limit) in this run."
+        )
     for (workload_name, peer), runs in results.outcomes.items():
         ratios = [o.result for o in runs if o.ok and "ratio_p50" in o.result]
+        if workload_name == "W9A" and ratios:
+            p50 = statistics.median(r["ratio_p50"] for r in ratios)
+            p99 = statistics.median(r["ratio_p99"] for r in ratios)
+            notes.append(
+                f"W9A {peer}: the keyed ask's p50 {p50:.2f}x and p99 {p99:.2f}x W8's (the "
+                f"named-actor ask) run just before it (medians of {len(ratios)}; target p50 "
+                "<= 1.2x)."
+            )
+        cold = [o.result for o in runs if o.ok and "activation_p50_us" in o.result]
+        if workload_name == "W9C" and cold:
+            warm = statistics.median(r["warm_p50_us"] for r in cold)
+            extra = statistics.median(r["activation_p50_us"] for r in cold)
+            notes.append(
+                f"W9C {peer}: each key asked again right after, once active: p50 {warm:.0f} µs; "
+                f"activating a key (loading its state, claiming it) added {extra:+.0f} µs to "
+                f"its ask (median of the pairs' differences; medians of {len(cold)} runs; "
+                "target: activation p50 <= 2 ms)."
+            )
+        handled_again = [
+            o.result["handled_again"] for o in runs if o.ok and o.result.get("handled_again")
+        ]
+        if handled_again:
+            notes.append(
+                f"{workload_name} {peer}: handlers were called again for already handled "
+                f"messages ({', '.join(map(str, handled_again))} in the runs that had any); "
+                "their effects committed once (the keys' counts checked)."
+            )
         if workload_name == "W7L" and ratios:
             p50 = statistics.median(r["ratio_p50"] for r in ratios)
             p99 = statistics.median(r["ratio_p99"] for r in ratios)

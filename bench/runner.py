@@ -57,6 +57,7 @@ def run_peer(
         f"--publishers={sizes.publishers}",
         f"--capacity={sizes.capacity}",
         f"--sample-every={sizes.sample_every}",
+        f"--keys={sizes.keys}",
         f"--timeout={timeout:g}",
     ]
     # Its own session, so a stuck peer can be killed with everything it started.

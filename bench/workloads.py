@@ -29,6 +29,9 @@ class Workload:
     """W5: capacity of the bounded channel the messages pass through."""
     samples: int = 0
     """W5: how many RSS samples to take along the way (every ``messages // samples``)."""
+    keys: int = 0
+    """W9: distinct keys the messages are spread over (``messages // keys`` each); scales with
+    the messages, so every key keeps the same number of messages at any ``--scale``."""
     default_peers: tuple[str, ...] | None = None
     """Peers run when ``--peers`` is not given; None means all."""
     reference: str = "asyncpg_asyncio"
@@ -52,6 +55,7 @@ class Workload:
             publishers=self.publishers,
             capacity=self.capacity,
             sample_every=max(1, messages // self.samples) if self.samples else 0,
+            keys=max(1, round(self.keys * scale)) if self.keys else 0,
         )
 
 
@@ -64,6 +68,7 @@ class Sizes:
     publishers: int
     capacity: int
     sample_every: int
+    keys: int
 
 
 REFERENCE = "asyncpg_asyncio"
@@ -71,6 +76,9 @@ REFERENCE = "asyncpg_asyncio"
 
 DURABLE_PEERS = ("pgqueuer", "procrastinate", "bare_queue", "pgbus")
 """The peers of the durable workloads (W6, W7), whose reference is pgqueuer."""
+
+KEYED_PEERS = ("dbos", "keyed_fifo", "pgbus")
+"""The peers of keyed throughput (W9), whose reference is DBOS."""
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -168,6 +176,40 @@ WORKLOADS: dict[str, Workload] = {
             "process; handle time minus due time, p50 / p99 (none early)",
             "latency",
             messages=10_000,
+            reference="pgbus",
+            peers=("pgbus",),
+        ),
+        Workload(
+            "W9",
+            "keyed throughput: tells to 10k keys published by one process, handled one at a "
+            "time per key by 4 worker processes, until every key's state is committed",
+            "throughput",
+            messages=100_000,
+            keys=10_000,
+            reference="dbos",
+            peers=KEYED_PEERS,
+            # DBOS handles 50-500 messages per second here: 100k would take it many minutes per
+            # run. Name it with --peers (and a --scale) for the ratio against it.
+            default_peers=("keyed_fifo", "pgbus"),
+        ),
+        Workload(
+            "W9A",
+            "warm keyed ask: process A asks an entity hosted by process B, one at a time, "
+            "p50 / p99; ratio to W8 run just before",
+            "latency",
+            messages=2_000,
+            warmup=100,
+            keys=100,
+            reference="pgbus",
+            peers=("pgbus",),
+        ),
+        Workload(
+            "W9C",
+            "cold activation: process A asks entities that have state but no activation "
+            "(a freshly started host), one key at a time, p50 / p99; each key then asked warm",
+            "latency",
+            messages=1_000,
+            keys=1_000,
             reference="pgbus",
             peers=("pgbus",),
         ),

@@ -50,6 +50,34 @@ async def test_bench_runs_the_durable_workloads_at_tiny_scale(pg_dsn: str, tmp_p
     assert failed == []
 
 
+async def test_bench_runs_the_keyed_workloads_at_tiny_scale(pg_dsn: str, tmp_path) -> None:
+    """W9 (every keyed peer), W9A and W9C at --scale 0.01 complete and check every key's state."""
+    results = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "bench", "--dsn", pg_dsn, "--scale", "0.01", "--repeat", "1"]
+    command += ["--only", "W9,W9A,W9C", "--peers", "dbos,keyed_fifo,pgbus"]
+    command += ["--json", str(results), "--timeout", "120"]
+    with trio.fail_after(600):
+        done = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
+    output = done.stdout.decode()
+    assert done.returncode == 0, output
+    assert "| W9 keyed throughput" in output
+    document = json.loads(results.read_text())
+    cells = document["medians"]
+    assert {(c["workload"], c["peer"]) for c in cells} == {
+        ("W9", "dbos"),
+        ("W9", "keyed_fifo"),
+        ("W9", "pgbus"),
+        ("W9A", "pgbus"),
+        ("W9C", "pgbus"),
+    }
+    failed = [(c["workload"], c["peer"], c["errors"]) for c in cells if c["ok_runs"] != c["runs"]]
+    assert failed == []
+    runs = {(r["workload"], r["peer"]): r["result"] for r in document["runs"]}
+    # W9A carries the W8 run just before it, W9C the same keys asked again once warm.
+    assert runs[("W9A", "pgbus")]["w8_p50_us"] > 0
+    assert runs[("W9C", "pgbus")]["warm_p50_us"] > 0
+
+
 async def test_the_round_trip_traces_still_find_every_stage(pg_dsn: str) -> None:
     """The trace commands wrap or mimic pgbus internals: they must still match them."""
     w1 = [

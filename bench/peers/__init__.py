@@ -30,6 +30,8 @@ PEERS: dict[str, Peer] = {
         Peer("pgqueuer", "pgqueuer", "bench.peers.pgqueuer_peer"),
         Peer("procrastinate", "procrastinate", "bench.peers.procrastinate_peer"),
         Peer("bare_queue", "bare SKIP LOCKED queue", "bench.peers.bare_queue"),
+        Peer("dbos", "DBOS", "bench.peers.dbos_peer"),
+        Peer("keyed_fifo", "hand-written per-key FIFO", "bench.peers.keyed_fifo"),
         Peer("pgbus", "pgbus", "bench.peers.pgbus_peer"),
     )
 }

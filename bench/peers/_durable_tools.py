@@ -36,7 +36,7 @@ DEFAULT_WORKERS = 4
 
 def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="worker")
-    parser.add_argument("mode", choices=("W6", "W6R", "W6D", "W7", "W10"))
+    parser.add_argument("mode", choices=("W6", "W6R", "W6D", "W7", "W9", "W10"))
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--channel", required=True)
     parser.add_argument("--application-name", required=True)
@@ -49,8 +49,10 @@ class WorkerReport:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.payloads: list[str] = []
+        self.problems: list[str] = []
+        """What the handler saw wrong (W9: a message out of its key's order); fails the run."""
         self._stop = threading.Event()
-        if mode.startswith("W6"):
+        if mode.startswith(("W6", "W9")):
             threading.Thread(target=self._progress, daemon=True).start()
 
     def ready(self) -> None:
@@ -73,7 +75,7 @@ class WorkerReport:
     def final(self) -> None:
         self._stop.set()
         rss = psutil.Process().memory_info().rss
-        _line(json.dumps({"payloads": self.payloads, "rss": rss}))
+        _line(json.dumps({"payloads": self.payloads, "rss": rss, "problems": self.problems}))
 
 
 def _line(text: str) -> None:
@@ -182,6 +184,9 @@ def check_finals(finals: list[dict[str, Any]], expected: list[str], workers: int
     """Every message handled exactly once across the workers; the workers' RSS."""
     if len(finals) != workers:
         raise WorkloadError(f"{workers - len(finals)} worker(s) sent no final report")
+    problems = [p for f in finals for p in f.get("problems", [])]
+    if problems:
+        raise WorkloadError(f"{len(problems)} problem(s) in the workers, first: {problems[0]}")
     received = [p for f in finals for p in f["payloads"]]
     if len(received) != len(expected) or sorted(received) != sorted(expected):
         raise WorkloadError(

@@ -54,6 +54,8 @@ class PeerArgs:
     publishers: int
     capacity: int
     sample_every: int
+    keys: int
+    """W9, W9A, W9C: how many distinct keys the messages go to."""
     timeout: float
     """Seconds each wait for messages may take before the run fails."""
     application_name: str
@@ -73,6 +75,7 @@ def parse_args(peer: str, argv: Sequence[str] | None) -> PeerArgs:
     parser.add_argument("--publishers", type=int, help="W4: concurrent publishers")
     parser.add_argument("--capacity", type=int, help="W5: channel capacity")
     parser.add_argument("--sample-every", type=int, help="W5: messages between RSS samples")
+    parser.add_argument("--keys", type=int, help="W9: distinct keys")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per wait")
     ns = parser.parse_args(argv)
     sizes = WORKLOADS[ns.workload].sizes(1.0)
@@ -89,6 +92,7 @@ def parse_args(peer: str, argv: Sequence[str] | None) -> PeerArgs:
         publishers=pick(ns.publishers, sizes.publishers),
         capacity=pick(ns.capacity, sizes.capacity),
         sample_every=pick(ns.sample_every, sizes.sample_every),
+        keys=pick(ns.keys, sizes.keys),
         timeout=ns.timeout,
         application_name=f"bench-{peer}",
     )

@@ -44,6 +44,7 @@ from ._protocol import (
 )
 from ._sql import ASYNCPG_BURST, burst_payloads
 from .pgbus_durable import WORKLOADS as DURABLE_WORKLOADS
+from .pgbus_entities import WORKLOADS as KEYED_WORKLOADS
 
 CAPACITY = 1000
 """Capacity of every channel in W1-W4: bounded, big enough for a burst to batch well."""
@@ -336,6 +337,7 @@ WORKLOADS: dict[str, Callable[[PeerArgs], Coroutine[Any, Any, Result]]] = {
     "W8": cross_process_ask,
     "W8C": concurrent_asks,
     **DURABLE_WORKLOADS,
+    **KEYED_WORKLOADS,
 }
 
 
