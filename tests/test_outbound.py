@@ -121,6 +121,11 @@ async def test_a_send_to_an_idle_bridge_is_written_before_the_sender_yields(pg_d
             await bus.send("out", "prepares")
             received = await trio.to_thread.run_sync(lambda: payloads(plain, 1))
             assert received == ["prepares"]
+            # The server notifies listeners at COMMIT, maybe before the bridge has read its
+            # reply: until it has, it is busy (blocked on the socket), not waiting for work.
+            with trio.fail_after(WAIT):
+                while bus.statistics().bridges[0].messages < 1:
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
             await trio.testing.wait_all_tasks_blocked()  # the bridge waits for work
             await bus.send("out", "direct")
             # Blocking on purpose: nothing else in this Trio loop runs until it returns.
