@@ -266,10 +266,20 @@ def _publishing(tracer: Any, channel: str, count: int, root: bool) -> Iterator[s
     attributes = _attributes(
         "send", channel, **{"messaging.batch.message_count": count if count > 1 else None}
     )
+    context = Context() if root else None
+    with _stored_span(tracer, f"publish {channel}", SpanKind.PRODUCER, attributes, context) as tp:
+        yield tp
+
+
+@contextmanager
+def _stored_span(
+    tracer: Any, name: str, kind: Any, attributes: dict[str, Any], context: Any = None
+) -> Iterator[str | None]:
+    """A span around storing messages; gives the ``traceparent`` to store with them."""
     with tracer.start_as_current_span(
-        f"publish {channel}",
-        context=Context() if root else None,
-        kind=SpanKind.PRODUCER,
+        name,
+        context=context,
+        kind=kind,
         attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
@@ -326,18 +336,9 @@ def storing_entity(operation: str, kind: str) -> Any:
 
 @contextmanager
 def _storing_entity(tracer: Any, operation: str, kind: str) -> Iterator[str | None]:
-    with tracer.start_as_current_span(
-        f"{operation} {kind}",
-        kind=SpanKind.CLIENT if operation == "ask" else SpanKind.PRODUCER,
-        attributes=_attributes("send", kind),
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        try:
-            yield valid_traceparent(_carrier(span).get("traceparent"))
-        except Exception as exc:
-            _fail(span, exc)
-            raise
+    span_kind = SpanKind.CLIENT if operation == "ask" else SpanKind.PRODUCER
+    with _stored_span(tracer, f"{operation} {kind}", span_kind, _attributes("send", kind)) as tp:
+        yield tp
 
 
 def current_traceparent() -> str | None:
