@@ -422,6 +422,37 @@ async def test_retention_deletes_what_every_group_handled(pg_dsn: str, pg: PgHel
     assert await pg.fetchval("SELECT count(*) FROM pgbus.messages WHERE channel = $1", name) == 0
 
 
+async def test_retention_deletes_a_batch_that_filled_its_claim_exactly(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """
+    A claim that takes exactly its limit leaves the group mid-tick (its position holds
+    ``tick_to`` and the batch marker), and the claims after it find nothing new, so they write
+    no new position. What the group claimed and acknowledged is still deleted.
+    """
+    from pgbus._durable._admin import retain
+    from pgbus._durable._consumer import _CLAIM, _JOIN
+
+    name = fresh("retain_exact")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        async with bus._database().borrow() as connection:
+            await connection.execute(_JOIN, name, "g", "earliest")
+            for i in range(5):
+                await bus.notify(name, f"m{i}", durable=True)
+            claimed = await connection.fetch(
+                _CLAIM, name, "g", "member", 5, 60.0, 5, [], [], [], True
+            )
+            ids = [row["id"] for row in claimed]
+            assert len(ids) == 5
+            # What the bridge does next: acknowledge them all and claim again; nothing is new.
+            again = await connection.fetch(
+                _CLAIM, name, "g", "member", 5, 60.0, 5, ids, [1] * 5, [], True
+            )
+            assert again == []
+            assert await retain(connection, name, 3600) == 5
+    assert await pg.fetchval("SELECT count(*) FROM pgbus.messages WHERE channel = $1", name) == 0
+
+
 async def test_two_processes_migrating_at_once_end_with_one_schema(pg: PgHelper) -> None:
     """Fresh database, two `pgbus migrate` at once: both succeed, each version applied once."""
     import sys

@@ -78,13 +78,15 @@ DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id AND NOT doomed.
 
 # A message every group of its channel has claimed (visible in each group's tick_from, or at
 # or before a version-2 group's position) and none still holds (no delivery row: not in flight,
-# not waiting for a retry, not a dead letter). Only xids below the newest tick can qualify.
+# not waiting for a retry, not a dead letter). Only xids below each group's newest snapshot
+# can qualify: tick_to while a batch is open (a claim that filled its limit exactly leaves it
+# open until more messages come), else tick_from.
 # MATERIALIZED: the batch is chosen once, whatever the planner thinks of the table's size
 # (inlined, a table nobody analyzed can turn this into a loop per row).
 _DELETE_HANDLED = (
     """
 WITH horizon AS (
-    SELECT min(coalesce(pg_snapshot_xmax(tick_from), position_xid)) AS xid,
+    SELECT min(coalesce(pg_snapshot_xmax(coalesce(tick_to, tick_from)), position_xid)) AS xid,
            min(position_xid) AS settled
       FROM pgbus.group_positions WHERE channel = $1
 ), doomed AS MATERIALIZED (
