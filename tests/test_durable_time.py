@@ -6,11 +6,13 @@ a mover's process killed), and the refusals of bad input.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import json
 import logging
 import math
+import os
 import random
 import re
 import signal
@@ -703,6 +705,109 @@ async def test_a_schedule_on_three_processes_publishes_each_slot_once_under_kill
     count = await stored_count(pg, channel)
     assert count == len(rows)
     print(f"\n{len(rows)} slots, {count} messages, 0 duplicates, 0 missed")
+
+
+def two_schedules_config(path: Path, names: dict[str, str], channel: str) -> Path:
+    config = path / f"schedules-{uuid.uuid4().hex[:6]}.toml"
+    config.write_text(
+        "".join(
+            f"""
+[[schedule]]
+name = "{name}"
+every = 1.0
+postgres = "{channel}"
+missed = "{missed}"
+"""
+            for missed, name in names.items()
+        )
+    )
+    return config
+
+
+async def holders_killed_every_10s(pg: PgHelper, tmp_path: Path, seconds: float) -> None:
+    """
+    Two per-second schedules, ``catch_up`` and ``skip``, declared by 3 processes for *seconds*;
+    every 10 s (of slots) the process running each is SIGKILLed and replaced. ``catch_up``:
+    one message per slot, none missed, none twice. ``skip``: none twice, and every gap in its
+    slots spans a moment its runner was killed (missed only while no process ran it).
+    """
+    names = {"catch_up": fresh("kill-catch-up"), "skip": fresh("kill-skip")}
+    channel = fresh("ticks")
+    args = ("run", str(two_schedules_config(tmp_path, names, channel)), "--dsn", pg.dsn)
+    kills: dict[str, list[datetime.datetime]] = {missed: [] for missed in names}
+    async with contextlib.AsyncExitStack() as stack:
+        live: dict[int, Any] = {}
+
+        async def start_one() -> None:
+            process = await stack.enter_async_context(running(*args))
+            await process.expect("stderr", "pgbus: running;")
+            live[process.process.pid] = process
+
+        for _ in range(3):
+            await start_one()
+        started = await pg.fetchval("SELECT clock_timestamp()")
+        end = started + datetime.timedelta(seconds=seconds)
+        last_kill = started
+        while True:
+            # 10 s of slots since the last kill (both schedules), or the end.
+            await wait_until(
+                pg,
+                "SELECT bool_and(s.slot >= $2::timestamptz + interval '10 seconds')"
+                "   AND count(*) = 2"
+                "  FROM (SELECT max(slot) AS slot FROM pgbus.schedule_slots"
+                "         WHERE name = ANY($1::text[]) GROUP BY name) s",
+                list(names.values()),
+                last_kill,
+            )
+            if await pg.fetchval("SELECT clock_timestamp() > $1::timestamptz", end):
+                break
+            runners = {
+                missed: await pg.fetchval(
+                    "SELECT runner FROM pgbus.schedules WHERE name = $1", name
+                )
+                for missed, name in names.items()
+            }
+            pids = {missed: int(runner.rsplit(":", 1)[1]) for missed, runner in runners.items()}
+            assert set(pids.values()) <= set(live), f"a runner outside the test: {runners}"
+            last_kill = await pg.fetchval("SELECT clock_timestamp()")
+            for pid in set(pids.values()):
+                live.pop(pid).process.send_signal(signal.SIGKILL)
+            for missed in names:
+                kills[missed].append(last_kill)
+            while len(live) < 3:
+                await start_one()
+    report, total = [], 0
+    for missed, name in names.items():
+        rows = await slots_and_messages(pg, name, channel)
+        total += len(rows)
+        assert all(r["payload"] is not None for r in rows)  # each slot's message is stored
+        assert len({r["message_id"] for r in rows}) == len(rows)
+        slots = [r["slot"] for r in rows]
+        assert len(set(slots)) == len(slots)
+        gaps = [(a, b) for a, b in itertools.pairwise(slots) if (b - a).total_seconds() != 1.0]
+        if missed == "catch_up":
+            assert gaps == [], f"slots missed: {gaps}"
+        else:
+            for a, b in gaps:
+                assert any(a <= k < b for k in kills[missed]), f"missed with a runner: {a} {b}"
+        report.append(f"{missed}: {len(slots)} slots, {len(gaps)} gaps")
+    assert await stored_count(pg, channel) == total
+    print(f"\n{len(kills['skip'])} kills; " + "; ".join(report) + "; 0 duplicates")
+
+
+async def test_two_schedules_on_three_processes_with_the_runner_killed_every_10s(
+    pg: PgHelper, tmp_path: Path
+) -> None:
+    """60 s of it (the soak run below: an hour)."""
+    await holders_killed_every_10s(pg, tmp_path, 60.0)
+
+
+@pytest.mark.soak
+async def test_soak_two_schedules_with_the_runner_killed_every_10s(
+    pg: PgHelper, tmp_path: Path
+) -> None:
+    """An hour of it (``-m soak``; PGBUS_SOAK_SECONDS)."""
+    await holders_killed_every_10s(pg, tmp_path, float(os.environ.get("PGBUS_SOAK_SECONDS", 3600)))
 
 
 async def test_skip_and_latest_publish_none_or_one_missed_slot(pg_dsn: str, pg: PgHelper) -> None:
