@@ -511,6 +511,44 @@ async def test_a_handled_message_keeps_its_key_for_the_window_then_the_janitor_f
     ]
 
 
+# The janitor of the releases before keys, verbatim: every channel it found in pgbus.messages
+# (so '' too) with no group had its rows created more than its retention ago deleted.
+_PREVIOUS_DELETE_AGED = """
+WITH doomed AS MATERIALIZED (
+    SELECT m.id FROM pgbus.messages m
+     WHERE m.channel = $1 AND m.created_at < now() - make_interval(secs => $2)
+     ORDER BY m.channel, m.xid, m.id
+     LIMIT $3
+)
+DELETE FROM pgbus.messages m USING doomed WHERE m.id = doomed.id
+"""
+
+
+async def test_key_holders_outlive_a_previous_releases_janitor_during_an_upgrade(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """
+    A previous release's janitor (still running during a rolling upgrade) takes the holders'
+    '' for a channel without groups and deletes what was created more than its retention ago:
+    a holder's created_at is its key's expiry, so it deletes none while the key is held.
+    """
+    channel = fresh("upgrade-keys")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        bus.add_channel("in", 10)
+        await bus.bridge_in(channel, "in", durable=True, group="g")
+        handled = await bus.notify(channel, "1", durable=True, dedup_key="handled")
+        waiting = await bus.notify(channel, "2", durable=True, dedup_key="waiting", delay=3600)
+        with trio.fail_after(WAIT):
+            bus.ack(await bus.channel("in").receive())
+        await wait_until(
+            pg, "SELECT EXISTS (SELECT FROM pgbus.messages WHERE id = $1 AND channel = '')", handled
+        )
+        # Its retention as short as can be: anything created before this statement.
+        await pg.execute(_PREVIOUS_DELETE_AGED, "", 0.0, 1000)
+        assert await bus.notify(channel, "again", durable=True, dedup_key="handled") == handled
+        assert await bus.notify(channel, "again", durable=True, dedup_key="waiting") == waiting
+
+
 async def test_a_delayed_message_holds_its_key_while_it_waits_and_after_it_moves(
     pg_dsn: str, pg: PgHelper
 ) -> None:

@@ -66,10 +66,11 @@ _HAS_GROUP = "SELECT EXISTS (SELECT FROM pgbus.groups WHERE channel = $1)"
 # deduplication key is still in its window, which becomes that key's holder (channel '', no
 # payload, xid = the key's expiry in Unix seconds: see `pgbus._durable._schema`'s version 6)
 # so the key keeps its message's id until the window ends, outside the channel's range.
+# created_at = the key's expiry, as for every holder (see `pgbus._durable._schema`).
 _DONE_WITH = """
 , kept AS (
     UPDATE pgbus.messages m
-       SET channel = '', payload = '', traceparent = NULL,
+       SET channel = '', payload = '', traceparent = NULL, created_at = m.dedup_until,
            xid = floor(extract(epoch FROM m.dedup_until))::bigint::text::xid8
       FROM doomed WHERE m.id = doomed.id AND doomed.keep
 )

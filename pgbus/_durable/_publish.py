@@ -86,10 +86,11 @@ WITH due AS MATERIALIZED (
     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
     RETURNING m.id
 ), holders AS (
-    INSERT INTO pgbus.messages AS m (id, xid, channel, payload, dedup_key, dedup_until)
+    INSERT INTO pgbus.messages AS m (id, xid, channel, payload, dedup_key, dedup_until,
+                                     created_at)
     OVERRIDING SYSTEM VALUE
     SELECT i.id, floor(extract(epoch FROM due.until))::bigint::text::xid8, '', '', i.qkey,
-           due.until
+           due.until, due.until
       FROM input i, due WHERE due.at IS NOT NULL AND i.qkey IS NOT NULL
      ORDER BY i.qkey COLLATE "C"
     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING

@@ -626,7 +626,10 @@ ALTER TABLE pgbus.messages ADD COLUMN IF NOT EXISTS traceparent text;
 # - Key holders: a row of pgbus.messages with channel '' (never a channel's name: names have
 #   1 to 63 bytes, so no group ever claims them, and the janitor leaves that "channel" to its
 #   key purge), payload '', and xid set to its key's expiry in Unix seconds (so those rows are
-#   ordered by expiry in messages_position, and purged by one range scan). Two kinds: a
+#   ordered by expiry in messages_position, and purged by one range scan). Its created_at is
+#   that expiry too: the previous release's janitor, which takes '' for a channel without
+#   groups and deletes its rows created more than its retention ago, so never deletes a
+#   holder before its window ends (during a rolling upgrade). Two kinds: a
 #   delayed message's key, held until the mover turns the holder into the message itself
 #   (same row, same id: the key is never free meanwhile); and the key of a message every group
 #   has handled before its window ended, which the janitor turns into a holder instead of
