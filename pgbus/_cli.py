@@ -803,7 +803,13 @@ def _status_lines(overview: dict[str, Any], where: str) -> Iterator[str]:
         yield (
             f"schedule {schedule['name']!r} -> {schedule['postgres']!r} ({rule}, missed "
             f"{schedule['missed']}): last slot {schedule['last_slot'] or '-'}, next slot "
-            f"{schedule['next_slot'] or '-'}, run by {schedule['runner'] or '-'}"
+            f"{schedule['next_slot'] or '-'}, "
+            + (
+                f"run by {schedule['runner'] or '-'}"
+                if schedule.get("running", True)
+                else f"not running (last run by {schedule['runner'] or '-'} at "
+                f"{schedule['seen_at']})"
+            )
         )
     for letter in overview["dead_letters"]:
         yield (

@@ -434,22 +434,19 @@ async def test_retention_deletes_a_batch_that_filled_its_claim_exactly(
     from pgbus._durable._consumer import _CLAIM, _JOIN
 
     name = fresh("retain_exact")
-    async with pgbus.open_bus(pg_dsn) as bus:
-        async with bus._database().borrow() as connection:
-            await connection.execute(_JOIN, name, "g", "earliest")
-            for i in range(5):
-                await bus.notify(name, f"m{i}", durable=True)
-            claimed = await connection.fetch(
-                _CLAIM, name, "g", "member", 5, 60.0, 5, [], [], [], True
-            )
-            ids = [row["id"] for row in claimed]
-            assert len(ids) == 5
-            # What the bridge does next: acknowledge them all and claim again; nothing is new.
-            again = await connection.fetch(
-                _CLAIM, name, "g", "member", 5, 60.0, 5, ids, [1] * 5, [], True
-            )
-            assert again == []
-            assert await retain(connection, name, 3600) == 5
+    async with pgbus.open_bus(pg_dsn) as bus, bus._database().borrow() as connection:
+        await connection.execute(_JOIN, name, "g", "earliest")
+        for i in range(5):
+            await bus.notify(name, f"m{i}", durable=True)
+        claimed = await connection.fetch(_CLAIM, name, "g", "member", 5, 60.0, 5, [], [], [], True)
+        ids = [row["id"] for row in claimed]
+        assert len(ids) == 5
+        # What the bridge does next: acknowledge them all and claim again; nothing is new.
+        again = await connection.fetch(
+            _CLAIM, name, "g", "member", 5, 60.0, 5, ids, [1] * 5, [], True
+        )
+        assert again == []
+        assert await retain(connection, name, 3600) == 5
     assert await pg.fetchval("SELECT count(*) FROM pgbus.messages WHERE channel = $1", name) == 0
 
 

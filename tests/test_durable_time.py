@@ -30,7 +30,7 @@ from test_cli import pgbus_env, run_to_completion, running
 import pgbus
 import pgbus._durable._time
 from pgbus._cli import main
-from pgbus._durable._schedule import make_schedule
+from pgbus._durable._schedule import make_schedule, publish_slot
 from pgbus._durable._schema import SCHEMA_VERSION
 from pgbus._durable._time import DelayedMover
 from pgbus._pg import open_database
@@ -904,11 +904,74 @@ async def test_status_shows_each_schedules_last_and_next_slot(pg_dsn: str, pg: P
         "next_slot": following.astimezone(datetime.UTC).isoformat(),
         "runner": "sched-node",
         "seen_at": shown["seen_at"],
+        "running": True,
     }
     assert (
         f"schedule {name!r} -> {channel!r} (every 3600s, missed catch_up): last slot "
         f"{shown['last_slot']}, next slot {shown['next_slot']}, run by sched-node"
     ) in text.stdout.decode().splitlines()
+
+
+async def test_a_slot_older_than_a_published_one_is_never_published(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """A runner that looked before another published a newer slot stores nothing for it."""
+    name, channel = fresh("late-runner"), fresh("ticks")
+    schedule = make_schedule(name, channel, every=60.0)
+    newest = await pg.fetchval("SELECT date_trunc('minute', now())")
+    async with pgbus.open_bus(pg_dsn) as bus, bus._database().borrow() as connection:
+        await bus.notify("warm-up", "x", durable=True)  # the schema
+        assert await publish_slot(connection, schedule, newest, 1000) is not None
+        older = newest - datetime.timedelta(minutes=1)
+        assert await publish_slot(connection, schedule, older, 1000) is None
+    rows = await slots_and_messages(pg, name, channel)
+    assert [r["slot"] for r in rows] == [newest]
+    assert await stored_count(pg, channel) == 1
+
+
+async def test_the_janitor_forgets_old_slots_and_schedules_no_runner_declares(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """
+    Slots more than a day older than their schedule's newest are forgotten (the newest never);
+    a schedule no runner wrote for a while shows as not running, and after a week is gone.
+    """
+    from pgbus._durable._admin import janitor_pass
+
+    gone, idle = fresh("removed"), fresh("idle")
+    async with pgbus.open_bus(pg_dsn) as bus:
+        await bus.notify("warm-up", "x", durable=True)  # the schema
+        for name in (gone, idle):
+            await pg.execute(
+                "INSERT INTO pgbus.schedule_slots (name, slot, message_id)"
+                " SELECT $1, date_trunc('minute', now()) - a, 0"
+                "   FROM unnest(ARRAY[interval '3 days', '25 hours', '23 hours', '0']) AS a",
+                name,
+            )
+            await pg.execute(
+                "INSERT INTO pgbus.schedules (name, channel, every, timezone, missed, runner,"
+                " seen_at)"
+                " VALUES ($1, 'ticks', 60, 'UTC', 'skip', 'old-node', now() - $2::text::interval)",
+                name,
+                "8 days" if name == gone else "5 minutes",
+            )
+        async with bus._database().borrow() as connection:
+            await janitor_pass(connection, lambda channel: 3600.0, {})
+        text = await run_to_completion("status", "--dsn", pg_dsn)
+    for name in (gone, idle):
+        ages = await pg.fetch(
+            "SELECT date_trunc('minute', now()) - slot AS age FROM pgbus.schedule_slots"
+            " WHERE name = $1 ORDER BY slot",
+            name,
+        )
+        assert [r["age"] for r in ages] == [datetime.timedelta(hours=23), datetime.timedelta(0)]
+    names = await pg.fetch(
+        "SELECT name FROM pgbus.schedules WHERE name = ANY($1::text[])", [gone, idle]
+    )
+    assert [r["name"] for r in names] == [idle]
+    (line,) = [x for x in text.stdout.decode().splitlines() if idle in x]
+    assert "not running (last run by old-node at " in line
+    assert gone not in text.stdout.decode()
 
 
 async def test_a_schedule_runs_on_one_node_at_a_time_and_moves_when_it_leaves(

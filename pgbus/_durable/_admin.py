@@ -14,6 +14,7 @@ import trio
 
 from .._errors import DatabaseError, DatabaseUnavailableError
 from .._pg import Connection, Database
+from ._schedule import FORGET_SCHEDULE_AFTER, FORGET_SCHEDULES, FORGET_SLOTS, SLOT_HISTORY
 from ._schema import lock_holders
 
 log = logging.getLogger("pgbus.durable")
@@ -203,6 +204,8 @@ async def janitor_pass(
     for channel in set(skipped) - set(channels):
         del skipped[channel]
     await connection.execute(_PURGE_DEDUP, DELETE_BATCH)
+    await connection.execute(FORGET_SLOTS, SLOT_HISTORY, DELETE_BATCH)
+    await connection.execute(FORGET_SCHEDULES, FORGET_SCHEDULE_AFTER)
     return deleted
 
 

@@ -146,11 +146,15 @@ def make_schedule(
     return Schedule(name, postgres, checked_cron, checked_every, zone, payload, str(missed))
 
 
-# The slot's row and its message in one statement: the message only if the row is new.
+# The slot's row and its message in one statement: the message only if the row is new, and
+# never a slot older than one already published (only a runner that looked before another
+# published the newer one would try: that slot was published or skipped then). That rule is
+# what lets the janitor forget old slots (`FORGET_SLOTS`) without a slot ever coming twice.
 _PUBLISH_SLOT = """
 WITH slot AS (
     INSERT INTO pgbus.schedule_slots (name, slot, message_id)
-    VALUES ($1, $2, nextval('pgbus.messages_id_seq'))
+    SELECT $1, $2, nextval('pgbus.messages_id_seq')
+     WHERE NOT EXISTS (SELECT FROM pgbus.schedule_slots t WHERE t.name = $1 AND t.slot > $2)
     ON CONFLICT (name, slot) DO NOTHING
     RETURNING message_id
 ), stored AS (
@@ -174,13 +178,52 @@ ON CONFLICT (name) DO UPDATE
 RETURNING clock_timestamp()
 """
 
-# Every schedule a runner has declared, with its last published slot (an index probe).
+# Every schedule a runner has declared, with its last published slot (an index probe), and
+# whether a runner wrote its row lately (by the database's clock).
 _SCHEDULES = """
 SELECT s.name, s.channel, s.cron, s.every, s.timezone, s.missed, s.next_slot, s.runner,
        s.seen_at,
-       (SELECT max(t.slot) FROM pgbus.schedule_slots t WHERE t.name = s.name) AS last_slot
+       (SELECT max(t.slot) FROM pgbus.schedule_slots t WHERE t.name = s.name) AS last_slot,
+       s.seen_at > now() - make_interval(secs => $1) AS running
   FROM pgbus.schedules s
  ORDER BY s.name
+"""
+
+RUNNING_WITHIN = 2 * MAX_SLEEP + 30.0
+"""A schedule whose row no runner wrote for this long (seconds) is shown as not running."""
+
+SLOT_HISTORY = 24 * 3600.0
+"""Slots older than their schedule's newest by more than this (seconds) are forgotten."""
+
+FORGET_SCHEDULE_AFTER = 7 * 24 * 3600.0
+"""A schedule no runner declared for this long (seconds) leaves `pgbus status`."""
+
+# The janitor's part (see `pgbus._durable._admin.janitor_pass`). Slots: each schedule's
+# newest is kept for good (see _PUBLISH_SLOT), with those of the SLOT_HISTORY before it (which
+# slot was published when, with its message's id); one loose index scan of the schedules'
+# names, then a range per name. SKIP LOCKED: janitors of several processes never wait on
+# each other.
+FORGET_SLOTS = """
+WITH RECURSIVE n AS (
+    (SELECT t.name FROM pgbus.schedule_slots t ORDER BY t.name LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.name FROM pgbus.schedule_slots t WHERE t.name > n.name
+             ORDER BY t.name LIMIT 1)
+      FROM n WHERE n.name IS NOT NULL
+)
+DELETE FROM pgbus.schedule_slots s WHERE ctid = ANY(ARRAY(
+    SELECT t.ctid FROM n, pgbus.schedule_slots t
+     WHERE n.name IS NOT NULL AND t.name = n.name
+       AND t.slot < (SELECT max(u.slot) FROM pgbus.schedule_slots u WHERE u.name = n.name)
+                    - make_interval(secs => $1)
+     LIMIT $2 FOR UPDATE OF t SKIP LOCKED
+))
+"""
+
+# A schedule removed from every configuration: its row goes once no runner wrote it for
+# FORGET_SCHEDULE_AFTER (its newest slot stays, above).
+FORGET_SCHEDULES = """
+DELETE FROM pgbus.schedules WHERE seen_at < now() - make_interval(secs => $1)
 """
 
 
@@ -188,8 +231,10 @@ async def schedule_status(connection: Connection) -> list[dict[str, Any]]:
     """
     Each schedule some runner declared, for ``pgbus status``: its rule, ``last_slot`` (the
     newest slot published, ISO 8601, None before the first), ``next_slot`` (the next one its
-    last runner was to publish), ``runner`` (that runner's node or process) and ``seen_at``
-    (when it last wrote this row: a runner writes it once per pass, at least every 30 s).
+    last runner was to publish), ``runner`` (that runner's node or process), ``seen_at``
+    (when it last wrote this row: a runner writes it once per pass, at least every 30 s) and
+    ``running`` (whether that was within `RUNNING_WITHIN` seconds). A schedule no runner
+    declared for `FORGET_SCHEDULE_AFTER` is forgotten by the janitor.
     """
     if not await connection.fetchval("SELECT to_regclass('pgbus.schedules') IS NOT NULL"):
         return []
@@ -205,8 +250,9 @@ async def schedule_status(connection: Connection) -> list[dict[str, Any]]:
             "runner": r[7],
             "seen_at": _iso(r[8]),
             "last_slot": _iso(r[9]),
+            "running": r[10],
         }
-        for r in await connection.fetch(_SCHEDULES)
+        for r in await connection.fetch(_SCHEDULES, RUNNING_WITHIN)
     ]
 
 

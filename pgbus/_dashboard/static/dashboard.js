@@ -123,7 +123,8 @@
       key: x.name,
       cells: [x.name, x.postgres,
               x.cron !== null ? "cron " + x.cron + " (" + x.timezone + ")" : "every " + x.every + " s",
-              x.last_slot, x.next_slot, x.runner],
+              x.last_slot, x.next_slot,
+              x.running === false ? "none since " + x.seen_at + " (last: " + x.runner + ")" : x.runner],
     })), "no schedule");
 
     const letters = cluster.dead_letters || [];
