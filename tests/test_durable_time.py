@@ -30,6 +30,7 @@ from test_cli import pgbus_env, run_to_completion, running
 import pgbus
 import pgbus._durable._time
 from pgbus._cli import main
+from pgbus._durable._publish import store_keyed, store_timed
 from pgbus._durable._schedule import make_schedule, publish_slot
 from pgbus._durable._schema import SCHEMA_VERSION
 from pgbus._durable._time import DelayedMover
@@ -196,6 +197,53 @@ async def test_a_bridge_batch_meeting_a_taken_key_stores_the_others_once(
     )
     assert [r["payload"] for r in rows] == ["first", "a", "c", "d", "e"]
     assert rows[0]["id"] == taken
+
+
+async def test_a_keyed_batch_that_deadlocks_with_another_publisher_falls_back_cleanly(
+    pg_dsn: str, pg: PgHelper
+) -> None:
+    """
+    An out-bridge's plain keyed INSERT (batch order, not key order) and another publisher's
+    transaction take two keys in opposite orders: PostgreSQL aborts the bridge's statement
+    (40P01), which stores nothing and says so (False); the ON CONFLICT path then finds both
+    keys taken and returns their holder's ids, nothing stored twice.
+    """
+    channel = fresh("dedup-deadlock")
+    async with (
+        pgbus.open_bus(pg_dsn) as bus,
+        bus._database().borrow() as bridge,
+        bus._database().borrow() as other,
+    ):
+        await bus.notify("warm-up", "x", durable=True)  # the schema
+        # Who is the deadlock's victim: the session whose deadlock check runs after the
+        # cycle formed. The bridge's runs 3 s into its wait; the other's, never in this test.
+        await bridge.execute("SET deadlock_timeout = '3s'")
+        await other.execute("SET deadlock_timeout = '1min'")
+        bridge_pid = await bridge.fetchval("SELECT pg_backend_pid()")
+        results: list[bool] = []
+
+        async def bridge_batch() -> None:
+            results.append(await store_keyed(bridge, channel, ["a2", "a1"], ["k2", "k1"], 60.0))
+
+        async with other.transaction():
+            assert await store_keyed(other, channel, ["b1"], ["k1"], 60.0)  # holds k1
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bridge_batch)  # takes k2, then waits for k1
+                await wait_until(
+                    pg,
+                    "SELECT EXISTS (SELECT FROM pg_stat_activity"
+                    " WHERE pid = $1 AND wait_event_type = 'Lock')",
+                    bridge_pid,
+                )
+                # k2 now: the other waits for the bridge, which waits for the other.
+                assert await store_keyed(other, channel, ["b2"], ["k2"], 60.0)
+        assert results == [False]
+        stored = await store_timed(bridge, channel, ["a2", "a1"], ["k2", "k1"], window=60.0)
+    rows = await pg.fetch(
+        "SELECT id, payload FROM pgbus.messages WHERE channel = $1 ORDER BY id", channel
+    )
+    assert [r["payload"] for r in rows] == ["b1", "b2"]
+    assert stored.ids == [rows[1]["id"], rows[0]["id"]]
 
 
 # -- bad input -----------------------------------------------------------------------------------
