@@ -177,7 +177,9 @@ WORKLOADS: dict[str, Workload] = {
             "latency",
             messages=10_000,
             reference="pgbus",
-            peers=("pgbus",),
+            # pgqueuer's deferred jobs (execute_after) and procrastinate's scheduled ones
+            # (schedule_in), measured the same way.
+            peers=("pgqueuer", "procrastinate", "pgbus"),
         ),
         Workload(
             "W9",
