@@ -15,8 +15,10 @@ W10: one worker, reporting as in W7. Every peer publishes the same delays (``w10
 batches of ``DELAY_BATCH``, and takes each message's due time the same way: the publisher's
 clock just before the call that stores it plus its delay, or the clock once that call (or its
 transaction) has committed if that is later. The queue itself computes its due time later, in
-the database or the client's wall clock (``CLOCK_REALTIME`` of this same host), so the
-publisher's figure is a lower bound of it: a message handled before it was surely early.
+the database or the client's wall clock (``CLOCK_REALTIME`` of this same host; on Linux it
+advances at the rate of ``perf_counter``'s ``CLOCK_MONOTONIC``, so only a step of the wall clock
+during a run could break this), so the publisher's figure is a lower bound of it: a message
+handled before it was surely early.
 ``collect_lateness`` gathers the handle times and fails the run if any message came early.
 """
 
@@ -205,12 +207,15 @@ def w10_delays(messages: int) -> list[float]:
     return [rng.uniform(0, span) for _ in range(messages)]
 
 
-def collect_lateness(workers: Workers, due: dict[str, float], timeout: float) -> Result:
+def collect_lateness(
+    workers: Workers, due: dict[str, float], timeout: float, publish_s: float
+) -> Result:
     """
     W10, blocking: wait until the one worker has handled every payload of *due* (payload ->
     due time, ``perf_counter``), each within *timeout* of the one before; the lateness of each
-    (handle time minus due time) as a latency result. A payload not sent (or handled twice)
-    fails the run, and so does any message handled before its due time.
+    (handle time minus due time) as a latency result, with *publish_s* (how long the publisher
+    took to store them all). A payload not sent (or handled twice) fails the run, and so does
+    any message handled before its due time.
     """
     total = len(due)
     lateness: list[float] = []
@@ -229,6 +234,7 @@ def collect_lateness(workers: Workers, due: dict[str, float], timeout: float) ->
         raise WorkloadError(f"{len(early)} message(s) handled early (by up to {-min(early):.4f}s)")
     result = latency(lateness)
     result["early"] = 0
+    result["publish_s"] = publish_s
     return result
 
 

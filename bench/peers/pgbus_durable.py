@@ -16,7 +16,8 @@ pgbus durable channels for W6 and W7, as its README shows them (public names onl
   transactions of 500 ``Transaction.publish`` calls), handled by one worker process; lateness
   is the handle time minus the later of its due time (the publish call's start + delay, a lower
   bound of the server's ``deliver_at``) and its transaction's commit. A message handled before
-  its due time fails the run.
+  its due time fails the run. The delays, the due times and the check are shared with
+  pgqueuer's and procrastinate's W10 (``_durable_tools``).
 
 Run as ``python -m bench.peers.pgbus_peer W6 ...`` (the harness does); the workers are
 ``python -m bench.peers.pgbus_durable worker W6 ...``.
@@ -148,6 +149,7 @@ async def delayed_lateness(args: PeerArgs) -> Result:
         workers = Workers(MODULE, "W10", 1, args)
         try:
             await trio.to_thread.run_sync(workers.wait_ready, args.timeout)
+            start = clock()
             for first in range(0, args.messages, DELAY_BATCH):
                 batch = range(first, min(first + DELAY_BATCH, args.messages))
                 async with bus.transaction() as tx:
@@ -158,7 +160,7 @@ async def delayed_lateness(args: PeerArgs) -> Result:
                 for i in batch:
                     due[str(i)] = max(due[str(i)], committed)
             return await trio.to_thread.run_sync(
-                collect_lateness, workers, due, args.timeout + MAX_DELAY
+                collect_lateness, workers, due, args.timeout + MAX_DELAY, clock() - start
             )
         finally:
             await trio.to_thread.run_sync(workers.stop)

@@ -143,6 +143,7 @@ async def delayed_lateness(args: PeerArgs) -> Result:
         workers = Workers(MODULE, "W10", 1, args)
         try:
             await asyncio.to_thread(workers.wait_ready, args.timeout)
+            start = clock()
             for first in range(0, args.messages, DELAY_BATCH):
                 batch = range(first, min(first + DELAY_BATCH, args.messages))
                 sent = clock()
@@ -155,7 +156,9 @@ async def delayed_lateness(args: PeerArgs) -> Result:
                 committed = clock()
                 for i in batch:
                     due[str(i)] = max(sent + delays[i], committed)
-            return await asyncio.to_thread(collect_lateness, workers, due, args.timeout + MAX_DELAY)
+            return await asyncio.to_thread(
+                collect_lateness, workers, due, args.timeout + MAX_DELAY, clock() - start
+            )
         finally:
             await asyncio.to_thread(workers.stop)
     finally:
