@@ -14,7 +14,10 @@ pgqueuer, tuned as a competent user would for throughput.
   its inserts always, and before waiting it asks the database for the next deferred job's ETA
   and sleeps that long (floored at its ``min_dequeue_poll_interval``, 0.1 s, a field it does
   not take as a parameter), so ``dequeue_timeout`` only bounds an idle wait and a smaller one
-  would not make it prompter. Lateness as ``_durable_tools`` defines it.
+  would not make it prompter (0.1 s instead of 5: the same p50 / p99, 39 / 105 ms, here).
+  Assigning ``qm.min_dequeue_poll_interval = timedelta(seconds=0.01)`` after construction, not a
+  documented knob and not done here, gave p50 5.8 ms, p99 19.6 ms in one run.
+  Lateness as ``_durable_tools`` defines it.
 """
 
 from __future__ import annotations
