@@ -273,7 +273,8 @@ def _notes(
 ) -> list[str]:
     notes = [
         f"Ratios are against {PEERS[REFERENCE].label} in this run (W6, W7: against "
-        f"{PEERS['pgqueuer'].label}; W9: against {PEERS['dbos'].label}): higher is better "
+        f"{PEERS['pgqueuer'].label}; W9: against {PEERS['dbos'].label}; W10: against "
+        f"{PEERS['pgbus'].label}): higher is better "
         "for msg/s, lower for µs. W5 shows RSS growth of the consuming process (lower is "
         "better)."
     ]
@@ -327,6 +328,12 @@ def _notes(
                 f"{workload_name} {peer}: handlers were called again for already handled "
                 f"messages ({', '.join(map(str, handled_again))} in the runs that had any); "
                 "their effects committed once (the keys' counts checked)."
+            )
+        on_time = [o for o in runs if o.ok and "early" in o.result]
+        if workload_name == "W10" and on_time:
+            notes.append(
+                f"W10 {peer}: {sum(o.result['early'] for o in on_time)} messages handled early "
+                f"in {len(on_time)} run(s) (one early message fails its run)."
             )
         if workload_name == "W7L" and ratios:
             p50 = statistics.median(r["ratio_p50"] for r in ratios)

@@ -33,21 +33,28 @@ async def test_bench_runs_every_peer_and_workload_at_tiny_scale(pg_dsn: str, tmp
 
 
 async def test_bench_runs_the_durable_workloads_at_tiny_scale(pg_dsn: str, tmp_path) -> None:
-    """W6 and W7 at --scale 0.01: every durable peer completes, and checks its messages."""
+    """
+    W6, W7 and W10 at --scale 0.01: every durable peer completes, and checks its messages (W10:
+    pgqueuer's and procrastinate's scheduled jobs and pgbus, 100 delays within 0.1 s, none early).
+    """
     results = tmp_path / "bench.json"
     command = [sys.executable, "-m", "bench", "--dsn", pg_dsn, "--scale", "0.01", "--repeat", "1"]
-    command += ["--only", "W6,W7", "--peers", "pgqueuer,procrastinate,bare_queue,pgbus"]
+    command += ["--only", "W6,W7,W10", "--peers", "pgqueuer,procrastinate,bare_queue,pgbus"]
     command += ["--json", str(results), "--timeout", "60"]
     with trio.fail_after(300):
         done = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
     output = done.stdout.decode()
     assert done.returncode == 0, output
-    cells = json.loads(results.read_text())["medians"]
+    document = json.loads(results.read_text())
+    cells = document["medians"]
     assert {(c["workload"], c["peer"]) for c in cells} == {
         (w, p) for w in ("W6", "W7") for p in ("pgqueuer", "procrastinate", "bare_queue", "pgbus")
-    }
+    } | {("W10", p) for p in ("pgqueuer", "procrastinate", "pgbus")}
     failed = [(c["workload"], c["peer"], c["errors"]) for c in cells if c["ok_runs"] != c["runs"]]
     assert failed == []
+    w10 = {r["peer"]: r["result"] for r in document["runs"] if r["workload"] == "W10"}
+    counts = {peer: (result["messages"], result["early"]) for peer, result in w10.items()}
+    assert counts == dict.fromkeys(("pgqueuer", "procrastinate", "pgbus"), (100, 0))
 
 
 async def test_bench_runs_the_keyed_workloads_at_tiny_scale(pg_dsn: str, tmp_path) -> None:

@@ -10,6 +10,16 @@ counts add up to every message and the queue says all of them are acknowledged.
 W7: one worker; for each message it prints ``h PAYLOAD TIME`` (``time.perf_counter()``, the
 system-wide monotonic clock on Linux, so comparable across processes) as soon as its handler
 has it; latency is that time minus the publisher's time just before publishing.
+
+W10: one worker, reporting as in W7. Every peer publishes the same delays (``w10_delays``), in
+batches of ``DELAY_BATCH``, and takes each message's due time the same way: the publisher's
+clock just before the call that stores it plus its delay, or the clock once that call (or its
+transaction) has committed if that is later. The queue itself computes its due time later, in
+the database or the client's wall clock (``CLOCK_REALTIME`` of this same host; on Linux it
+advances at the rate of ``perf_counter``'s ``CLOCK_MONOTONIC``, so only a step of the wall clock
+during a run could break this), so the publisher's figure is a lower bound of it: a message
+handled before it was surely early.
+``collect_lateness`` gathers the handle times and fails the run if any message came early.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import argparse
 import json
 import os
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -28,10 +39,15 @@ from typing import Any
 
 import psutil
 
-from ._protocol import PeerArgs, PeerUnavailableError, Result, WorkloadError, run_peer
+from ..workloads import WORKLOADS
+from ._protocol import PeerArgs, PeerUnavailableError, Result, WorkloadError, latency, run_peer
 
 PROGRESS_EVERY = 0.005
 DEFAULT_WORKERS = 4
+MAX_DELAY = 10.0
+"""W10 at full size: delays are uniform in 0 to this many seconds (``w10_delays``)."""
+DELAY_BATCH = 500
+"""W10: messages stored per transaction (or per call, for a queue that stores a batch at once)."""
 
 
 def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -178,6 +194,48 @@ class Workers:
         for thread in self._threads:
             thread.join(5)
         return [f for f in self.finals if f is not None]
+
+
+def w10_delays(messages: int) -> list[float]:
+    """
+    W10: the delay of each message in seconds, the same for every peer: uniform in 0 to
+    ``MAX_DELAY``, a span that shrinks with the messages below W10's full size (``--scale``), so
+    that the due times come as densely (1,000 a second) and a smoke run takes a moment.
+    """
+    span = MAX_DELAY * min(1.0, messages / WORKLOADS["W10"].messages)
+    rng = random.Random(10)
+    return [rng.uniform(0, span) for _ in range(messages)]
+
+
+def collect_lateness(
+    workers: Workers, due: dict[str, float], timeout: float, publish_s: float
+) -> Result:
+    """
+    W10, blocking: wait until the one worker has handled every payload of *due* (payload ->
+    due time, ``perf_counter``), each within *timeout* of the one before; the lateness of each
+    (handle time minus due time) as a latency result, with *publish_s* (how long the publisher
+    took to store them all). A payload not sent (or handled twice) fails the run, and so does
+    any message handled before its due time.
+    """
+    total = len(due)
+    lateness: list[float] = []
+    while due:
+        try:
+            got, at = workers.events.get(True, timeout)
+        except queue.Empty:
+            raise WorkloadError(
+                f"worker handled {len(lateness)} of {total}, then nothing for {timeout:g}s"
+            ) from None
+        if got not in due:
+            raise WorkloadError(f"worker handled {got!r}, which was not sent (or twice)")
+        lateness.append(at - due.pop(got))
+    early = [t for t in lateness if t < 0]
+    if early:
+        raise WorkloadError(f"{len(early)} message(s) handled early (by up to {-min(early):.4f}s)")
+    result = latency(lateness)
+    result["early"] = 0
+    result["publish_s"] = publish_s
+    return result
 
 
 def check_finals(finals: list[dict[str, Any]], expected: list[str], workers: int) -> dict[str, Any]:

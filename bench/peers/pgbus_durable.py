@@ -16,7 +16,8 @@ pgbus durable channels for W6 and W7, as its README shows them (public names onl
   transactions of 500 ``Transaction.publish`` calls), handled by one worker process; lateness
   is the handle time minus the later of its due time (the publish call's start + delay, a lower
   bound of the server's ``deliver_at``) and its transaction's commit. A message handled before
-  its due time fails the run.
+  its due time fails the run. The delays, the due times and the check are shared with
+  pgqueuer's and procrastinate's W10 (``_durable_tools``).
 
 Run as ``python -m bench.peers.pgbus_peer W6 ...`` (the harness does); the workers are
 ``python -m bench.peers.pgbus_durable worker W6 ...``.
@@ -24,7 +25,6 @@ Run as ``python -m bench.peers.pgbus_peer W6 ...`` (the harness does); the worke
 
 from __future__ import annotations
 
-import random
 import signal
 import sys
 from typing import Any
@@ -33,7 +33,17 @@ import trio
 
 import pgbus
 
-from ._durable_tools import DEFAULT_WORKERS, WorkerReport, Workers, check_finals, parse_worker_args
+from ._durable_tools import (
+    DEFAULT_WORKERS,
+    DELAY_BATCH,
+    MAX_DELAY,
+    WorkerReport,
+    Workers,
+    check_finals,
+    collect_lateness,
+    parse_worker_args,
+    w10_delays,
+)
 from ._protocol import PeerArgs, Result, WorkloadError, clock, latency, throughput
 
 PREFETCH = 1000
@@ -131,42 +141,29 @@ async def dedup_throughput(args: PeerArgs) -> Result:
     return await durable_throughput(args, "W6D")
 
 
-MAX_DELAY = 10.0
-PUBLISH_BATCH = 500
-
-
 async def delayed_lateness(args: PeerArgs) -> Result:
-    rng = random.Random(10)
+    delays = w10_delays(args.messages)
     due: dict[str, float] = {}
     async with _bus(args.dsn) as bus:
         await bus.notify(args.channel, "schema", durable=True)
         workers = Workers(MODULE, "W10", 1, args)
         try:
             await trio.to_thread.run_sync(workers.wait_ready, args.timeout)
-            for first in range(0, args.messages, PUBLISH_BATCH):
-                batch = range(first, min(first + PUBLISH_BATCH, args.messages))
+            start = clock()
+            for first in range(0, args.messages, DELAY_BATCH):
+                batch = range(first, min(first + DELAY_BATCH, args.messages))
                 async with bus.transaction() as tx:
                     for i in batch:
-                        delay = rng.uniform(0, MAX_DELAY)
-                        due[str(i)] = clock() + delay
-                        await tx.publish(args.channel, str(i), durable=True, delay=delay)
+                        due[str(i)] = clock() + delays[i]
+                        await tx.publish(args.channel, str(i), durable=True, delay=delays[i])
                 committed = clock()
                 for i in batch:
                     due[str(i)] = max(due[str(i)], committed)
-            lateness: list[float] = []
-            while len(lateness) < args.messages:
-                got, at = await trio.to_thread.run_sync(
-                    workers.events.get, True, args.timeout + MAX_DELAY
-                )
-                if got not in due:
-                    raise WorkloadError(f"worker handled {got!r}, which was not sent")
-                lateness.append(at - due.pop(got))
+            return await trio.to_thread.run_sync(
+                collect_lateness, workers, due, args.timeout + MAX_DELAY, clock() - start
+            )
         finally:
             await trio.to_thread.run_sync(workers.stop)
-    early = [t for t in lateness if t < 0]
-    if early:
-        raise WorkloadError(f"{len(early)} message(s) handled early (by up to {-min(early):.4f}s)")
-    return latency(lateness)
 
 
 class Handler(pgbus.Actor):
