@@ -79,6 +79,18 @@ async def test_dead_letters_list_retry_and_purge(pg: PgHelper) -> None:
     assert listed.stdout == b""
 
 
+async def test_groups_of_a_channel_without_any_says_so(pg: PgHelper) -> None:
+    """No group: stdout stays empty JSON lines, and stderr says there is none."""
+    env = pgbus_env(PGBUS_DSN=pg.dsn)
+    await run_to_completion("migrate", env=env)
+    result = await run_to_completion("groups", "nobody-reads-this", env=env)
+    assert result.returncode == 0
+    assert result.stdout == b""
+    assert "pgbus: no consumer group of durable channel 'nobody-reads-this' at " in (
+        result.stderr.decode()
+    )
+
+
 async def test_migrate_says_what_it_did(pg: PgHelper) -> None:
     """On a database already at the current version, migrate says so and exits 0."""
     async with pgbus.open_bus(pg.dsn) as bus:

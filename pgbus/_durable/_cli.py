@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,11 @@ async def _groups(connection: Connection, args: argparse.Namespace, where: str) 
     from ._admin import group_status
 
     await _require_schema(connection, where)
-    for status in await group_status(connection, args.channel):
+    statuses = await group_status(connection, args.channel)
+    if not statuses:  # stdout stays JSON lines (none); the person reading is told why
+        of = f" of durable channel {args.channel!r}" if args.channel else ""
+        _say(f"no consumer group{of} at {where}")
+    for status in statuses:
         print(
             json.dumps(
                 {
