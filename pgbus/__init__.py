@@ -67,6 +67,7 @@ _EXPORTS: dict[str, str] = {  # public name -> the private module defining it
     "SessionNeededError": "_errors",
     "PayloadTooLargeError": "_errors",
     "PgbusError": "_errors",
+    "PoolExhaustedError": "_errors",
     "RestartIntensityError": "_errors",
     "UnknownActorError": "_errors",
     "UnknownChannelError": "_errors",
@@ -126,6 +127,7 @@ if TYPE_CHECKING:
     from ._errors import NodeNameTakenError as NodeNameTakenError
     from ._errors import PayloadTooLargeError as PayloadTooLargeError
     from ._errors import PgbusError as PgbusError
+    from ._errors import PoolExhaustedError as PoolExhaustedError
     from ._errors import RemoteError as RemoteError
     from ._errors import RestartIntensityError as RestartIntensityError
     from ._errors import SessionNeededError as SessionNeededError
@@ -179,6 +181,7 @@ __all__ = [
     "Notification",
     "PayloadTooLargeError",
     "PgbusError",
+    "PoolExhaustedError",
     "RemoteError",
     "RestartIntensityError",
     "SchemaError",

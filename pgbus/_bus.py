@@ -21,7 +21,7 @@ from ._bridge import Bridge, BridgeStatistics
 from ._channel import Channel, ChannelStatistics
 from ._cluster import Cluster, ClusterStatistics, ClusterStatus, read_status
 from ._codec import encode, validate_channel_name
-from ._dsn import check_dsn, check_keepalive, check_pool_mode
+from ._dsn import DEFAULT_POOL_SIZE, check_dsn, check_keepalive, check_pool_mode, check_pool_size
 from ._durable._admin import GroupStatus, group_status
 from ._durable._consumer import POLL_EVERY, DurableConsumer
 from ._durable._publish import DurableOutboundBridge
@@ -409,7 +409,7 @@ class Bus:
 
     async def cluster_status(self) -> ClusterStatus:
         """The cluster as PostgreSQL sees it now: live nodes, public actors, singletons."""
-        async with self._database().borrow() as connection:
+        async with self._database().borrow(limited=True) as connection:
             return await read_status(connection)
 
     async def _join_cluster(self) -> Cluster:
@@ -515,7 +515,7 @@ class Bus:
         """
         await self._durable_support().ensure_schema()
         with _tracing.storing_entity("tell", kind) as traceparent:
-            async with self._database().borrow() as connection:
+            async with self._database().borrow(limited=True) as connection:
                 return await entity_store_many(
                     connection, kind, items, self._durable_max_payload, traceparent
                 )
@@ -523,7 +523,7 @@ class Bus:
     async def _entity_tell(self, kind: str, key: str, message: object) -> int:
         await self._durable_support().ensure_schema()
         with _tracing.storing_entity("tell", kind) as traceparent:
-            async with self._database().borrow() as connection:
+            async with self._database().borrow(limited=True) as connection:
                 id, _ = await entity_store_one(
                     connection,
                     kind,
@@ -551,7 +551,7 @@ class Bus:
                 _tracing.storing_entity("ask", kind) as traceparent,
                 trio.move_on_at(deadline) as scope,
             ):
-                async with self._database().borrow() as connection:
+                async with self._database().borrow(limited=True) as connection:
                     _, owner = await entity_store_one(
                         connection,
                         kind,
@@ -783,7 +783,7 @@ class Bus:
             )
             timing = _durable_timing(delay, at, dedup_key, dedup_window)
             await self._durable_support().ensure_schema()
-            async with self._database().borrow() as connection:
+            async with self._database().borrow(limited=True) as connection:
                 stored = await durable_store_message(
                     connection, postgres, payload, **timing, wake=True
                 )
@@ -791,7 +791,7 @@ class Bus:
         _durable_timing_only_if_durable(delay, at, dedup_key)
         payload = encode(validate_channel_name(postgres), message, codec)
         database = self._database()
-        async with database.borrow() as connection:
+        async with database.borrow(limited=True) as connection:
             await database.publish(connection, postgres, [payload])
         return None
 
@@ -817,7 +817,7 @@ class Bus:
         if ack is not None:
             ack._receipt.acking(ack, pending=True)
         try:
-            async with database.borrow() as connection:
+            async with database.borrow(limited=True) as connection:
                 async with connection.transaction():
                     tx = Transaction(
                         database, connection, self._durable_max_payload, self._durable_support
@@ -1127,7 +1127,7 @@ class Bus:
     async def durable_groups(self, channel: str | None = None) -> list[GroupStatus]:
         """Each consumer group (of *channel*, or of all): lag, in-flight, dead letters."""
         await self._durable_support().ensure_schema()
-        async with self._database().borrow() as connection:
+        async with self._database().borrow(limited=True) as connection:
             return await group_status(connection, channel)
 
 
@@ -1411,6 +1411,7 @@ async def open_bus(
     node: str | None = None,
     durable_max_payload: int = MAX_DURABLE_PAYLOAD_BYTES,
     pool_mode: str = "session",
+    pool_size: int = DEFAULT_POOL_SIZE,
 ) -> AsyncIterator[Bus]:
     """
     Open a bus; leaving the block stops everything it started, in order.
@@ -1431,6 +1432,10 @@ async def open_bus(
     transaction-pooling proxy such as PgBouncer's ``pool_mode = transaction``: publishing,
     transactions and durable in-bridges, which then poll, work; LISTEN bridges and the cluster
     need a session of their own and are refused at once).
+    *pool_size* bounds the pooled connections the bus's calls (durable publishing,
+    transactions, keyed tells and asks, status) hold at once; a call waits for one at most 30 s,
+    then raises `PoolExhaustedError`. Bridges, the cluster and hosts have connections of their
+    own.
 
     If the supervisor gives up, the block raises `RestartIntensityError`.
     """
@@ -1444,6 +1449,7 @@ async def open_bus(
         raise ConfigError(f"application_name must start with 'pgbus' (got {application_name!r}).")
     keepalive = check_keepalive(keepalive)
     pool_mode = check_pool_mode(pool_mode)
+    pool_size = check_pool_size(pool_size)
     if node is not None and pool_mode == "transaction":
         raise SessionNeededError("the cluster (node)")
     if node is not None:
@@ -1465,6 +1471,7 @@ async def open_bus(
                         application_name,
                         keepalive=keepalive,
                         transaction_pooling=pool_mode == "transaction",
+                        pool_size=pool_size,
                     )
                 )
             async with trio.open_nursery() as nursery:

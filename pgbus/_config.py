@@ -29,7 +29,15 @@ from ._actor import Actor, check_actor_options
 from ._bridge import DIRECTIONS, OVERFLOW_POLICIES
 from ._channel import Capacity, validate_capacity
 from ._codec import CODECS, validate_channel_name
-from ._dsn import DEFAULT_KEEPALIVE, check_dsn, check_keepalive, check_pool_mode, redact_dsn
+from ._dsn import (
+    DEFAULT_KEEPALIVE,
+    DEFAULT_POOL_SIZE,
+    check_dsn,
+    check_keepalive,
+    check_pool_mode,
+    check_pool_size,
+    redact_dsn,
+)
 from ._durable._rules import (
     DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
@@ -98,6 +106,8 @@ class PostgresConfig:
     """Seconds: an idle connection is checked that often; a stalled one is noticed within it."""
     pool_mode: str = "session"
     """``session`` (direct, or a session-pooling proxy) or ``transaction`` (see `open_bus`)."""
+    pool_size: int = DEFAULT_POOL_SIZE
+    """The most pooled connections the bus's calls hold at once (see `open_bus`)."""
 
 
 SupervisorConfig = Supervision
@@ -293,6 +303,7 @@ class BusConfig:
             f"postgres: {where} (application_name {pg.application_name!r}"
             + ("" if pg.keepalive == DEFAULT_KEEPALIVE else f", keepalive {pg.keepalive:g}s")
             + ("" if pg.pool_mode == "session" else f", pool_mode {pg.pool_mode}")
+            + ("" if pg.pool_size == DEFAULT_POOL_SIZE else f", pool_size {pg.pool_size}")
             + ")",
             f"supervisor: {sv.strategy}, at most {sv.max_restarts} restarts within "
             f"{sv.within_seconds:g}s",
@@ -602,7 +613,7 @@ class _Table:
 
 
 def _parse_postgres(t: _Table) -> PostgresConfig:
-    t.no_unknown_keys(("dsn", "application_name", "keepalive", "pool_mode"))
+    t.no_unknown_keys(("dsn", "application_name", "keepalive", "pool_mode", "pool_size"))
     dsn: str | None = t.get("dsn", "a string", None)
     if dsn is not None:
         try:
@@ -633,7 +644,11 @@ def _parse_postgres(t: _Table) -> PostgresConfig:
         pool_mode = check_pool_mode(t.data.get("pool_mode", "session"))
     except SettingError as exc:
         t.fail("pool_mode", exc.describe(_show))
-    return PostgresConfig(dsn, name, keepalive, pool_mode)
+    try:
+        pool_size = check_pool_size(t.data.get("pool_size", DEFAULT_POOL_SIZE))
+    except SettingError as exc:
+        t.fail("pool_size", exc.describe(_show))
+    return PostgresConfig(dsn, name, keepalive, pool_mode, pool_size)
 
 
 def _parse_node(t: _Table) -> NodeConfig:

@@ -179,6 +179,25 @@ def check_keepalive(keepalive: object) -> float:
     return check_seconds("keepalive", keepalive)
 
 
+DEFAULT_POOL_SIZE = 10
+"""The most pooled connections a bus's calls (publishing, transactions, keyed tells and asks,
+status) hold at once; its services (bridges, the cluster, hosts) have their own."""
+MAX_POOL_SIZE = 1000
+
+
+def check_pool_size(pool_size: object) -> int:
+    """The rule of ``open_bus(pool_size=...)`` and ``[postgres] pool_size``."""
+    if (
+        isinstance(pool_size, bool)
+        or not isinstance(pool_size, int)
+        or not 1 <= pool_size <= MAX_POOL_SIZE
+    ):
+        raise SettingError(
+            "pool_size", f"must be an integer from 1 to {MAX_POOL_SIZE}", value=pool_size
+        )
+    return pool_size
+
+
 POOL_MODES = ("session", "transaction")
 """``pool_mode``: how pgbus's connections reach PostgreSQL. ``session``: directly or through a
 session-pooling proxy (everything works). ``transaction``: through a transaction-pooling proxy

@@ -176,6 +176,20 @@ class NoDatabaseError(PgbusError):
         )
 
 
+class PoolExhaustedError(PgbusError):
+    """Every connection of the bus's pool stayed busy for as long as a call may wait for one."""
+
+    def __init__(self, where: str, size: int, waited: float) -> None:
+        self.where = where
+        self.size = size
+        self.waited = waited
+        super().__init__(
+            f"the bus's {size} pooled connection(s) to PostgreSQL at {where} stayed busy for "
+            f"{waited:g} s: raise pool_size ([postgres] pool_size, open_bus(pool_size=...)) or "
+            "hold transactions for less time."
+        )
+
+
 class SessionNeededError(ConfigError):
     """What needs a session of its own was asked of a bus opened with pool_mode='transaction'."""
 

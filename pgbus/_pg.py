@@ -31,8 +31,8 @@ import trio
 import trio_asyncio
 
 from ._codec import quote_ident
-from ._dsn import describe_dsn
-from ._errors import DatabaseError, DatabaseUnavailableError
+from ._dsn import DEFAULT_POOL_SIZE, describe_dsn
+from ._errors import DatabaseError, DatabaseUnavailableError, PoolExhaustedError
 
 GRANTS_HINT = (
     "the role lacks pgbus's grants: print them with `pgbus grants ROLE` and have the owner of "
@@ -50,6 +50,13 @@ LISTEN_READ_SIZE = 8192
 
 POOL_IDLE_MAX = 4
 """Idle connections `Database.borrow` keeps for reuse."""
+
+POOL_WAIT = 30.0
+"""Seconds a call may wait for a connection of the pool before `PoolExhaustedError`."""
+
+# The task holding one of the pool's slots: a call it makes meanwhile (a durable notify inside
+# its transaction) borrows without waiting for a second slot, so a full pool cannot deadlock.
+_SLOT_HOLDER: contextvars.ContextVar[object] = contextvars.ContextVar("pgbus_pool_slot")
 
 ENV_LOCK_TIMEOUT = "PGBUS_LOCK_TIMEOUT"
 """Environment variable: the seconds a command waits for a lock (default 10)."""
@@ -559,8 +566,12 @@ class Database:
         keepalive: float,
         *,
         transaction_pooling: bool = False,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
         self.dsn = dsn
+        self.pool_size = pool_size
+        """The most connections `borrow(limited=True)` callers hold at once."""
+        self._slots = trio.Semaphore(pool_size)
         self.transaction_pooling = transaction_pooling
         """Behind a transaction-pooling proxy: each statement may run on another server session,
         so no prepared statement is kept and no session setting is made."""
@@ -739,8 +750,32 @@ class Database:
             await connection.aclose()
 
     @asynccontextmanager
-    async def borrow(self) -> AsyncIterator[Connection]:
-        """A connection from the pool; one left in doubt is closed, never reused."""
+    async def borrow(self, *, limited: bool = False) -> AsyncIterator[Connection]:
+        """
+        A connection from the pool; one left in doubt is closed, never reused. *limited* (the
+        bus's calls on behalf of its user): at most `pool_size` such borrowers at once, the
+        others wait, at most `POOL_WAIT` seconds (then `PoolExhaustedError`); a task already
+        holding a slot does not wait again. Without (pgbus's services, a few each): no wait.
+        """
+        task = trio.lowlevel.current_task()
+        if not limited or _SLOT_HOLDER.get(None) is task:
+            async with self._connection_from_pool() as connection:
+                yield connection
+            return
+        with trio.move_on_after(POOL_WAIT) as waiting:
+            await self._slots.acquire()
+        if waiting.cancelled_caught:
+            raise PoolExhaustedError(self.where, self.pool_size, POOL_WAIT)
+        token = _SLOT_HOLDER.set(task)
+        try:
+            async with self._connection_from_pool() as connection:
+                yield connection
+        finally:
+            _SLOT_HOLDER.reset(token)
+            self._slots.release()
+
+    @asynccontextmanager
+    async def _connection_from_pool(self) -> AsyncIterator[Connection]:
         connection = None
         while self._idle and connection is None:
             candidate = self._idle.pop()
@@ -825,12 +860,18 @@ async def open_database(
     *,
     keepalive: float = 10.0,
     transaction_pooling: bool = False,
+    pool_size: int = DEFAULT_POOL_SIZE,
 ) -> AsyncIterator[Database]:
     """Run a trio-asyncio loop for asyncpg for the duration of the block."""
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
         database = Database(
-            dsn, application_name, loop, keepalive, transaction_pooling=transaction_pooling
+            dsn,
+            application_name,
+            loop,
+            keepalive,
+            transaction_pooling=transaction_pooling,
+            pool_size=pool_size,
         )
         try:
             yield database

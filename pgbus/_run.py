@@ -134,6 +134,7 @@ async def _run_bus_serving(
             supervision=config.supervisor,
             keepalive=pg.keepalive,
             pool_mode=pg.pool_mode,
+            pool_size=pg.pool_size,
             node=config.node.name if config.node is not None and config.node.name else None,
         ) as bus,
         trio.open_nursery() as services,

@@ -784,6 +784,36 @@ async def test_open_bus_follows_the_same_keepalive_rule() -> None:
             pass
 
 
+# --- pool_size -----------------------------------------------------------------------------------
+
+
+def test_pool_size_defaults_to_ten_and_can_be_set() -> None:
+    """[postgres] pool_size bounds the bus's pooled connections; the default is open_bus's."""
+    assert parse("").postgres.pool_size == 10
+    config = parse("[postgres]\npool_size = 3\n")
+    assert config.postgres.pool_size == 3
+    assert "(application_name 'pgbus', pool_size 3)" in config.summary()
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("0", "0"), ("-1", "-1"), ("1001", "1001"), ("2.5", "2.5"), ('"4"', "'4'"), ("true", "true")],
+)
+def test_pool_size_must_be_a_small_positive_integer(value: str, shown: str) -> None:
+    assert_refused(
+        f"[postgres]\npool_size = {value}\n",
+        f"bus.toml: [postgres] pool_size must be an integer from 1 to 1000 (got {shown}).",
+    )
+
+
+async def test_open_bus_follows_the_same_pool_size_rule() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^pool_size must be an integer from 1 to 1000 \(got 0\)\.$"
+    ):
+        async with pgbus.open_bus(pool_size=0):
+            pass
+
+
 # --- options that name channels ------------------------------------------------------------------
 
 TICKS = "[channels.ticks]\ncapacity = 10\n"
