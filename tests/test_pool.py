@@ -41,9 +41,10 @@ async def test_a_full_pool_makes_the_next_call_wait_for_a_connection(
     async with pgbus.open_bus(pg_dsn, application_name=name, pool_size=2) as bus:
         await bus.notify(channel, "warm-up", durable=True)  # the schema
 
-        async def hold() -> None:
+        async def hold(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             async with bus.transaction() as tx:
                 await tx.fetchval("SELECT 1")
+                task_status.started()
                 await release.wait()
 
         stored: list[int] = []
@@ -52,11 +53,8 @@ async def test_a_full_pool_makes_the_next_call_wait_for_a_connection(
             stored.append(await bus.notify(channel, "waited", durable=True))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(hold)
-            nursery.start_soon(hold)
-            with trio.fail_after(WAIT):
-                while bus._database()._slots.value > 0:  # noqa: ASYNC110 (both holding)
-                    await trio.sleep(0.001)
+            await nursery.start(hold)
+            await nursery.start(hold)
             nursery.start_soon(publish)
             await waiting_for_a_slot(bus, 1)
             assert stored == []
