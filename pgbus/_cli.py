@@ -36,6 +36,7 @@ from ._durable._rules import (
     validate_dedup_window,
     validate_delay,
 )
+from ._entities._cli import add_entity_commands
 from ._errors import CodecError, ConfigError, PgbusError, SettingError, unwrap_group
 from ._grants import add_grants_command
 from ._logs import LOG_FORMATS, formatter
@@ -257,6 +258,7 @@ def build_parser(prog: str = "pgbus") -> argparse.ArgumentParser:
     add_grants_command(commands, _Formatter, prog)
     _add_dashboard_command(commands, prog)
     add_durable_commands(commands, formatter, prog, _add_dsn, ENV_DSN)
+    add_entity_commands(commands, formatter, prog, _add_dsn, ENV_DSN)
     return parser
 
 
