@@ -250,3 +250,59 @@ async def test_a_tell_from_a_handler_commits_with_its_acknowledgement(pg: PgHelp
             ]
     assert await state_of(pg, log, "dropped") is None
     assert await pg.fetchval("SELECT count(*) FROM pgbus.entity_mail WHERE key = 'dropped'") == 0
+
+
+class Mending(pgbus.Entity):
+    """Raises on ``"boom"`` while ``broken``; counts what it handled."""
+
+    broken = True
+
+    async def handle(self, message: Any) -> Any:
+        if message == "boom" and Mending.broken:
+            raise ValueError("still broken")
+        self.state["n"] = self.state.get("n", 0) + 1
+        return self.state["n"]
+
+
+async def test_entity_dead_letters_are_listed_retried_and_purged_from_the_command_line(
+    pg: PgHelper,
+) -> None:
+    """list shows the message as JSON; retry puts it back (handled, woken); purge forgets."""
+    from test_cli import pgbus_env, run_to_completion
+
+    kind = new_kind("mending")
+    env = pgbus_env(PGBUS_DSN=pg.dsn)
+    Mending.broken = True
+    async with hosting(pg, entity_class(kind, Mending), max_attempts=1) as bus:
+        ref = bus.entity(kind, "a")
+        with trio.fail_after(WAIT), pytest.raises(pgbus.ActorFailedError):
+            await ref.ask("boom", timeout=WAIT)
+        await bus.entity(kind, "b").tell("boom")
+        with trio.fail_after(WAIT):
+            while await pg.fetchval(  # noqa: ASYNC110 (another process's commit: no event)
+                "SELECT count(*) < 2 FROM pgbus.entity_dead WHERE kind = $1", kind
+            ):
+                await trio.sleep(0.01)
+        listed = await run_to_completion("entity-dead-letters", "list", kind, env=env)
+        letters = [json.loads(line) for line in listed.stdout.decode().splitlines()]
+        assert [(x["key"], x["message"], x["attempts"], x["error"]) for x in letters] == [
+            ("a", "boom", 1, "ValueError: still broken"),
+            ("b", "boom", 1, "ValueError: still broken"),
+        ]
+        Mending.broken = False
+        retried = await run_to_completion(
+            "entity-dead-letters", "retry", kind, "--key", "a", env=env
+        )
+        assert retried.returncode == 0, retried.stderr
+        assert f"gave back 1 dead letter(s) of kind {kind!r}, key 'a' at " in (
+            retried.stderr.decode()
+        )
+        with trio.fail_after(WAIT):
+            assert await ref.ask("after", timeout=WAIT) == 2  # the retried one, then this
+        purged = await run_to_completion("entity-dead-letters", "purge", kind, env=env)
+        assert f"purged 1 dead letter(s) of kind {kind!r} at " in purged.stderr.decode()
+        empty = await run_to_completion("entity-dead-letters", "list", kind, env=env)
+    assert empty.stdout == b""
+    assert f"no dead letter of kind {kind!r} at " in empty.stderr.decode()
+    assert await state_of(pg, kind, "a") == ({"n": 2}, 2)
+    assert await state_of(pg, kind, "b") is None
