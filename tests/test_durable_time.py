@@ -67,7 +67,7 @@ async def test_1000_concurrent_publishers_of_one_key_store_one_message(
     channel = fresh("dedup")
     ids: list[int] = []
     errors: list[BaseException] = []
-    async with pgbus.open_bus(pg_dsn) as bus:
+    async with pgbus.open_bus(pg_dsn, pool_size=50) as bus:
         await bus.notify("warm-up", "x", durable=True)  # schema and mover ready before the race
         go = trio.Event()
 
