@@ -14,6 +14,7 @@ import trio
 
 from .._errors import DatabaseError, DatabaseUnavailableError
 from .._pg import Connection, Database
+from ._rules import loose_scan
 from ._schedule import FORGET_SCHEDULE_AFTER, FORGET_SCHEDULES, FORGET_SLOTS, SLOT_HISTORY
 from ._schema import lock_holders
 
@@ -140,14 +141,8 @@ WITH doomed AS MATERIALIZED (
 
 # Every channel with a group or a message: pgbus.groups, plus a loose index scan of
 # pgbus.messages (one probe per distinct channel, not a pass over the table).
-_CHANNELS = """
-WITH RECURSIVE c AS (
-    (SELECT m.channel FROM pgbus.messages m ORDER BY m.channel LIMIT 1)
-    UNION ALL
-    SELECT (SELECT m.channel FROM pgbus.messages m WHERE m.channel > c.channel
-             ORDER BY m.channel LIMIT 1)
-      FROM c WHERE c.channel IS NOT NULL
-)
+_CHANNELS = f"""
+WITH RECURSIVE {loose_scan("c", "pgbus.messages", "channel")}
 SELECT channel FROM c WHERE channel IS NOT NULL
  UNION
 SELECT channel FROM pgbus.groups

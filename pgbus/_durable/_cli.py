@@ -108,19 +108,15 @@ async def _groups(connection: Connection, args: argparse.Namespace, where: str) 
         of = f" of durable channel {args.channel!r}" if args.channel else ""
         _say(f"no consumer group{of} at {where}")
     for status in statuses:
-        print(
-            json.dumps(
-                {
-                    "channel": status.channel,
-                    "group": status.group,
-                    "lag": status.lag,
-                    "in_flight": status.in_flight,
-                    "dead_letters": status.dead_letters,
-                    "seen_at": status.seen_at,
-                },
-                ensure_ascii=False,
-            ),
-            flush=True,
+        print_json_line(
+            {
+                "channel": status.channel,
+                "group": status.group,
+                "lag": status.lag,
+                "in_flight": status.in_flight,
+                "dead_letters": status.dead_letters,
+                "seen_at": status.seen_at,
+            }
         )
 
 
@@ -131,19 +127,15 @@ async def _dead_letters(connection: Connection, args: argparse.Namespace, where:
     await _require_group(connection, args.channel, args.group, where)
     if args.action == "list":
         for letter in await dead_letters(connection, args.channel, args.group, args.ids):
-            print(
-                json.dumps(
-                    {
-                        "id": letter.id,
-                        "channel": letter.channel,
-                        "group": letter.group,
-                        "attempts": letter.attempts,
-                        "error": letter.error,
-                        "payload": letter.payload,
-                    },
-                    ensure_ascii=False,
-                ),
-                flush=True,
+            print_json_line(
+                {
+                    "id": letter.id,
+                    "channel": letter.channel,
+                    "group": letter.group,
+                    "attempts": letter.attempts,
+                    "error": letter.error,
+                    "payload": letter.payload,
+                }
             )
         return
     act = retry_dead_letters if args.action == "retry" else purge_dead_letters
@@ -169,6 +161,11 @@ async def _require_group(connection: Connection, channel: str, group: str, where
         f"durable channel {channel!r} at {where} has no group {group!r} "
         + (f"(its groups: {known})." if groups else "(no group has joined it).")
     )
+
+
+def print_json_line(record: dict[str, Any]) -> None:
+    """One JSON line on stdout (what the listing commands print), written at once."""
+    print(json.dumps(record, ensure_ascii=False), flush=True)
 
 
 def _say(line: str) -> None:

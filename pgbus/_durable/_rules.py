@@ -164,3 +164,18 @@ def validate_timing(delay: object, at: object) -> tuple[float | None, datetime.d
     if checked_delay is not None and checked_at is not None:
         raise SettingError("delay", "and at cannot both be given; pass one of them")
     return checked_delay, checked_at
+
+
+def loose_scan(cte: str, table: str, column: str) -> str:
+    """
+    ``RECURSIVE cte(column)``: the distinct values of *table*'s *column* (the first column of an
+    index), one index probe each instead of a pass over the table; the last row is NULL. For
+    pgbus's own constant names only (never a user's: they are formatted in).
+    """
+    return f"""{cte} AS (
+    (SELECT t.{column} FROM {table} t ORDER BY t.{column} LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.{column} FROM {table} t WHERE t.{column} > {cte}.{column}
+             ORDER BY t.{column} LIMIT 1)
+      FROM {cte} WHERE {cte}.{column} IS NOT NULL
+)"""

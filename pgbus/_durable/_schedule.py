@@ -30,7 +30,7 @@ import trio
 
 from .._codec import encode
 from .._errors import DatabaseError, DatabaseUnavailableError, SettingError
-from ._rules import WAKE_CHANNEL
+from ._rules import WAKE_CHANNEL, loose_scan
 
 if TYPE_CHECKING:  # no driver at import: `pgbus check` loads this module
     from .._pg import Connection, Database
@@ -203,14 +203,8 @@ FORGET_SCHEDULE_AFTER = 7 * 24 * 3600.0
 # slot was published when, with its message's id); one loose index scan of the schedules'
 # names, then a range per name. SKIP LOCKED: janitors of several processes never wait on
 # each other.
-FORGET_SLOTS = """
-WITH RECURSIVE n AS (
-    (SELECT t.name FROM pgbus.schedule_slots t ORDER BY t.name LIMIT 1)
-    UNION ALL
-    SELECT (SELECT t.name FROM pgbus.schedule_slots t WHERE t.name > n.name
-             ORDER BY t.name LIMIT 1)
-      FROM n WHERE n.name IS NOT NULL
-)
+FORGET_SLOTS = f"""
+WITH RECURSIVE {loose_scan("n", "pgbus.schedule_slots", "name")}
 DELETE FROM pgbus.schedule_slots s WHERE ctid = ANY(ARRAY(
     SELECT t.ctid FROM n, pgbus.schedule_slots t
      WHERE n.name IS NOT NULL AND t.name = n.name

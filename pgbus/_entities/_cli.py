@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from .._durable._cli import _client, _require_schema, _say
+import attrs
+
+from .._durable._cli import _client, _require_schema, _say, print_json_line
 
 if TYPE_CHECKING:  # the driver is imported only when a command runs (check never loads it)
     from .._pg import Connection
@@ -48,21 +49,7 @@ async def _dead_letters(connection: Connection, args: argparse.Namespace, where:
     if args.action == "list":
         letters = await entity_dead_letters(connection, args.kind, args.key, args.ids)
         for letter in letters:
-            print(
-                json.dumps(
-                    {
-                        "id": letter.id,
-                        "kind": letter.kind,
-                        "key": letter.key,
-                        "attempts": letter.attempts,
-                        "error": letter.error,
-                        "message": letter.message,
-                        "failed_at": letter.failed_at,
-                    },
-                    ensure_ascii=False,
-                ),
-                flush=True,
-            )
+            print_json_line(attrs.asdict(letter))
         if not letters:
             _say(f"no dead letter of {of} at {where}")
         return
