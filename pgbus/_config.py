@@ -53,8 +53,7 @@ from ._durable._rules import (
     validate_seconds,
 )
 from ._durable._schedule import Schedule, make_schedule
-from ._entities._entity import Entity, validate_kind
-from ._entities._host import KindSpec
+from ._entities._entity import Entity, KindSpec, validate_kind
 from ._errors import (
     ActorOptionsError,
     CapacityError,

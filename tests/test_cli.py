@@ -438,3 +438,36 @@ def test_grants_prints_the_sql_and_refuses_a_bad_role(capsys: pytest.CaptureFixt
     assert one_error_line(capsys.readouterr().err) == (
         "pgbus: error: ROLE must be a role name of 1 to 63 bytes, without NUL (got '')."
     )
+
+
+CHECK_AND_LIST_THE_DRIVER = """
+import sys
+from pgbus._cli import main
+for config in sys.argv[1:]:
+    try:
+        main(["check", config])
+    except SystemExit as exit:
+        assert exit.code in (0, None), (config, exit.code)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("asyncpg", "trio_asyncio")))
+"""
+
+
+def test_check_never_loads_the_driver() -> None:
+    """`pgbus check` of every example (actors, durable bridges, the cluster, keyed actors,
+    schedules) imports neither asyncpg nor trio-asyncio: it reads files, nothing more."""
+    import subprocess
+    import sys
+
+    configs = sorted(str(p) for p in (ROOT / "examples").glob("*.toml"))
+    assert len(configs) >= 5
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_AND_LIST_THE_DRIVER, *configs],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=pgbus_env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"

@@ -28,6 +28,7 @@ import trio
 
 from .._dsn import describe_dsn, redact_dsn
 from .._errors import ConfigError, MetricsUnavailableError, PgbusError
+from . import DEFAULT_REFRESH
 from ._data import local_overview, message_counts, rates_between, read_overview
 
 if TYPE_CHECKING:
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgbus.dashboard")
 
-DEFAULT_REFRESH = 1.0
-"""Seconds between two reads of the database while somebody looks."""
 
 MIN_REFRESH, MAX_REFRESH = 0.2, 60.0
 """The bounds of ``refresh`` (``pgbus dashboard --refresh``)."""

@@ -67,9 +67,12 @@ by a version-2 member (no tick) continues from its ``(position_xid, position_id)
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .._errors import DatabaseError, PgbusError
-from .._pg import Connection, Database
+
+if TYPE_CHECKING:  # no driver at import: `pgbus check` and `pgbus grants` load this module
+    from .._pg import Connection, Database
 
 log = logging.getLogger("pgbus.durable")
 

@@ -8,8 +8,29 @@ in the same transaction as each acknowledgement.
 - `_host`: placement of shards on the live hosts, the fence, and each kind's batch loop.
 """
 
-from ._entity import SHARDS, Entity, EntityKeyError, UnknownEntityKindError, check_entity_class
-from ._host import EntityHost, KindSpec, KindStatistics
+from typing import TYPE_CHECKING, Any
+
+from ._entity import (
+    SHARDS,
+    Entity,
+    EntityKeyError,
+    KindSpec,
+    UnknownEntityKindError,
+    check_entity_class,
+)
+
+if TYPE_CHECKING:
+    from ._host import EntityHost, KindStatistics
+
+
+def __getattr__(name: str) -> Any:
+    """The host (and the driver under it) only when asked for: `pgbus check` never loads it."""
+    if name in ("EntityHost", "KindStatistics"):
+        from . import _host
+
+        return getattr(_host, name)
+    raise AttributeError(name)
+
 
 __all__ = [
     "SHARDS",

@@ -7,6 +7,8 @@ import re
 import zlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import attrs
+
 from .. import _tracing
 from .._errors import ConfigError, PgbusError, SettingError
 
@@ -172,3 +174,27 @@ def check_entity_class(cls: object) -> type[Entity]:
     if cls.handle is Entity.handle:
         raise ConfigError(f"{cls.__name__} must implement handle().")
     return cls
+
+
+@attrs.frozen
+class KindSpec:
+    """How this node hosts one kind (`Bus.host`, ``[entities.<kind>]``)."""
+
+    cls: type[Entity]
+    passivate_after: float = DEFAULT_PASSIVATE_AFTER
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_after: float = DEFAULT_RETRY_AFTER
+    concurrency: int = DEFAULT_CONCURRENCY
+    batch: int = DEFAULT_BATCH
+
+    @classmethod
+    def checked(cls, entity_class: object, **settings: object) -> KindSpec:
+        """*entity_class* and *settings* (the fields above), each checked by its rule."""
+        values = {f.name: settings.pop(f.name, f.default) for f in attrs.fields(cls)[1:]}
+        if settings:
+            raise TypeError(f"unknown settings: {', '.join(sorted(settings))}")
+        return cls(check_entity_class(entity_class), *check_settings(**values))
+
+    @property
+    def kind(self) -> str:
+        return self.cls.kind

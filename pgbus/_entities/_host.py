@@ -44,17 +44,11 @@ from .._cluster._wire import Failure, Reply, is_node_channel
 from .._errors import DatabaseError, DatabaseUnavailableError, PgbusError
 from .._pg import Backoff, Connection, Database, connect_with_retry
 from ._entity import (
-    DEFAULT_BATCH,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_PASSIVATE_AFTER,
-    DEFAULT_RETRY_AFTER,
     SHARDS,
     WAKE_CHANNEL,
     Entity,
+    KindSpec,
     UnknownEntityKindError,
-    check_entity_class,
-    check_settings,
     shard_of,
 )
 from ._mail import encode_json, encode_message
@@ -136,30 +130,6 @@ _COMMIT = (
     "SELECT pgbus.entity_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
     " $13, $14, $15, $16, $17, $18, $19)"
 )
-
-
-@attrs.frozen
-class KindSpec:
-    """How this node hosts one kind (`Bus.host`, ``[entities.<kind>]``)."""
-
-    cls: type[Entity]
-    passivate_after: float = DEFAULT_PASSIVATE_AFTER
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    retry_after: float = DEFAULT_RETRY_AFTER
-    concurrency: int = DEFAULT_CONCURRENCY
-    batch: int = DEFAULT_BATCH
-
-    @classmethod
-    def checked(cls, entity_class: object, **settings: object) -> KindSpec:
-        """*entity_class* and *settings* (the fields above), each checked by its rule."""
-        values = {f.name: settings.pop(f.name, f.default) for f in attrs.fields(cls)[1:]}
-        if settings:
-            raise TypeError(f"unknown settings: {', '.join(sorted(settings))}")
-        return cls(check_entity_class(entity_class), *check_settings(**values))
-
-    @property
-    def kind(self) -> str:
-        return self.cls.kind
 
 
 def rendezvous(shard: int, hosts: list[str]) -> str:
