@@ -328,6 +328,7 @@ def _run(args: argparse.Namespace) -> int:
     config = _load_config(args.config, args.dsn)
     if args.metrics is not None:
         config = config.with_metrics(args.metrics)
+    _dump_stacks_on_sigusr1()
     with _logging_to_stderr(args.log_level, args.log_format):
         first, *rest = config.summary().splitlines()
         if args.log_format == "json":
@@ -346,6 +347,14 @@ def _run(args: argparse.Namespace) -> int:
             debug=args.log_level == "debug",
             handles_signals=True,
         )
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack to stderr (a bus that seems stuck
+    says where it is); the bus goes on."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _notify(args: argparse.Namespace) -> int:

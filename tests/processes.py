@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -85,6 +86,11 @@ class Pgbus:
                 while any(self._open.values()):
                     await self._changed.wait()
         except trio.TooSlowError:
+            if self.process.returncode is None:  # where it is stuck (pgbus run: faulthandler)
+                self.process.send_signal(signal.SIGUSR1)
+                with trio.move_on_after(2):  # what it prints meanwhile (the dump)
+                    while True:
+                        await self._changed.wait()
             raise AssertionError(f"still running after {timeout:g}s:\n{self.output()}") from None
         return status
 

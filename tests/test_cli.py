@@ -337,6 +337,19 @@ async def test_run_until_sigterm_leaves_no_connection(pg_dsn: str, pg: PgHelper)
     await pg.wait_for_no_backends()
 
 
+async def test_run_prints_its_stacks_on_sigusr1_and_goes_on(pg_dsn: str, pg: PgHelper) -> None:
+    """kill -USR1: every thread's stack on stderr (where a stuck bus is); messages still flow."""
+    env = pgbus_env(PGBUS_DSN=pg_dsn)
+    async with running("run", QUICKSTART, env=env) as bus:
+        await bus.expect("stderr", "pgbus: running; stop with Ctrl-C")
+        bus.process.send_signal(signal.SIGUSR1)
+        await bus.expect("stderr", "most recent call first")
+        await bus.expect("stderr", 'File "')
+        await bus.expect("stdout", '"payload":"tick ')  # still running
+        assert await bus.stop(signal.SIGTERM) == 0
+    await pg.wait_for_no_backends()
+
+
 async def test_run_keeps_going_while_the_server_is_unreachable() -> None:
     """A closed port: run says which host and port it cannot reach, keeps trying; SIGINT: 0."""
     port = closed_port()
