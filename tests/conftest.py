@@ -25,6 +25,22 @@ from pgbus.testing import HELPER_APPLICATION_NAME, postgres_dsn_fixture
 pg_dsn = postgres_dsn_fixture(name="pg_dsn", scope="session")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """
+    The processes the tests start get the stop signals' default dispositions, however the suite
+    was launched: a process started ignoring SIGINT (a background job of a non-interactive
+    shell) or SIGHUP (nohup) passes that on, and pgbus rightly keeps ignoring them, so the
+    tests that stop it with them would wait in vain. (test_cli_stop starts one under nohup on
+    purpose.)
+    """
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, default)
+
+
 class PgHelper:
     """
     SQL against the test database, for arranging and checking what a test does.
