@@ -186,3 +186,19 @@ def check_payloads(received: Sequence[str], expected: Sequence[str], *, ordered:
 def stalled(what: str, got: int, wanted: int, timeout: float) -> WorkloadError:
     """The error for a wait that timed out, saying how far it got."""
     return WorkloadError(f"{what}: {got} of {wanted} messages within {timeout:g}s")
+
+
+async def read_ready_line(process: Any, timeout: float, what: str) -> None:
+    """Wait (at most *timeout* s, with trio) for a started *process* to print ``ready``."""
+    import trio
+
+    assert process.stdout is not None
+    said = b""
+    with trio.fail_after(timeout):
+        while not said.endswith(b"\n"):
+            chunk = await process.stdout.receive_some()
+            if not chunk:
+                break
+            said += chunk
+    if said != b"ready\n":
+        raise WorkloadError(f"{what} did not start (said {said!r})")

@@ -15,6 +15,7 @@ import signal
 
 import asyncpg
 
+from ._asyncio_tools import until_woken_or_stopped
 from ._durable_tools import (
     DEFAULT_WORKERS,
     WorkerReport,
@@ -126,11 +127,7 @@ async def _worker(argv: list[str]) -> None:
             for row in rows:
                 report.handled(row[0])
             if not rows:
-                stopping = asyncio.ensure_future(stop.wait())
-                woken = asyncio.ensure_future(wake.wait())
-                await asyncio.wait({stopping, woken}, timeout=1.0, return_when="FIRST_COMPLETED")
-                stopping.cancel()
-                woken.cancel()
+                await until_woken_or_stopped(stop, wake, 1.0)
     finally:
         await listener.close()
         await connection.close()

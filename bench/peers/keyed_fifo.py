@@ -23,6 +23,7 @@ import zlib
 
 import asyncpg
 
+from ._asyncio_tools import until_woken_or_stopped
 from ._durable_tools import (
     DEFAULT_WORKERS,
     WorkerReport,
@@ -187,11 +188,7 @@ async def _worker(argv: list[str]) -> None:
                 for row in rows:  # committed: the states and the deletions
                     report.handled(row["payload"])
             else:
-                stopping = asyncio.ensure_future(stop.wait())
-                woken = asyncio.ensure_future(wake.wait())
-                await asyncio.wait({stopping, woken}, timeout=1.0, return_when="FIRST_COMPLETED")
-                stopping.cancel()
-                woken.cancel()
+                await until_woken_or_stopped(stop, wake, 1.0)
     finally:
         await listener.close()
         await connection.close()

@@ -39,7 +39,7 @@ import pgbus
 
 from ._durable_tools import DEFAULT_WORKERS, WorkerReport, Workers, parse_worker_args
 from ._keyed_tools import check_counts, check_keyed_finals, keyed_messages, out_of_order
-from ._protocol import PeerArgs, Result, WorkloadError, clock, latency, throughput
+from ._protocol import PeerArgs, Result, WorkloadError, clock, latency, read_ready_line, throughput
 
 MODULE = "bench.peers.pgbus_entities"
 TELL_BATCH = 5000
@@ -165,16 +165,7 @@ async def entity_host(args: PeerArgs, role: str) -> AsyncIterator[str]:
         stdout=subprocess.PIPE,
     )
     try:
-        assert process.stdout is not None
-        said = b""
-        with trio.fail_after(args.timeout):
-            while not said.endswith(b"\n"):
-                chunk = await process.stdout.receive_some()
-                if not chunk:
-                    break
-                said += chunk
-        if said != b"ready\n":
-            raise WorkloadError(f"the entity host {node!r} did not start (said {said!r})")
+        await read_ready_line(process, args.timeout, f"the entity host {node!r}")
         yield node
     finally:
         with trio.CancelScope(shield=True):

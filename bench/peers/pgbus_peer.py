@@ -38,6 +38,7 @@ from ._protocol import (
     clock,
     latency,
     memory,
+    read_ready_line,
     run_peer,
     stalled,
     throughput,
@@ -260,16 +261,7 @@ async def ask_server(args: PeerArgs) -> AsyncIterator[None]:
         stdout=subprocess.PIPE,
     )
     try:
-        assert process.stdout is not None
-        said = b""
-        with trio.fail_after(args.timeout):
-            while not said.endswith(b"\n"):
-                chunk = await process.stdout.receive_some()
-                if not chunk:
-                    break
-                said += chunk
-        if said != b"ready\n":
-            raise WorkloadError(f"the ask server did not start (said {said!r})")
+        await read_ready_line(process, args.timeout, "the ask server")
         yield
     finally:
         with trio.CancelScope(shield=True):
